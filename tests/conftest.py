@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """A tiny GPT-2, a tiny Llama, and train / validation text files of real prose."""
+    base = tmp_path_factory.mktemp("assets")
+    tokenizer = tiny.make_tokenizer(base / "tokenizer")
+    tiny.make_gpt2(base / "gpt2", tokenizer)
+    tiny.make_llama(base / "llama", tokenizer)
+    paragraphs = tiny.prose()
+    tiny.write_text(base / "train.txt", paragraphs[:60])
+    tiny.write_text(base / "valid.txt", paragraphs[60:])
+    return base
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "hf_datasets_cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+
+
+def run_script(script: str, *args, cwd=None, env=None, timeout=600):
+    """Run train.py / evaluate.py as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )

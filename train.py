@@ -1,0 +1,355 @@
+"""Fine-tune a causal language model as a recipe says, and write a run directory.
+
+    accelerate launch [--config_file accelerate_configs/X.yaml] train.py --recipe recipes/lora_r16.yaml [KEY=VALUE ...]
+    python train.py --recipe recipes/lora_r16.yaml train.max_steps=50      (one process, same code path)
+
+recipe -> model + method -> data -> training loop -> runs/NAME/{recipe.yaml, log.jsonl, checkpoints/, final/, summary.json}
+The hardware (CPU, GPUs, DeepSpeed ZeRO, mixed precision) comes from the accelerate config only.
+"""
+import argparse
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from tunebench.errors import UserError, exit_with
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        exit_with(UserError(f"{message} (usage: train.py --recipe RECIPE.yaml [KEY=VALUE ...])"))
+
+
+def parse_args(argv=None):
+    parser = _Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/lora_r16.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. train.max_steps=50 data.max_length=128")
+    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                        help="save a checkpoint and stop after N optimizer steps (resume by running the same command)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Heavy imports after argument parsing, so `--help` and usage errors answer at once.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from tunebench import data, measure, rundir
+    from tunebench.methods import apply_method, count_params, unique_params
+    from tunebench.metrics import causal_nll
+    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench.recipe import flatten, load_recipe
+
+    # ---- recipe and run directory: every check before anything is written --------------------
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        run_dir = Path(recipe["output_dir"])
+        state = rundir.status(run_dir, recipe)
+    except UserError as e:
+        exit_with(e)
+    if state == rundir.FINISHED:
+        print(f"run {run_dir} already finished (summary.json); nothing to do. Add overwrite=true to train it again.")
+        return
+    m, d, t = recipe["model"], recipe["data"], recipe["train"]
+
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t["seed"]),
+        log_with=t["trackers"] or None,
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
+    )
+    main_process = accelerator.is_main_process
+    set_seed(t["seed"])
+
+    # ---- model, method, data ---------------------------------------------------------------------
+    try:
+        config = load_config(m)
+        limit = context_length(config)
+        extra = recipe["method"]["num_virtual_tokens"] if recipe["method"]["type"] == "prompt_tuning" else 0
+        if limit and d["max_length"] + extra > limit:
+            room = f" minus {extra} virtual tokens" if extra else ""
+            raise UserError(
+                f"data.max_length {d['max_length']} is longer than the model's context of {limit} positions{room}; "
+                f"set data.max_length={limit - extra} or less"
+            )
+        if t["optimizer"] == "paged_adamw_8bit" and not torch.cuda.is_available():
+            raise UserError("train.optimizer paged_adamw_8bit pages optimizer state to a GPU; use adamw_8bit on a CPU")
+        tokenizer = load_tokenizer(m)
+        with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
+            train_set, val_set = data.build(d, tokenizer, t["seed"])
+        model = load_model(m)
+        if m["gradient_checkpointing"]:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = apply_method(model, recipe["method"], tokenizer)
+        trainable, total = count_params(model)
+
+        collate = data.collate(tokenizer.pad_token_id)
+        train_loader = torch.utils.data.DataLoader(
+            train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate
+        )
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=t["micro_batch_size"], collate_fn=collate)
+        batches_per_process = len(train_set) // (t["micro_batch_size"] * accelerator.num_processes)
+        steps_per_epoch = batches_per_process // t["grad_accum"]
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"the training data has {len(train_set)} blocks of {d['max_length']} tokens, fewer than one step's "
+                f"{t['micro_batch_size'] * t['grad_accum'] * accelerator.num_processes} "
+                "(micro_batch_size x grad_accum x processes); use more data or a smaller batch"
+            )
+    except UserError as e:
+        exit_with(e)
+    total_steps = t["max_steps"] or t["epochs"] * steps_per_epoch
+
+    # ---- optimizer and schedule --------------------------------------------------------------------
+    params = [p for p in unique_params(model) if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t["weight_decay"]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # no decay on biases and norms
+    ]
+    groups = [g for g in groups if g["params"]]
+    betas = (t["adam_beta1"], t["adam_beta2"])
+    if t["optimizer"] == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=betas)
+    elif t["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=t["lr"], momentum=0.9)
+    else:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.PagedAdamW8bit if t["optimizer"] == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        optimizer = optimizer_class(groups, lr=t["lr"], betas=betas)
+    warmup = t["warmup_steps"] or math.ceil(t["warmup_ratio"] * total_steps)
+    schedule = {"constant": "constant_with_warmup"}.get(t["scheduler"], t["scheduler"])
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    accelerator.register_for_checkpointing(scheduler)
+
+    # ---- start fresh or resume ---------------------------------------------------------------------
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_time_s": 0.0,
+                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None}
+    if state == rundir.RESUME:
+        checkpoint = rundir.latest_checkpoint(run_dir)
+        accelerator.load_state(str(checkpoint))
+        progress = rundir.read_json(checkpoint / rundir.STATE_FILE)
+        if main_process:
+            rundir.truncate_log(run_dir / "log.jsonl", progress["step"])
+            print(f"resuming {run_dir} from {checkpoint.name}")
+    elif main_process:
+        rundir.start(run_dir, recipe)
+    accelerator.wait_for_everyone()
+    if t["trackers"]:
+        accelerator.init_trackers(recipe["name"], config={k: str(v) for k, v in flatten(recipe).items()})
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def validation_loss():
+        model.eval()
+        nll_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        count = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        with torch.no_grad():
+            for i, batch in enumerate(val_loader):
+                if t["eval_max_batches"] and i >= t["eval_max_batches"]:
+                    break
+                with accelerator.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+                nll, n = causal_nll(logits, batch["labels"])
+                nll_sum += nll.double()
+                count += n
+        model.train()
+        nll_sum, count = accelerator.reduce(nll_sum, "sum"), accelerator.reduce(count, "sum")
+        return (nll_sum / count).item()
+
+    def save_final():
+        """The model or adapter as it is now, in save_pretrained format, replacing final/ whole."""
+        state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process takes part
+        if main_process:
+            tmp = rundir.temporary(run_dir / "final")
+            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            rundir.publish(tmp, run_dir / "final")
+        accelerator.wait_for_everyone()
+
+    def save_checkpoint():
+        tmp = rundir.temporary(run_dir / "checkpoints" / f"step-{progress['step']}")
+        accelerator.save_state(str(tmp))
+        if main_process:
+            rundir.write_json(tmp / rundir.STATE_FILE, progress)
+            rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
+            rundir.prune(run_dir, t["keep_checkpoints"])
+        accelerator.wait_for_everyone()
+
+    def evaluate_and_keep_best(record):
+        val = validation_loss()
+        record["val_loss"] = val
+        if progress["initial_val_loss"] is None:
+            progress["initial_val_loss"] = val
+        if progress["best_val_loss"] is None or val < progress["best_val_loss"]:
+            progress["best_val_loss"], progress["best_step"] = val, progress["step"]
+            save_final()
+
+    # ---- training loop -----------------------------------------------------------------------------
+    measure.reset_peak_gpu_mem()
+    log_path = run_dir / "log.jsonl"
+    world = accelerator.num_processes
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)  # since the last log line
+    loss_count = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    tokens_seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process, desc=recipe["name"])
+    wall_start = time.perf_counter()
+    interrupted = None
+
+    if progress["step"] == 0 and progress["best_val_loss"] is None:
+        record = {"step": 0, "epoch": 0.0, "tokens": 0, "train_loss": None, "lr": scheduler.get_last_lr()[0], "time": 0.0}
+        evaluate_and_keep_best(record)
+        if main_process:
+            rundir.append_log(log_path, record)
+
+    model.train()
+    step_start = time.perf_counter()
+    while progress["step"] < total_steps and interrupted is None:
+        train_loader.set_epoch(progress["epoch"])
+        loader = train_loader
+        if progress["batches_in_epoch"]:
+            loader = accelerator.skip_first_batches(train_loader, progress["batches_in_epoch"])
+        batches = iter(loader)
+        while progress["step"] < total_steps:
+            micro = [b for _, b in zip(range(t["grad_accum"]), batches)]
+            if len(micro) < t["grad_accum"]:
+                break  # an incomplete accumulation at the end of an epoch is not trained on
+            # Token-weighted mean over the whole global batch: each micro-batch's summed NLL is
+            # divided by the number of scored tokens in all micro-batches of all processes.
+            local_scored = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+            scored = accelerator.reduce(local_scored, "sum")
+            for b in micro:
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
+                        nll, _ = causal_nll(logits, b["labels"])
+                    # accelerate divides by grad_accum and DDP averages over processes: undo both.
+                    accelerator.backward(nll * (world * t["grad_accum"]) / scored)
+                    if accelerator.sync_gradients and t["max_grad_norm"]:
+                        accelerator.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += nll.detach().double()
+                tokens_seen += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            loss_count += local_scored
+            scheduler.step()
+            progress["step"] += 1
+            progress["batches_in_epoch"] += t["grad_accum"]
+            bar.update(1)
+
+            stopping = progress["step"] == args.stop_after_steps or bool(stop_signal)
+            if world > 1:  # a signal reaches processes at different steps: stop together
+                stopping = bool(accelerator.reduce(torch.tensor(int(stopping), device=accelerator.device), "sum").item())
+            evaluating = progress["step"] == total_steps or (t["eval_every"] and progress["step"] % t["eval_every"] == 0)
+            logging = evaluating or stopping or progress["step"] % t["log_every"] == 0
+            checkpointing = stopping or progress["step"] % t["save_every"] == 0 or progress["step"] == total_steps
+            if not (logging or checkpointing):
+                continue
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            progress["train_time_s"] += time.perf_counter() - step_start
+            mean_loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_count, "sum")).item()
+            progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
+            loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
+            if not math.isfinite(mean_loss):
+                last = rundir.latest_checkpoint(run_dir)
+                accelerator.print(
+                    f"error: training loss became {mean_loss} by step {progress['step']}; stopped. "
+                    f"Last good checkpoint: {last or 'none'}; final/ holds the best model so far. "
+                    "Lower train.lr or set train.max_grad_norm"
+                )
+                accelerator.end_training()
+                sys.exit(1)
+            if progress["best_train_loss"] is None or mean_loss < progress["best_train_loss"]:
+                progress["best_train_loss"] = mean_loss
+            record = {
+                "step": progress["step"],
+                "epoch": round(progress["epoch"] + progress["batches_in_epoch"] / max(1, len(train_loader)), 4),
+                "tokens": progress["tokens"],
+                "train_loss": mean_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "time": round(progress["train_time_s"], 3),
+            }
+            if evaluating:
+                evaluate_and_keep_best(record)
+            if main_process:
+                rundir.append_log(log_path, record)
+            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=progress["step"])
+            bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            if checkpointing:
+                save_checkpoint()
+            if stopping:
+                interrupted = stop_signal[0] if stop_signal else "stop-after-steps"
+                break
+            step_start = time.perf_counter()
+        if progress["step"] < total_steps and interrupted is None:
+            progress["epoch"] += 1
+            progress["batches_in_epoch"] = 0
+    bar.close()
+
+    if interrupted is not None:
+        accelerator.end_training()
+        why = "stopped as asked" if interrupted == "stop-after-steps" else f"interrupted by {signal.Signals(interrupted).name}"
+        accelerator.print(
+            f"{why} at step {progress['step']}/{total_steps}; checkpoint saved. "
+            f"Resume with the same command: python train.py --recipe {args.recipe} {' '.join(args.overrides)}".rstrip()
+        )
+        sys.exit(0 if interrupted == "stop-after-steps" else 128 + int(interrupted))
+
+    # ---- summary -----------------------------------------------------------------------------------
+    unwrapped = accelerator.unwrap_model(model)
+    summary = {
+        "name": recipe["name"],
+        "method": recipe["method"]["type"],
+        "model": m["name"],
+        "dataset": d["dataset"],
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "artifact_mb": measure.dir_size_mb(run_dir / "final"),
+        "train_time_s": progress["train_time_s"],
+        "wall_time_s": time.perf_counter() - wall_start,
+        "train_tokens": progress["tokens"],
+        "tokens_per_s": progress["tokens"] / progress["train_time_s"] if progress["train_time_s"] else None,
+        "peak_gpu_mem_mb": measure.peak_gpu_mem_mb(),
+        "peak_cpu_rss_mb": measure.peak_cpu_rss_mb(),
+        "optimizer_state_mb": measure.optimizer_state_mb(optimizer),
+        "initial_val_loss": progress["initial_val_loss"],
+        "best_train_loss": progress["best_train_loss"],
+        "best_val_loss": progress["best_val_loss"],
+        "best_step": progress["best_step"],
+        "final_step": progress["step"],
+        "max_length": d["max_length"],
+        "global_batch": t["micro_batch_size"] * t["grad_accum"] * world,
+        "train_blocks": len(train_set),
+        "model_flops_per_token": measure.train_flops_per_token(
+            getattr(unwrapped, "config", config), trainable, total, d["max_length"]
+        ),
+        "hardware": measure.hardware(world, accelerator.mixed_precision, accelerator.distributed_type.value),
+        "versions": measure.versions(),
+    }
+    if main_process:
+        rundir.write_json(run_dir / "summary.json", summary)
+        print(
+            f"done: {run_dir}  val loss {summary['initial_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
+            f"(step {summary['best_step']}), {summary['tokens_per_s']:.0f} tokens/s, "
+            f"{trainable:,} of {total:,} parameters trained"
+        )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

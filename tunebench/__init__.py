@@ -1,0 +1,1 @@
+"""tunebench: fine-tune causal language models with several methods and compare them fairly."""

@@ -1,0 +1,158 @@
+"""Fine-tuning methods: decide what trains, wrap the model, count parameters honestly.
+
+full           every parameter trains.
+lora           low-rank adapters (peft) on target modules named by group or by name.
+partial        only chosen parts train: the top N blocks (with the final norm), lm_head, norms.
+prompt_tuning  a soft prompt of N virtual tokens (peft); the model stays frozen.
+"""
+import torch
+from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+from tunebench.errors import UserError
+
+# Target groups per architecture (config.model_type). Names are module-name suffixes, matched on
+# whole dotted parts: GPT-2's "attn.c_proj" is the attention output, "mlp.c_proj" the MLP's.
+_LLAMA_STYLE = {
+    "attn": ["q_proj", "k_proj", "v_proj"],
+    "attn_proj": ["o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "lm_head": ["lm_head"],
+}
+TARGET_GROUPS = {
+    "gpt2": {"attn": ["attn.c_attn"], "attn_proj": ["attn.c_proj"], "mlp": ["mlp.c_fc", "mlp.c_proj"], "lm_head": ["lm_head"]},
+    "gpt_neox": {
+        "attn": ["query_key_value"],
+        "attn_proj": ["attention.dense"],
+        "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
+        "lm_head": ["embed_out"],
+    },
+    "opt": {"attn": ["q_proj", "k_proj", "v_proj"], "attn_proj": ["out_proj"], "mlp": ["fc1", "fc2"], "lm_head": ["lm_head"]},
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "phi3": {"attn": ["qkv_proj"], "attn_proj": ["o_proj"], "mlp": ["gate_up_proj", "down_proj"], "lm_head": ["lm_head"]},
+}
+GROUPS = ("attn", "attn_proj", "mlp", "lm_head")
+
+
+def unique_params(model):
+    """Each parameter once, even when shared (GPT-2 ties lm_head to the input embedding)."""
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def count_params(model) -> tuple:
+    """(trainable, total), counting tied parameters once."""
+    params = list(unique_params(model))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _matches(module_name: str, suffix: str) -> bool:
+    return module_name == suffix or module_name.endswith("." + suffix)
+
+
+def resolve_targets(model, targets: list) -> list:
+    """Groups and module names -> the module-name suffixes to adapt; each must match a module."""
+    model_type = model.config.model_type
+    names = [n for n, _ in model.named_modules()]
+    resolved = []
+    for target in targets:
+        if target in GROUPS:
+            if model_type not in TARGET_GROUPS:
+                raise UserError(
+                    f"LoRA target group '{target}' is not defined for model type '{model_type}'; "
+                    f"name modules instead (e.g. method.targets=[{', '.join(sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})[:4])}])"
+                )
+            suffixes = TARGET_GROUPS[model_type][target]
+        else:
+            suffixes = [target]
+        for suffix in suffixes:
+            if not any(_matches(n, suffix) for n in names):
+                raise UserError(
+                    f"LoRA target '{target}' matches no module of this {model_type} model (looked for '{suffix}'); "
+                    f"use a group ({', '.join(GROUPS)}) or an existing module name"
+                )
+            if suffix not in resolved:
+                resolved.append(suffix)
+    return resolved
+
+
+def _blocks(model):
+    """The model's list of transformer blocks and its final norm (or None)."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    blocks = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            blocks = module
+            break
+    if blocks is None:
+        raise UserError(f"cannot find the transformer blocks of model type '{model.config.model_type}' for method partial")
+    in_blocks = {id(m) for m in blocks.modules()}
+    outer_norms = [m for m in model.modules() if _is_norm(m) and id(m) not in in_blocks]
+    final_norm = outer_norms[-1] if outer_norms else None
+    return blocks, final_norm
+
+
+def _is_norm(module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def apply_method(model, method: dict, tokenizer=None):
+    """Freeze, wrap or leave the model as the method says. Returns the model to train."""
+    kind = method["type"]
+    if kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if kind == "lora":
+        targets = resolve_targets(model, method["targets"])
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=method["r"],
+            lora_alpha=method["alpha"],
+            lora_dropout=method["dropout"],
+            target_modules=targets,
+            fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
+            bias="none",
+        )
+        return get_peft_model(model, config)
+    if kind == "partial":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        blocks, final_norm = _blocks(model)
+        n = method["top_blocks"]
+        if n > len(blocks):
+            raise UserError(f"method.top_blocks is {n} but the model has {len(blocks)} blocks")
+        if n:
+            for block in list(blocks)[-n:]:
+                block.requires_grad_(True)
+            if final_norm is not None:
+                final_norm.requires_grad_(True)
+        if method["lm_head"]:
+            model.get_output_embeddings().requires_grad_(True)  # tied models train the shared embedding
+        if method["layer_norms"]:
+            for module in model.modules():
+                if _is_norm(module):
+                    module.requires_grad_(True)
+        return model
+    if kind == "prompt_tuning":
+        n = method["num_virtual_tokens"]
+        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM)
+        peft_model = get_peft_model(model, config)
+        if method["init_text"]:
+            if tokenizer is None:
+                raise ValueError("prompt tuning from a text needs the tokenizer")
+            ids = tokenizer(method["init_text"], add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise UserError("method.init_text is empty after tokenization; give some words or leave it null")
+            ids = (ids * (n // len(ids) + 1))[:n]  # repeat or cut the text to N tokens
+            with torch.no_grad():
+                word_embeddings = model.get_input_embeddings().weight
+                peft_model.prompt_encoder["default"].embedding.weight.copy_(word_embeddings[torch.tensor(ids)])
+        return peft_model
+    raise UserError(f"unknown method.type '{kind}'")

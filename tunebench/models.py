@@ -1,0 +1,92 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder or a .gguf file."""
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from tunebench.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def resolve_source(name: str, gguf_file: str = None) -> tuple:
+    """Return (hub id or folder, gguf file name or None) for model.name / model.gguf_file."""
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"model file '{name}' does not exist; give an existing .gguf file, a folder or a hub id")
+        return str(path.parent), path.name
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path '{name}' is neither a folder nor a .gguf file")
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                raise UserError(f"model.gguf_file '{gguf_file}' is not in folder '{name}'")
+        elif not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise UserError(f"model folder '{name}' has no config.json; save a model there with save_pretrained")
+        return str(path), gguf_file
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model folder '{name}' does not exist")
+    return name, gguf_file
+
+
+def _hub_call(what: str, name: str, load):
+    try:
+        return load()
+    except OSError as e:
+        if "does not appear to have a file" in str(e) or "is not a valid" in str(e):
+            raise UserError(f"{what} '{name}' cannot be loaded: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"{what} '{name}' is not in the local Hugging Face cache and the hub cannot be reached; "
+            "run once with network access to cache it, or point model.name at a local folder or .gguf file "
+            "(make demo runs fully offline)"
+        ) from None
+
+
+def load_config(model_cfg: dict):
+    source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
+    kwargs = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    return _hub_call("model", model_cfg["name"], lambda: AutoConfig.from_pretrained(source, **kwargs))
+
+
+def load_tokenizer(model_cfg: dict):
+    """The model's tokenizer. A model without a pad token (GPT-2) pads with its end-of-text token;
+    nothing is added to the vocabulary, and padded positions are masked from every loss."""
+    source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
+    kwargs = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    tokenizer = _hub_call("tokenizer", model_cfg["name"], lambda: AutoTokenizer.from_pretrained(source, **kwargs))
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer of '{model_cfg['name']}' has no end-of-text token; tunebench needs one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg: dict):
+    source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
+    kwargs = dict(
+        revision=model_cfg.get("revision"),
+        trust_remote_code=model_cfg.get("trust_remote_code", False),
+        dtype=DTYPES[model_cfg.get("dtype", "float32")],
+        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+    )
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    model = _hub_call("model", model_cfg["name"], lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def context_length(config) -> int:
+    """The longest sequence the model's position embeddings allow (None if unbounded)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,267 @@
+"""Recipes: YAML files of nested keys, dotted KEY=VALUE overrides, strict validation.
+
+Every key a recipe may hold is declared in SCHEMA with its default and type. An unknown key,
+a value of the wrong type or an impossible value is a UserError naming the key and what would
+be right; nothing is ever silently ignored.
+"""
+import copy
+import difflib
+from pathlib import Path
+
+import yaml
+
+from tunebench.errors import UserError
+
+# (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
+# A default of None means "not set"; such keys also accept null.
+Field = tuple
+
+SCHEMA = {
+    "name": (None, str, None),
+    "output_dir": (None, str, None),
+    "overwrite": (False, bool, None),
+    "model": {
+        "name": (None, str, None),
+        "gguf_file": (None, str, None),
+        "revision": (None, str, None),
+        "dtype": ("float32", str, ("float32", "bfloat16", "float16", "auto")),
+        "trust_remote_code": (False, bool, None),
+        "gradient_checkpointing": (False, bool, None),
+        "attn_implementation": ("sdpa", str, ("sdpa", "eager", "flash_attention_2")),
+    },
+    "method": {
+        "type": ("full", str, ("full", "lora", "partial", "prompt_tuning")),
+        # lora
+        "r": (16, int, "positive"),
+        "alpha": (32.0, float, "positive"),
+        "dropout": (0.0, float, "fraction"),
+        "targets": (["attn"], list, None),
+        # partial
+        "top_blocks": (0, int, "non-negative"),
+        "lm_head": (False, bool, None),
+        "layer_norms": (False, bool, None),
+        # prompt_tuning
+        "num_virtual_tokens": (20, int, "positive"),
+        "init_text": (None, str, None),
+    },
+    "data": {
+        "dataset": (None, str, None),
+        "config": (None, str, None),
+        "text_field": (None, str, None),
+        "train_split": ("train", str, None),
+        "validation_split": (None, str, None),
+        "validation_file": (None, str, None),
+        "validation_share": (0.05, float, "fraction"),
+        "fraction": (1.0, float, "fraction"),
+        "max_length": (512, int, "positive"),
+        "num_proc": (None, int, "positive"),
+    },
+    "train": {
+        "epochs": (1, int, "positive"),
+        "max_steps": (None, int, "positive"),
+        "micro_batch_size": (8, int, "positive"),
+        "grad_accum": (1, int, "positive"),
+        "lr": (5e-5, float, "positive"),
+        "optimizer": ("adamw", str, ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")),
+        "weight_decay": (0.0, float, "non-negative"),
+        "adam_beta1": (0.9, float, "fraction"),
+        "adam_beta2": (0.999, float, "fraction"),
+        "max_grad_norm": (1.0, float, "non-negative"),
+        "scheduler": ("linear", str, ("linear", "cosine", "constant")),
+        "warmup_steps": (0, int, "non-negative"),
+        "warmup_ratio": (0.0, float, "fraction"),
+        "seed": (42, int, None),
+        "eval_every": (50, int, "non-negative"),
+        "eval_max_batches": (None, int, "positive"),
+        "save_every": (100, int, "positive"),
+        "keep_checkpoints": (2, int, "positive"),
+        "log_every": (10, int, "positive"),
+        "trackers": ([], list, None),
+    },
+    "eval": {
+        "tasks": ([], list, None),
+    },
+}
+
+METHOD_KEYS = {
+    "full": set(),
+    "lora": {"r", "alpha", "dropout", "targets"},
+    "partial": {"top_blocks", "lm_head", "layer_norms"},
+    "prompt_tuning": {"num_virtual_tokens", "init_text"},
+}
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def defaults() -> dict:
+    def build(schema):
+        return {k: build(v) if isinstance(v, dict) else copy.deepcopy(v[0]) for k, v in schema.items()}
+
+    return build(SCHEMA)
+
+
+def _field(dotted: str):
+    node = SCHEMA
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _all_keys(schema=SCHEMA, prefix=""):
+    for k, v in schema.items():
+        if isinstance(v, dict):
+            yield from _all_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def _unknown_key(dotted: str, where: str) -> UserError:
+    close = difflib.get_close_matches(dotted, list(_all_keys()), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see the README for the recipe keys"
+    return UserError(f"unknown recipe key '{dotted}'{where}{hint}")
+
+
+def _coerce(dotted: str, value, field: Field, where: str):
+    default, kind, allowed = field
+    if value is None:
+        if default is None or kind is list:
+            return [] if kind is list else None
+        raise UserError(f"recipe key '{dotted}'{where} cannot be null; give a {kind.__name__}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "5e-5" as a string
+        except ValueError:
+            pass
+    if kind is list and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"recipe key '{dotted}'{where} must be a list of names, got {value!r}")
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(
+            f"recipe key '{dotted}'{where} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if isinstance(allowed, tuple) and value not in allowed:
+        raise UserError(f"recipe key '{dotted}'{where} is {value!r}; choose one of {', '.join(allowed)}")
+    if allowed == "positive" and not value > 0:
+        raise UserError(f"recipe key '{dotted}'{where} must be positive, got {value!r}")
+    if allowed == "non-negative" and not value >= 0:
+        raise UserError(f"recipe key '{dotted}'{where} must be zero or more, got {value!r}")
+    if allowed == "fraction" and not 0 <= value <= 1:
+        raise UserError(f"recipe key '{dotted}'{where} must lie between 0 and 1, got {value!r}")
+    return value
+
+
+def _merge(recipe: dict, given: dict, where: str, prefix: str = "", explicit: set = None) -> None:
+    for key, value in given.items():
+        dotted = f"{prefix}{key}"
+        field = _field(dotted)
+        if field is None:
+            raise _unknown_key(dotted, where)
+        if isinstance(field, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"recipe key '{dotted}'{where} must be a section of keys, got {value!r}")
+            _merge(recipe[key], value, where, f"{dotted}.", explicit)
+        else:
+            recipe[key] = _coerce(dotted, value, field, where)
+            explicit.add(dotted)
+
+
+def parse_override(text: str) -> tuple:
+    """'train.lr=1e-4' -> ('train.lr', 1e-4), the value read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not KEY=VALUE, e.g. train.max_steps=50")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override '{text}' has no key before '=', e.g. train.max_steps=50")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, set)) or (value is not None and not isinstance(value, (str, int, float, bool, list))):
+        value = raw
+    return key, value
+
+
+def _nest(dotted: str, value) -> dict:
+    out = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_recipe(path, overrides=()) -> dict:
+    """Read a recipe file, apply overrides, fill defaults and validate. Returns a nested dict."""
+    recipe = defaults()
+    explicit = set()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe file '{path}' does not exist; pick one under recipes/, e.g. recipes/lora_r16.yaml")
+        try:
+            given = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"recipe file '{path}' is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            raise UserError(f"recipe file '{path}' must hold a mapping of keys, got {type(given).__name__}")
+        _merge(recipe, given, f" in {path}", explicit=explicit)
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(recipe, _nest(key, value), f" (override '{text}')", explicit=explicit)
+    _check(recipe, explicit)
+    return recipe
+
+
+def _check(recipe: dict, explicit: set) -> None:
+    method = recipe["method"]["type"]
+    for dotted in sorted(explicit):
+        section, _, name = dotted.partition(".")
+        if section == "method" and name != "type" and name not in METHOD_KEYS[method]:
+            owner = next(t for t, keys in METHOD_KEYS.items() if name in keys)
+            raise UserError(f"recipe key '{dotted}' applies to method.type {owner}, not {method}")
+    if not recipe["model"]["name"]:
+        raise UserError("recipe key 'model.name' is not set; give a hub id (gpt2), a local folder or a .gguf file")
+    if not recipe["data"]["dataset"]:
+        raise UserError("recipe key 'data.dataset' is not set; give a registered name (wikitext2), a hub id or a file")
+    if not recipe["name"]:
+        if recipe["output_dir"]:
+            recipe["name"] = Path(recipe["output_dir"]).name
+        else:
+            raise UserError("recipe key 'name' is not set; every run needs a name (it names runs/NAME)")
+    if not recipe["output_dir"]:
+        recipe["output_dir"] = f"runs/{recipe['name']}"
+    if method == "lora" and not recipe["method"]["targets"]:
+        raise UserError("recipe key 'method.targets' is empty; name groups (attn, attn_proj, mlp, lm_head) or modules")
+    if method == "partial":
+        m = recipe["method"]
+        if not (m["top_blocks"] or m["lm_head"] or m["layer_norms"]):
+            raise UserError("method.type partial trains nothing; set method.top_blocks, method.lm_head or method.layer_norms")
+    for tracker in recipe["train"]["trackers"]:
+        if tracker not in TRACKERS:
+            raise UserError(f"recipe key 'train.trackers' names '{tracker}'; choose from {', '.join(TRACKERS)}")
+    if recipe["train"]["warmup_steps"] and recipe["train"]["warmup_ratio"]:
+        raise UserError("set train.warmup_steps or train.warmup_ratio, not both")
+
+
+def to_yaml(recipe: dict) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def flatten(recipe: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in recipe.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
