@@ -8,6 +8,7 @@ The hardware (CPU, GPUs, DeepSpeed ZeRO, mixed precision) comes from the acceler
 """
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -59,6 +60,8 @@ def main(argv=None):
     m, d, t = recipe["model"], recipe["data"], recipe["train"]
 
     accelerator = Accelerator(
+        # Under torchrun without a GPU, accelerate needs cpu=True to join the processes (gloo).
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t["seed"]),
         log_with=t["trackers"] or None,
@@ -95,7 +98,9 @@ def main(argv=None):
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate
         )
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=t["micro_batch_size"], collate_fn=collate)
+        # Each process scores its own share of the validation blocks, none twice (no padding of shards).
+        val_share = torch.utils.data.Subset(val_set, range(accelerator.process_index, len(val_set), accelerator.num_processes))
+        val_loader = torch.utils.data.DataLoader(val_share, batch_size=t["micro_batch_size"], collate_fn=collate)
         batches_per_process = len(train_set) // (t["micro_batch_size"] * accelerator.num_processes)
         steps_per_epoch = batches_per_process // t["grad_accum"]
         if steps_per_epoch == 0:
@@ -129,7 +134,7 @@ def main(argv=None):
     schedule = {"constant": "constant_with_warmup"}.get(t["scheduler"], t["scheduler"])
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accelerator.register_for_checkpointing(scheduler)
 
     # ---- start fresh or resume ---------------------------------------------------------------------
@@ -160,6 +165,7 @@ def main(argv=None):
             for i, batch in enumerate(val_loader):
                 if t["eval_max_batches"] and i >= t["eval_max_batches"]:
                     break
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
                 nll, n = causal_nll(logits, batch["labels"])
