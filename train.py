@@ -9,6 +9,7 @@ The hardware (CPU, GPUs, DeepSpeed ZeRO, mixed precision) comes from the acceler
 import argparse
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -29,22 +30,12 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. train.max_steps=50 data.max_length=128")
     parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                         help="save a checkpoint and stop after N optimizer steps (resume by running the same command)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # Heavy imports after argument parsing, so `--help` and usage errors answer at once.
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from tunebench import data, measure, rundir
-    from tunebench.methods import apply_method, count_params, unique_params
-    from tunebench.metrics import causal_nll
-    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench import rundir
     from tunebench.recipe import flatten, load_recipe
 
     # ---- recipe and run directory: every check before anything is written --------------------
@@ -57,6 +48,18 @@ def main(argv=None):
     if state == rundir.FINISHED:
         print(f"run {run_dir} already finished (summary.json); nothing to do. Add overwrite=true to train it again.")
         return
+
+    # Heavy imports only once the recipe is known to be good, so bad input is answered at once.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from tunebench import data, measure
+    from tunebench.methods import apply_method, count_params, unique_params
+    from tunebench.metrics import causal_nll
+    from tunebench.models import context_length, load_config, load_model, load_tokenizer
     m, d, t = recipe["model"], recipe["data"], recipe["train"]
 
     accelerator = Accelerator(
@@ -135,15 +138,18 @@ def main(argv=None):
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    accelerator.register_for_checkpointing(scheduler)
 
     # ---- start fresh or resume ---------------------------------------------------------------------
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_time_s": 0.0,
                 "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None}
     if state == rundir.RESUME:
+        if main_process:
+            rundir.recover(run_dir)
+        accelerator.wait_for_everyone()
         checkpoint = rundir.latest_checkpoint(run_dir)
         accelerator.load_state(str(checkpoint))
         progress = rundir.read_json(checkpoint / rundir.STATE_FILE)
+        scheduler.load_state_dict(progress.pop("scheduler"))  # kept as JSON: no pickle is ever loaded
         if main_process:
             rundir.truncate_log(run_dir / "log.jsonl", progress["step"])
             print(f"resuming {run_dir} from {checkpoint.name}")
@@ -152,6 +158,12 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if t["trackers"]:
         accelerator.init_trackers(recipe["name"], config={k: str(v) for k, v in flatten(recipe).items()})
+
+    def fail(message):
+        """A run that cannot go on (not bad input): one line, exit status 1, the run directory kept."""
+        if main_process:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -186,13 +198,29 @@ def main(argv=None):
         accelerator.wait_for_everyone()
 
     def save_checkpoint():
+        """Write checkpoints/step-N whole or not at all; stop with a clear line when the disk is short."""
+        last = rundir.latest_checkpoint(run_dir)
+        needed = measure.dir_size_mb(last) if last else 3 * sum(p.numel() * p.element_size() for p in unique_params(model)) / 2**20
         tmp = rundir.temporary(run_dir / "checkpoints" / f"step-{progress['step']}")
-        accelerator.save_state(str(tmp))
-        if main_process:
-            rundir.write_json(tmp / rundir.STATE_FILE, progress)
-            rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
-            rundir.prune(run_dir, t["keep_checkpoints"])
+        problem = None
+        if rundir.free_mb(run_dir) < 1.1 * needed:
+            problem = f"about {needed:.0f} MB needed, {rundir.free_mb(run_dir):.0f} MB free"
+        else:
+            try:
+                accelerator.save_state(str(tmp))
+                if main_process:
+                    rundir.write_json(tmp / rundir.STATE_FILE, {**progress, "scheduler": scheduler.state_dict()})
+                    rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
+                    rundir.prune(run_dir, t["keep_checkpoints"])
+            except OSError as e:
+                problem = str(e)
         accelerator.wait_for_everyone()
+        if problem:
+            shutil.rmtree(tmp, ignore_errors=True)
+            fail(
+                f"cannot save the checkpoint of step {progress['step']} to {run_dir} ({problem}); stopped. "
+                f"The last good checkpoint is {last or 'none'}: free disk space and run the same command to resume"
+            )
 
     def evaluate_and_keep_best(record):
         val = validation_loss()
@@ -271,14 +299,13 @@ def main(argv=None):
             progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
             loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
             if not math.isfinite(mean_loss):
-                last = rundir.latest_checkpoint(run_dir)
-                accelerator.print(
-                    f"error: training loss became {mean_loss} by step {progress['step']}; stopped. "
-                    f"Last good checkpoint: {last or 'none'}; final/ holds the best model so far. "
+                bar.close()
+                accelerator.end_training()
+                fail(
+                    f"training loss became {mean_loss} by step {progress['step']}; stopped. Last good checkpoint: "
+                    f"{rundir.latest_checkpoint(run_dir) or 'none'}; final/ holds the best model so far. "
                     "Lower train.lr or set train.max_grad_norm"
                 )
-                accelerator.end_training()
-                sys.exit(1)
             if progress["best_train_loss"] is None or mean_loss < progress["best_train_loss"]:
                 progress["best_train_loss"] = mean_loss
             record = {

@@ -6,15 +6,15 @@ be right; nothing is ever silently ignored.
 """
 import copy
 import difflib
+import re
 from pathlib import Path
 
 import yaml
 
 from tunebench.errors import UserError
 
-# (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
+# key: (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
 # A default of None means "not set"; such keys also accept null.
-Field = tuple
 
 SCHEMA = {
     "name": (None, str, None),
@@ -123,12 +123,12 @@ def _unknown_key(dotted: str, where: str) -> UserError:
     return UserError(f"unknown recipe key '{dotted}'{where}{hint}")
 
 
-def _coerce(dotted: str, value, field: Field, where: str):
+def _coerce(dotted: str, value, field: tuple, where: str):
     default, kind, allowed = field
     if value is None:
         if default is None or kind is list:
             return [] if kind is list else None
-        raise UserError(f"recipe key '{dotted}'{where} cannot be null; give a {kind.__name__}")
+        raise UserError(f"recipe key '{dotted}' cannot be null; give a {kind.__name__}{where}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is float and isinstance(value, str):
@@ -140,20 +140,20 @@ def _coerce(dotted: str, value, field: Field, where: str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if kind is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"recipe key '{dotted}'{where} must be a list of names, got {value!r}")
+            raise UserError(f"recipe key '{dotted}' must be a list of names, got {value!r}{where}")
         return value
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(
-            f"recipe key '{dotted}'{where} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+            f"recipe key '{dotted}' must be {kind.__name__}, got {type(value).__name__} {value!r}{where}"
         )
     if isinstance(allowed, tuple) and value not in allowed:
-        raise UserError(f"recipe key '{dotted}'{where} is {value!r}; choose one of {', '.join(allowed)}")
+        raise UserError(f"recipe key '{dotted}' is {value!r}{where}; choose one of {', '.join(allowed)}")
     if allowed == "positive" and not value > 0:
-        raise UserError(f"recipe key '{dotted}'{where} must be positive, got {value!r}")
+        raise UserError(f"recipe key '{dotted}' must be positive, got {value!r}{where}")
     if allowed == "non-negative" and not value >= 0:
-        raise UserError(f"recipe key '{dotted}'{where} must be zero or more, got {value!r}")
+        raise UserError(f"recipe key '{dotted}' must be zero or more, got {value!r}{where}")
     if allowed == "fraction" and not 0 <= value <= 1:
-        raise UserError(f"recipe key '{dotted}'{where} must lie between 0 and 1, got {value!r}")
+        raise UserError(f"recipe key '{dotted}' must lie between 0 and 1, got {value!r}{where}")
     return value
 
 
@@ -165,7 +165,7 @@ def _merge(recipe: dict, given: dict, where: str, prefix: str = "", explicit: se
             raise _unknown_key(dotted, where)
         if isinstance(field, dict):
             if not isinstance(value, dict):
-                raise UserError(f"recipe key '{dotted}'{where} must be a section of keys, got {value!r}")
+                raise UserError(f"recipe key '{dotted}' must be a section of keys, got {value!r}{where}")
             _merge(recipe[key], value, where, f"{dotted}.", explicit)
         else:
             recipe[key] = _coerce(dotted, value, field, where)
@@ -238,6 +238,8 @@ def _check(recipe: dict, explicit: set) -> None:
             recipe["name"] = Path(recipe["output_dir"]).name
         else:
             raise UserError("recipe key 'name' is not set; every run needs a name (it names runs/NAME)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe["name"]):
+        raise UserError(f"recipe key 'name' is {recipe['name']!r}; use letters, digits, '.', '_' and '-' (it names runs/NAME)")
     if not recipe["output_dir"]:
         recipe["output_dir"] = f"runs/{recipe['name']}"
     if method == "lora" and not recipe["method"]["targets"]:
