@@ -6,6 +6,7 @@ rows written to jsonl / csv / parquet files are read through data.files."""
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
+from conftest import ROOT
 from tiny import prose
 from tunebench import data
 from tunebench.models import load_tokenizer
@@ -138,3 +139,20 @@ def test_local_files_of_the_hub_shape_give_the_same_examples(name, hub_rows, kin
         assert hub_split.label_names == file_split.label_names
     if task == "classification":
         assert from_files[0].label_names == spec["label_names"]
+
+
+HUB_ROWS = {"alpaca": alpaca, "cnn_dailymail": cnn_dailymail, "oasst1": oasst1, "imdb": imdb,
+            "sst2": lambda: labelled("sentence", ["negative", "positive"], {"train": 20, "validation": 8, "test": 6})}
+RECIPES = sorted((ROOT / "recipes" / "tasks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_task_recipes_build_their_data_from_local_files_of_the_hub_shape(path, assets, tmp_path):
+    recipe = load_recipe(path)
+    name = recipe["data"]["dataset"]
+    local = write(HUB_ROWS[name](), tmp_path / name, "parquet")
+    recipe = load_recipe(path, [f"data.files={local}"])
+    train, val = data.build(recipe["data"], load_tokenizer({"name": str(assets / "gpt2")}), 0, recipe["task"])
+    assert len(train) > 0 and len(val) > 0
+    assert all(len(e["input_ids"]) <= recipe["data"]["max_length"] for e in train)
+    assert (train.label_names is not None) == (recipe["task"] == "classification")
