@@ -59,6 +59,7 @@ def test_labelled_text_tokens_never_hold_the_pad_token(assets, toy):
     ("full", []),
     ("lora", ["method.r=4"]),
     ("partial", ["method.top_blocks=1"]),
+    ("partial", []),  # the head alone: a linear probe
     ("prompt_tuning", ["method.num_virtual_tokens=4"]),
 ])
 def test_every_method_trains_the_head_and_reads_the_last_real_token(assets, toy, method, overrides):
@@ -89,7 +90,7 @@ def test_classification_trains_above_chance_through_train_py(assets, toy, tmp_pa
         "name: toy\ntask: classification\n"
         f"model: {{name: {assets / 'gpt2'}}}\nmethod: {{type: lora, r: 8, alpha: 16}}\n"
         f"data: {{dataset: {toy / 'train.jsonl'}, validation_file: {toy / 'valid.jsonl'}, max_length: 32}}\n"
-        "train: {max_steps: 24, micro_batch_size: 16, lr: 1.0e-2, eval_every: 8, save_every: 24}\n"
+        "train: {max_steps: 16, micro_batch_size: 16, lr: 1.0e-2, eval_every: 8, save_every: 16}\n"
     )
     result = run_script("train.py", "--recipe", toy / "recipe.yaml", f"output_dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

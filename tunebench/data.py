@@ -514,13 +514,16 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
             lambda batch: [bool(r and r.strip()) and (limit is None or len(r) <= limit) for r in batch["response"]],
             batched=True,
         )
+        if len(rows) == 0:
+            shorter = f" of at most data.max_response_chars {limit} characters" if limit else ""
+            raise UserError(f"{wheres[split]} has no example with a response{shorter}")
         if split == "train":
             rows = subsample(rows, data_cfg["fraction"], seed)
         tokens = tokenize_pairs(rows, tokenizer, fields["template"], data_cfg, fmt == "summarization", num_proc)
         if len(tokens) == 0:
             raise UserError(
                 f"{wheres[split]} has no example whose {'summary' if fmt == 'summarization' else 'prompt'} fits "
-                f"data.max_length {data_cfg['max_length']} with a response; raise data.max_length"
+                f"data.max_length {data_cfg['max_length']} with room for the response; raise data.max_length"
             )
         dropped, cut = len(rows) - len(tokens), sum(tokens["cut"])
         if dropped or cut:
