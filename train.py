@@ -58,9 +58,12 @@ def main(argv=None):
 
     from tunebench import data, measure
     from tunebench.methods import apply_method, count_params, unique_params
-    from tunebench.metrics import causal_nll
+    from tunebench.metrics import causal_nll, classification_nll, scored_targets
     from tunebench.models import context_length, load_config, load_model, load_tokenizer
+
     m, d, t = recipe["model"], recipe["data"], recipe["train"]
+    classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
+    nll_of = classification_nll if classify else causal_nll
 
     accelerator = Accelerator(
         # Under torchrun without a GPU, accelerate needs cpu=True to join the processes (gloo).
@@ -89,8 +92,8 @@ def main(argv=None):
             raise UserError("train.optimizer paged_adamw_8bit pages optimizer state to a GPU; use adamw_8bit on a CPU")
         tokenizer = load_tokenizer(m)
         with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
-            train_set, val_set = data.build(d, tokenizer, t["seed"])
-        model = load_model(m)
+            train_set, val_set = data.build(d, tokenizer, t["seed"], recipe["task"])
+        model = load_model(m, train_set.label_names, tokenizer.pad_token_id)
         if m["gradient_checkpointing"]:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -141,7 +144,8 @@ def main(argv=None):
 
     # ---- start fresh or resume ---------------------------------------------------------------------
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_time_s": 0.0,
-                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None}
+                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None,
+                "best_val_acc": None}
     if state == rundir.RESUME:
         if main_process:
             rundir.recover(run_dir)
@@ -170,9 +174,11 @@ def main(argv=None):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     def validation_loss():
+        """(mean validation loss, accuracy for classification or None)."""
         model.eval()
         nll_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         count = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
         with torch.no_grad():
             for i, batch in enumerate(val_loader):
                 if t["eval_max_batches"] and i >= t["eval_max_batches"]:
@@ -180,12 +186,15 @@ def main(argv=None):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                nll, n = causal_nll(logits, batch["labels"])
+                nll, n = nll_of(logits, batch["labels"])
                 nll_sum += nll.double()
                 count += n
+                if classify:
+                    correct += (logits.argmax(-1) == batch["labels"]).sum()
         model.train()
         nll_sum, count = accelerator.reduce(nll_sum, "sum"), accelerator.reduce(count, "sum")
-        return (nll_sum / count).item()
+        accuracy = (accelerator.reduce(correct, "sum") / count).item() if classify else None
+        return (nll_sum / count).item(), accuracy
 
     def save_final():
         """The model or adapter as it is now, in save_pretrained format, replacing final/ whole."""
@@ -223,12 +232,18 @@ def main(argv=None):
             )
 
     def evaluate_and_keep_best(record):
-        val = validation_loss()
+        val, acc = validation_loss()
         record["val_loss"] = val
+        if classify:
+            record["val_acc"] = acc
         if progress["initial_val_loss"] is None:
             progress["initial_val_loss"] = val
-        if progress["best_val_loss"] is None or val < progress["best_val_loss"]:
-            progress["best_val_loss"], progress["best_step"] = val, progress["step"]
+        if classify:  # the best model is the most accurate one
+            better = progress["best_val_acc"] is None or acc > progress["best_val_acc"]
+        else:
+            better = progress["best_val_loss"] is None or val < progress["best_val_loss"]
+        if better:
+            progress["best_val_loss"], progress["best_val_acc"], progress["best_step"] = val, acc, progress["step"]
             save_final()
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -262,13 +277,13 @@ def main(argv=None):
                 break  # an incomplete accumulation at the end of an epoch is not trained on
             # Token-weighted mean over the whole global batch: each micro-batch's summed NLL is
             # divided by the number of scored tokens in all micro-batches of all processes.
-            local_scored = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+            local_scored = sum(scored_targets(b["labels"]) for b in micro)
             scored = accelerator.reduce(local_scored, "sum")
             for b in micro:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-                        nll, _ = causal_nll(logits, b["labels"])
+                        nll, _ = nll_of(logits, b["labels"])
                     # accelerate divides by grad_accum and DDP averages over processes: undo both.
                     accelerator.backward(nll * (world * t["grad_accum"]) / scored)
                     if accelerator.sync_gradients and t["max_grad_norm"]:
@@ -347,6 +362,7 @@ def main(argv=None):
     summary = {
         "name": recipe["name"],
         "method": recipe["method"]["type"],
+        "task": recipe["task"],
         "model": m["name"],
         "dataset": d["dataset"],
         "trainable_params": trainable,
@@ -363,6 +379,8 @@ def main(argv=None):
         "initial_val_loss": progress["initial_val_loss"],
         "best_train_loss": progress["best_train_loss"],
         "best_val_loss": progress["best_val_loss"],
+        "best_val_acc": progress["best_val_acc"],
+        "label_names": train_set.label_names,  # a classifier's classes, by class id; rebuild its head with them
         "best_step": progress["best_step"],
         "final_step": progress["step"],
         "max_length": d["max_length"],
@@ -378,7 +396,8 @@ def main(argv=None):
         rundir.write_json(run_dir / "summary.json", summary)
         print(
             f"done: {run_dir}  val loss {summary['initial_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
-            f"(step {summary['best_step']}), {summary['tokens_per_s']:.0f} tokens/s, "
+            f"(step {summary['best_step']}{', accuracy %.4f' % summary['best_val_acc'] if classify else ''}), "
+            f"{summary['tokens_per_s']:.0f} tokens/s, "
             f"{trainable:,} of {total:,} parameters trained"
         )
     accelerator.end_training()

@@ -20,6 +20,9 @@ SCHEMA = {
     "name": (None, str, None),
     "output_dir": (None, str, None),
     "overwrite": (False, bool, None),
+    # causal_lm: next-token loss; classification: a sequence-classification head on the last real
+    # token, trained on data.text_field -> data.label_field and chosen by validation accuracy.
+    "task": ("causal_lm", str, ("causal_lm", "classification")),
     "model": {
         "name": (None, str, None),
         "gguf_file": (None, str, None),
@@ -47,7 +50,16 @@ SCHEMA = {
     "data": {
         "dataset": (None, str, None),
         "config": (None, str, None),
+        "files": (None, str, None),
+        "format": (None, str, ("text", "instruction", "summarization", "conversation")),
         "text_field": (None, str, None),
+        "prompt_field": (None, str, None),
+        "input_field": (None, str, None),
+        "response_field": (None, str, None),
+        "label_field": (None, str, None),
+        "template": (None, str, None),
+        "train_on_prompt": (False, bool, None),
+        "max_response_chars": (None, int, "positive"),
         "train_split": ("train", str, None),
         "validation_split": (None, str, None),
         "validation_file": (None, str, None),
@@ -244,10 +256,19 @@ def _check(recipe: dict, explicit: set) -> None:
         recipe["output_dir"] = f"runs/{recipe['name']}"
     if method == "lora" and not recipe["method"]["targets"]:
         raise UserError("recipe key 'method.targets' is empty; name groups (attn, attn_proj, mlp, lm_head) or modules")
-    if method == "partial":
+    classification = recipe["task"] == "classification"
+    if method == "partial" and classification and recipe["method"]["lm_head"]:
+        raise UserError(
+            "method.lm_head applies to task causal_lm; with task classification the classification head always trains"
+        )
+    if method == "partial" and not classification:  # a classifier's partial may train its head alone
         m = recipe["method"]
         if not (m["top_blocks"] or m["lm_head"] or m["layer_norms"]):
             raise UserError("method.type partial trains nothing; set method.top_blocks, method.lm_head or method.layer_norms")
+    if classification and recipe["data"]["format"]:
+        raise UserError(
+            "recipe key 'data.format' applies to task causal_lm; task classification reads data.text_field and data.label_field"
+        )
     for tracker in recipe["train"]["trackers"]:
         if tracker not in TRACKERS:
             raise UserError(f"recipe key 'train.trackers' names '{tracker}'; choose from {', '.join(TRACKERS)}")
