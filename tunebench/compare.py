@@ -41,6 +41,7 @@ from tunebench.errors import UserError, exit_with
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir"}
 ERROR_LINES = 20
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
 INTERRUPTED = {130, 143}  # 128 + SIGINT, 128 + SIGTERM: train.py saved a checkpoint and stopped
 
 
@@ -105,8 +106,8 @@ def plan(suite: dict) -> list:
             runs.append({"name": name, "recipe_path": recipe_path, "overrides": overrides, "recipe": recipe, "dir": run_dir})
     if len({r["name"] for r in runs}) < len(runs):
         raise UserError("two recipes of the suite have the same file name; their runs would share a folder")
-    if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1:
-        raise UserError("the suite's recipes name different eval.tasks; set eval.tasks in the suite's overrides")
+    if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
+        raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
     return runs
 
 
@@ -130,6 +131,12 @@ def check_reachable(runs: list) -> None:
             raise UserError(f"{e}{hint}") from None
 
 
+def model_source(model_cfg: dict) -> str:
+    """The model as evaluate.py --model takes it: a hub id, a folder, or the path of a .gguf file."""
+    gguf = model_cfg["gguf_file"]
+    return str(Path(model_cfg["name"]) / gguf) if gguf else model_cfg["name"]
+
+
 def run_logged(command: list, env: dict) -> tuple:
     """Run a command, its output streamed to the terminal; returns (exit status, last lines of output)."""
     tail = collections.deque(maxlen=64 * 1024)
@@ -142,7 +149,7 @@ def run_logged(command: list, env: dict) -> tuple:
     finally:
         status = process.wait()  # on Ctrl-C the child got SIGINT too: let it save its checkpoint
     text = bytes(tail).decode("utf-8", errors="replace")
-    lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and not PROGRESS_BAR.search(line)]
     return status, lines[-ERROR_LINES:]
 
 
@@ -201,12 +208,13 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     python = sys.executable
     tasks = runs[0]["recipe"]["eval"]["tasks"]
-    task_args = ["--tasks", ",".join(tasks)] if tasks else []
+    task_args = ["--tasks", ",".join(tasks)]
     failed = []
 
     baselines = []
-    for model in dict.fromkeys(r["recipe"]["model"]["name"] for r in runs):
-        name = "baseline" if len({r["recipe"]["model"]["name"] for r in runs}) == 1 else f"baseline-{Path(model).name}"
+    models = list(dict.fromkeys(model_source(r["recipe"]["model"]) for r in runs))
+    for model in models:
+        name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
         run_dir = suite["runs_dir"] / name
         baselines.append(run_dir)
         if evaluated(run_dir, tasks):

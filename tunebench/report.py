@@ -37,8 +37,10 @@ TRAIN_COLUMNS = [
     ("best_train_loss", "best train loss", "loss"),
     ("best_val_loss", "best val loss", "loss"),
 ]
-# eval.json values that describe how a task was measured rather than a result: shown in the setting.
-EVAL_SETTINGS = {"tokens", "stride", "max_length", "max_tokens", "examples", "samples", "num_beams", "max_new_tokens", "seed"}
+# eval.json numbers that describe how a task was measured rather than a result: shown in the setting,
+# as are its text values (precision, data file). Every other number is a result column.
+EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", "max_tokens", "batch_size",
+                 "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed"}
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
@@ -190,9 +192,13 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return text
 
 
+def _eval_name(task: str, metric: str) -> str:
+    return metric if task == metric else f"{task} {metric}"  # the task "ppl" (a local file) has a metric "ppl"
+
+
 def table_columns(evals: list) -> list:
     """(key, header, kind) of every column after name, method and status."""
-    return TRAIN_COLUMNS + [(f"{task}.{metric}", f"{task} {metric}", "metric") for task, metric in evals]
+    return TRAIN_COLUMNS + [(f"{task}.{metric}", _eval_name(task, metric), "metric") for task, metric in evals]
 
 
 def markdown_table(rows: list, evals: list) -> str:
@@ -245,7 +251,8 @@ def setting(runs: list) -> dict:
         return lambda r: r["summary"].get(key)
 
     def eval_setting(task):
-        return lambda r: {k: v for k, v in (r["eval"].get(task) or {}).items() if k in EVAL_SETTINGS}
+        return lambda r: {k: v for k, v in (r["eval"].get(task) or {}).items()
+                          if k in EVAL_SETTINGS or (v is not None and _number(v) is None)}
 
     return {
         "model": _distinct(finished, summary("model")),
@@ -314,7 +321,7 @@ def plot_loss_curves(runs: list, path: Path) -> None:
         train = [(rec[x_key], rec["train_loss"]) for rec in run["log"] if rec.get("train_loss") is not None]
         val = [(rec[x_key], rec["val_loss"]) for rec in run["log"] if rec.get("val_loss") is not None]
         if train:
-            ax_train.plot(*zip(*train), label=label, **style)
+            ax_train.plot(*zip(*train), marker=".", markersize=4, label=label, **style)
         if val:
             ax_val.plot(*zip(*val), marker="o", markersize=3, label=label, **style)
     ax_train.set_title("train loss (mean since the previous log line)")
@@ -338,7 +345,7 @@ def quality_metric(rows: list, evals: list) -> tuple:
     for task, metric in evals:
         key = f"{task}.{metric}"
         if metric == "ppl" and trained and all(r.get(key) is not None for r in trained):
-            return key, f"{task} perplexity (lower is better)"
+            return key, f"{_eval_name(task, metric)} (perplexity, lower is better)"
     return "best_val_loss", "best validation loss (lower is better)"
 
 
