@@ -23,7 +23,7 @@ def args(assets, out, steps=12):
         f"data.validation_file={assets / 'valid.txt'}",
         "data.max_length=64", "data.fraction=0.05",
         "train.micro_batch_size=4", f"train.max_steps={steps}",
-        "train.eval_every=4", "train.log_every=1", "train.save_every=1", "train.lr=1e-2",
+        "train.eval_every=4", "train.eval_max_batches=4", "train.log_every=1", "train.save_every=1", "train.lr=1e-2",
         f"output_dir={out}",
     ]
 
@@ -39,7 +39,7 @@ def losses(run):
     return [(r["step"], r["train_loss"], r.get("val_loss")) for r in records]
 
 
-def wait_for(predicate, process, timeout=300):
+def wait_for(predicate, process, timeout=900):
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
         if predicate():
