@@ -1,0 +1,406 @@
+"""Evaluate a finished run, or a model as it is (the baseline row), on perplexity, LAMBADA and generation tasks.
+
+    python evaluate.py --run runs/NAME [--tasks wikitext2,lambada]      writes runs/NAME/eval.json
+    python evaluate.py --model gpt2 --tasks wikitext2 [--out runs/baseline]
+    python evaluate.py --model M --tasks ppl --data-file text.txt --max-length 512 --stride 256
+    python evaluate.py report runs/A runs/B ... --out reports/NAME       (tables and plots: tunebench/report.py)
+
+Perplexity tasks read the whole text as one string, tokenize it once and score every token exactly
+once in sliding windows of --max-length tokens that start every --stride tokens (see
+tunebench.metrics.sliding_windows); the first token is predicted from the tokenizer's BOS token
+(end-of-text when it has none), as lm-evaluation-harness does. Results are in eval.json and printed as a table.
+"""
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from tunebench.errors import UserError, exit_with
+
+TASKS = {
+    "wikitext2": "perplexity on the WikiText-2 (raw) test split",
+    "wikitext103": "perplexity on the WikiText-103 (raw) test split",
+    "imdb": "perplexity on the IMDB test reviews",
+    "ppl": "perplexity on --data-file",
+    "lambada": "last-word accuracy and perplexity on LAMBADA (OpenAI) test, or on --data-file lines",
+    "continuation": "a text's first --prompt-tokens tokens in, its next --max-new-tokens tokens as reference "
+                    "(WikiText-2 test paragraphs, or --data-file)",
+    "summarization": "CNN/DailyMail 3.0.0 test articles + 'TL;DR:', highlights as reference "
+                     "(or --data-file jsonl with article/highlights)",
+    "instruction": "Alpaca-style prompts, the reference response (--data-file jsonl with instruction/input/output)",
+}
+PERPLEXITY_TASKS = ("wikitext2", "wikitext103", "imdb", "ppl")
+GENERATION_TASKS = ("continuation", "summarization", "instruction")
+DATA_FILE_TASKS = ("ppl", "lambada", "continuation", "summarization", "instruction")
+TOKENS_PER_BATCH = 8192  # default perplexity batch: as many windows as make this many tokens
+
+# The Stanford Alpaca prompt (with and without an input); generation stops at the next "###" section.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+SUMMARY_PROMPT = "\nTL;DR:"
+STOP = {"instruction": "###"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        exit_with(UserError(f"{message} (usage: evaluate.py --run RUN_DIR | --model NAME [--tasks a,b] ...)"))
+
+
+def positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
+    return value
+
+
+def parse_args(argv=None):
+    parser = _Parser(description=__doc__.splitlines()[0], epilog="tasks: " + "; ".join(f"{k}: {v}" for k, v in TASKS.items()))
+    parser.add_argument("--run", help="a run directory with final/ (its recipe gives the base model and eval.tasks)")
+    parser.add_argument("--model", help="hub id, local folder or .gguf file, evaluated as it is")
+    parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
+    parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--data-file", help=f"local text/jsonl file for the tasks {', '.join(DATA_FILE_TASKS)}")
+    parser.add_argument("--max-length", type=positive, help="window / prompt+generation length (default: model context)")
+    parser.add_argument("--stride", type=positive, help="perplexity window step (default: half of --max-length)")
+    parser.add_argument("--max-tokens", type=positive, help="perplexity over the first N tokens of the text only")
+    parser.add_argument("--batch-size", type=positive,
+                        help=f"windows or examples per forward pass (default: {TOKENS_PER_BATCH} tokens of windows; 8 examples)")
+    parser.add_argument("--limit", type=positive, help="lambada and generation tasks: the first N examples only")
+    parser.add_argument("--num-beams", type=positive, default=1, help="1: greedy decoding (default); more: beam search")
+    parser.add_argument("--max-new-tokens", type=positive, default=64, help="generation length limit (default 64)")
+    parser.add_argument("--prompt-tokens", type=positive, default=64, help="continuation: prompt length in tokens (default 64)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        try:
+            from tunebench import report
+        except ModuleNotFoundError as e:
+            if e.name != "tunebench.report":
+                raise
+            exit_with(UserError("'evaluate.py report' needs tunebench/report.py, which this checkout does not have"))
+        return report.main(argv[1:])
+    args = parse_args(argv)
+
+    # ---- every check on the arguments before anything heavy is loaded ----------------------------
+    try:
+        if bool(args.run) == bool(args.model):
+            raise UserError("give either --run RUN_DIR (a trained run) or --model NAME_OR_PATH (a model as it is)")
+        if args.run and args.out:
+            raise UserError("--out is for --model; a run's results go to RUN_DIR/eval.json")
+        run_dir = Path(args.run) if args.run else None
+        if run_dir is not None:
+            if not (run_dir / "recipe.yaml").is_file():
+                raise UserError(f"'{run_dir}' is not a run directory (no recipe.yaml); give runs/NAME of a train.py run")
+            if not (run_dir / "final").is_dir():
+                raise UserError(f"run '{run_dir}' has no final/ model yet; train it first (python train.py --recipe {run_dir}/recipe.yaml)")
+        import yaml
+
+        from tunebench import rundir
+        from tunebench.recipe import defaults
+
+        # A run's recipe.yaml is the fully resolved recipe train.py wrote: read as it is.
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) if run_dir else None
+        if args.tasks:
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        elif recipe and recipe["eval"]["tasks"]:
+            tasks = recipe["eval"]["tasks"]
+        else:
+            where = f"the recipe of '{run_dir}' has empty eval.tasks" if recipe else "--model has no default tasks"
+            raise UserError(f"no tasks: {where}; give --tasks, e.g. --tasks wikitext2,lambada")
+        for task in tasks:
+            if task not in TASKS:
+                raise UserError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+        if args.data_file:
+            if not Path(args.data_file).is_file():
+                raise UserError(f"--data-file '{args.data_file}' does not exist")
+            if not any(t in DATA_FILE_TASKS for t in tasks):
+                raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
+        for task in ("ppl", "instruction"):
+            if task in tasks and not args.data_file:
+                raise UserError(f"task {task} needs --data-file FILE ({TASKS[task]})")
+        if args.stride and args.max_length and args.stride > args.max_length:
+            raise UserError(f"--stride {args.stride} is larger than --max-length {args.max_length}: tokens between windows "
+                            "would never be scored; use a stride of at most the window length")
+        out_dir = run_dir or (Path(args.out) if args.out else None)
+        name = str(run_dir) if run_dir else args.model  # whose results eval.json holds
+        if args.out and (out_dir / "summary.json").is_file() and rundir.read_json(out_dir / "summary.json").get("method") != "baseline":
+            raise UserError(f"--out '{out_dir}' holds a training run; give a new folder for the baseline")
+        if out_dir is not None and (out_dir / "eval.json").is_file():
+            earlier = rundir.read_json(out_dir / "eval.json")
+            if earlier.get("model") != name:
+                raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
+        else:
+            earlier = {}
+    except UserError as e:
+        exit_with(e)
+
+    # Heavy imports after argument checks, so `--help` and usage errors answer at once.
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from tunebench import data, measure, metrics
+    from tunebench.methods import count_params
+    from tunebench.models import context_length, load_model, load_tokenizer
+
+    # ---- model: a run's full model, its adapter on the base model, or a model as it is -----------
+    started = time.perf_counter()
+    try:
+        if run_dir:
+            final = run_dir / "final"
+            model_cfg = dict(recipe["model"])
+            final_cfg = {**model_cfg, "name": str(final), "gguf_file": None, "revision": None}
+            tokenizer = load_tokenizer(final_cfg)  # train.py saves the tokenizer beside the model or adapter
+            if (final / "adapter_config.json").is_file():
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(load_model(model_cfg), str(final))
+            else:
+                model = load_model(final_cfg)
+            if not (run_dir / "summary.json").is_file():
+                print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
+        else:
+            model_cfg = {**defaults()["model"], "name": args.model}
+            tokenizer = load_tokenizer(model_cfg)
+            model = load_model(model_cfg)
+    except UserError as e:
+        exit_with(e)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    load_time = time.perf_counter() - started
+
+    peft_config = getattr(model, "active_peft_config", None)
+    virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
+    context = context_length(model.config)
+    try:
+        room = f" minus {virtual_tokens} virtual tokens of the soft prompt" if virtual_tokens else ""
+        if context is None and not args.max_length:
+            raise UserError("the model's context length is unknown; give --max-length")
+        if args.max_length and context and args.max_length + virtual_tokens > context:
+            raise UserError(f"--max-length {args.max_length} is beyond the model's context of {context} positions{room}; "
+                            f"use {context - virtual_tokens} or less")
+        max_length = args.max_length or context - virtual_tokens
+        stride = args.stride or max(1, max_length // 2)
+        if stride > max_length:
+            raise UserError(f"--stride {stride} is larger than the window of {max_length} tokens (the model's context{room}); "
+                            "use a stride of at most the window length")
+    except UserError as e:
+        exit_with(e)
+
+    if args.precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    else:
+        precision = args.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def rows_of(source, config=None, split="test"):
+        """Rows of a local file (all of it), or of a registered or hub data set's split."""
+        raw, _, _ = data.load_raw({"dataset": source, "config": config, "validation_file": None, "text_field": None})
+        if Path(source).is_file():
+            return raw["train"]
+        if split not in raw:
+            raise UserError(f"data set '{source}' has no {split} split; it has {', '.join(raw)}")
+        return raw[split]
+
+    def first(rows):
+        return rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
+
+    def column(rows, name, source):
+        if name not in rows.column_names:
+            raise UserError(f"'{source}' has no field '{name}'; its fields are {', '.join(rows.column_names)}")
+        return rows[name]
+
+    # ---- tasks ---------------------------------------------------------------------------------------
+    def perplexity_task(task):
+        if task == "ppl" and Path(args.data_file).suffix.lower() in (".txt", ".text"):
+            source = args.data_file
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"--data-file '{source}' is not UTF-8 text") from None
+        else:
+            # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
+            if task == "ppl":
+                source, field, rows = args.data_file, "text", rows_of(args.data_file)
+            else:
+                spec = data.REGISTRY[task]
+                source = " ".join(part for part in (spec["hub"], spec["config"], "test") if part)
+                field, rows = spec["text_field"], rows_of(task)
+            text = "\n\n".join(column(rows, field, source))
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast, verbose=False)
+        ids = encoding["input_ids"]
+        if not ids:
+            raise UserError(f"'{source}' holds no text to score")
+        if args.max_tokens and args.max_tokens < len(ids):
+            ids = ids[: args.max_tokens]
+            text = text[: encoding["offset_mapping"][len(ids) - 1][1]] if tokenizer.is_fast else tokenizer.decode(ids)
+        batch_size = args.batch_size or max(1, TOKENS_PER_BATCH // max_length)
+        with autocast:
+            result = metrics.perplexity(model, ids, start_id, max_length, stride, batch_size, pad_id, desc=task)
+        return {
+            **metrics.text_perplexities(result["nll"], result["tokens"], text),
+            "max_length": max_length, "stride": stride, "windows": result["windows"],
+            "batch_size": batch_size, "precision": precision, "data": source,
+        }
+
+    def lambada_task():
+        source = args.data_file or "lambada"
+        texts = [t.strip() for t in column(rows_of(source), "text", source) if t and t.strip()]
+        examples = []
+        for text in texts[: args.limit]:
+            # lm-evaluation-harness: context up to the last space, target " " + last word, the target's
+            # tokens being those the whole text has beyond the context's.
+            context, _, word = text.rpartition(" ")
+            context_ids = encode(context)
+            examples.append((context_ids or [start_id], encode(f"{context} {word}")[len(context_ids):]))
+        batch_size = args.batch_size or 8
+        with autocast:
+            result = metrics.last_word(model, examples, max_length, batch_size, pad_id, desc="lambada")
+        return {**result, "batch_size": batch_size, "precision": precision, "data": source}
+
+    def generation_examples(task):
+        """(prompt ids, reference text) per example, each prompt leaving room for the generated tokens."""
+        room = max_length - args.max_new_tokens
+        if room <= 0:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_length} tokens")
+        examples = []
+        if task == "continuation":
+            if args.prompt_tokens > room:
+                raise UserError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                                f"exceed the {max_length} tokens of --max-length")
+            source = args.data_file or "wikitext2"
+            for text in column(rows_of(source), "text", source):
+                ids = encode(text.strip()) if text else []
+                if len(ids) >= args.prompt_tokens + args.max_new_tokens:
+                    reference = tokenizer.decode(ids[args.prompt_tokens : args.prompt_tokens + args.max_new_tokens])
+                    examples.append((ids[: args.prompt_tokens], reference))
+                if len(examples) == args.limit:
+                    break
+            if not examples:
+                raise UserError(f"'{source}' has no text of at least {args.prompt_tokens + args.max_new_tokens} tokens "
+                                "(--prompt-tokens + --max-new-tokens)")
+        elif task == "summarization":
+            source = args.data_file or "abisee/cnn_dailymail"
+            rows = first(rows_of(source, config=None if args.data_file else "3.0.0"))
+            suffix = encode(SUMMARY_PROMPT)
+            for article, highlights in zip(column(rows, "article", source), column(rows, "highlights", source)):
+                examples.append((encode(article)[: room - len(suffix)] + suffix, highlights))
+        else:
+            source = args.data_file
+            rows = first(rows_of(source))
+            inputs = rows["input"] if "input" in rows.column_names else [""] * len(rows)
+            for instruction, output, given in zip(column(rows, "instruction", source), column(rows, "output", source), inputs):
+                template = ALPACA_PROMPT if given else ALPACA_PROMPT_NO_INPUT
+                examples.append((encode(template.format(instruction=instruction, input=given))[-room:], output))
+        return examples, source
+
+    @torch.no_grad()
+    def generate(prompts, batch_size, desc):
+        """Batched decoding with the KV cache, prompts left-padded, longest first. A soft prompt's
+        model ignores position ids (peft), so its batches hold prompts of one length only."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        batches = []
+        for i in order:
+            fits = batches and len(batches[-1]) < batch_size
+            if fits and (not virtual_tokens or len(prompts[batches[-1][0]]) == len(prompts[i])):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        texts = [None] * len(prompts)
+        for chosen in tqdm(batches, desc=desc, unit="batch"):
+            ids, mask = metrics.padded([prompts[i] for i in chosen], pad_id, left=True)
+            with autocast:
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=args.max_new_tokens,
+                    do_sample=False, num_beams=args.num_beams, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                )
+            for row, i in enumerate(chosen):
+                texts[i] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True)
+        return texts
+
+    def generation_task(task):
+        examples, source = generation_examples(task)
+        set_seed(args.seed)
+        batch_size = args.batch_size or 8
+        hypotheses = generate([p for p, _ in examples], batch_size, task)
+        if task in STOP:
+            hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
+        scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
+        return {
+            **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
+            "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": precision, "data": source,
+            **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
+        }
+
+    results, times = {}, {"load_model": round(load_time, 3)}
+    try:
+        for task in tasks:
+            started = time.perf_counter()
+            if task in PERPLEXITY_TASKS:
+                results[task] = perplexity_task(task)
+            elif task == "lambada":
+                results[task] = lambada_task()
+            else:
+                results[task] = generation_task(task)
+            times[task] = round(time.perf_counter() - started, 3)
+    except UserError as e:
+        exit_with(e)
+
+    # ---- eval.json (merged with the tasks an earlier evaluation of the same model wrote) and a table --
+    evaluation = {
+        "model": name,
+        "base_model": model_cfg["name"],
+        "method": recipe["method"]["type"] if recipe else "baseline",
+        "tasks": results,
+        "settings": {"device": str(device), "precision": precision, "seed": args.seed, "max_length": max_length,
+                     "stride": stride, "max_tokens": args.max_tokens, "limit": args.limit, "num_beams": args.num_beams,
+                     "max_new_tokens": args.max_new_tokens, "data_file": args.data_file,
+                     "context_token": tokenizer.convert_ids_to_tokens(start_id), "virtual_tokens": virtual_tokens},
+        "time_s": times,
+        "hardware": measure.hardware(),
+        "versions": measure.versions(),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        evaluation["tasks"] = {**earlier.get("tasks", {}), **results}
+        evaluation["time_s"] = {**earlier.get("time_s", {}), **times}
+        rundir.write_json(out_dir / "eval.json", evaluation)
+        if args.model:
+            _, total = count_params(model)
+            rundir.write_json(out_dir / "summary.json", {"name": out_dir.name, "method": "baseline", "model": args.model,
+                                                         "trainable_params": 0, "total_params": total})
+    print(f"\n{name} ({precision} on {device})")
+    print(f"{'task':<14} {'metric':<20} value")
+    for task, values in results.items():
+        for i, (metric, value) in enumerate(values.items()):
+            shown = f"{value:.4f}" if isinstance(value, float) else "null" if value is None else str(value)
+            print(f"{task if i == 0 else '':<14} {metric:<20} {shown}")
+    if out_dir is not None:
+        print(f"\nwritten: {out_dir / 'eval.json'}")
+
+
+if __name__ == "__main__":
+    main()
