@@ -5,10 +5,17 @@
     python evaluate.py --model M --tasks ppl --data-file text.txt --max-length 512 --stride 256
     python evaluate.py report runs/A runs/B ... --out reports/NAME       (tables and plots: tunebench/report.py)
 
-Perplexity tasks read the whole text as one string, tokenize it once and score every token exactly
-once in sliding windows of --max-length tokens that start every --stride tokens (see
-tunebench.metrics.sliding_windows); the first token is predicted from the tokenizer's BOS token
-(end-of-text when it has none), as lm-evaluation-harness does. Results are in eval.json and printed as a table.
+Tasks (--tasks; a run's default is its recipe's eval.tasks):
+  wikitext2, wikitext103, imdb, ppl   perplexity of the test split (or --data-file) read as one text, tokenized
+                                      once, every token scored exactly once in windows of --max-length tokens
+                                      that start every --stride tokens (tunebench.metrics.sliding_windows); the
+                                      first token is predicted from the BOS token (end-of-text without one), as
+                                      lm-evaluation-harness does. ppl, word_ppl (per whitespace word), bits_per_byte.
+  lambada                             last-word accuracy (greedy, whole word) and target-word perplexity.
+  continuation, summarization,        batched greedy (or --num-beams) generation, scored with BLEU, sacreBLEU,
+  instruction                         ROUGE-1/2/L/Lsum, TER, chrF and METEOR (tunebench.metrics.generation_scores).
+A run's final/ is a full model, or an adapter / soft prompt loaded on the recipe's base model. Results go to
+eval.json (merged with the other tasks an earlier evaluation of the same model wrote) and print as a table.
 """
 import argparse
 import sys
@@ -153,43 +160,30 @@ def main(argv=None):
 
     # Heavy imports after argument checks, so `--help` and usage errors answer at once.
     import torch
-    from tqdm.auto import tqdm
+    from peft import PeftConfig, PeftModel
     from transformers import set_seed
 
     from tunebench import data, measure, metrics
     from tunebench.methods import count_params
-    from tunebench.models import context_length, load_model, load_tokenizer
+    from tunebench.models import context_length, load_config, load_model, load_tokenizer
 
     # ---- model: a run's full model, its adapter on the base model, or a model as it is -----------
     started = time.perf_counter()
     try:
         if run_dir:
             final = run_dir / "final"
-            model_cfg = dict(recipe["model"])
-            final_cfg = {**model_cfg, "name": str(final), "gguf_file": None, "revision": None}
-            tokenizer = load_tokenizer(final_cfg)  # train.py saves the tokenizer beside the model or adapter
-            if (final / "adapter_config.json").is_file():
-                from peft import PeftModel
-
-                model = PeftModel.from_pretrained(load_model(model_cfg), str(final))
-            else:
-                model = load_model(final_cfg)
+            adapter = (final / "adapter_config.json").is_file()
+            final_cfg = {**recipe["model"], "name": str(final), "gguf_file": None, "revision": None}
+            model_cfg = dict(recipe["model"]) if adapter else final_cfg
+            peft_config = PeftConfig.from_pretrained(str(final)) if adapter else None
             if not (run_dir / "summary.json").is_file():
                 print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
         else:
             model_cfg = {**defaults()["model"], "name": args.model}
-            tokenizer = load_tokenizer(model_cfg)
-            model = load_model(model_cfg)
-    except UserError as e:
-        exit_with(e)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    load_time = time.perf_counter() - started
-
-    peft_config = getattr(model, "active_peft_config", None)
-    virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
-    context = context_length(model.config)
-    try:
+            peft_config = None
+        # A soft prompt's virtual tokens take positions of the context: the text gets the rest.
+        virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
+        context = context_length(load_config(model_cfg))
         room = f" minus {virtual_tokens} virtual tokens of the soft prompt" if virtual_tokens else ""
         if context is None and not args.max_length:
             raise UserError("the model's context length is unknown; give --max-length")
@@ -201,8 +195,15 @@ def main(argv=None):
         if stride > max_length:
             raise UserError(f"--stride {stride} is larger than the window of {max_length} tokens (the model's context{room}); "
                             "use a stride of at most the window length")
+        tokenizer = load_tokenizer(final_cfg if run_dir else model_cfg)  # train.py saves it beside the model or adapter
+        model = load_model(model_cfg)
+        if peft_config is not None:
+            model = PeftModel.from_pretrained(model, str(final))
     except UserError as e:
         exit_with(e)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    load_time = time.perf_counter() - started
 
     if args.precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
@@ -258,11 +259,13 @@ def main(argv=None):
             ids = ids[: args.max_tokens]
             text = text[: encoding["offset_mapping"][len(ids) - 1][1]] if tokenizer.is_fast else tokenizer.decode(ids)
         batch_size = args.batch_size or max(1, TOKENS_PER_BATCH // max_length)
+        scoring = time.perf_counter()
         with autocast:
             result = metrics.perplexity(model, ids, start_id, max_length, stride, batch_size, pad_id, desc=task)
         return {
             **metrics.text_perplexities(result["nll"], result["tokens"], text),
             "max_length": max_length, "stride": stride, "windows": result["windows"],
+            "tokens_per_s": len(ids) / (time.perf_counter() - scoring),
             "batch_size": batch_size, "precision": precision, "data": source,
         }
 
@@ -273,9 +276,8 @@ def main(argv=None):
         for text in texts[: args.limit]:
             # lm-evaluation-harness: context up to the last space, target " " + last word, the target's
             # tokens being those the whole text has beyond the context's.
-            context, _, word = text.rpartition(" ")
-            context_ids = encode(context)
-            examples.append((context_ids or [start_id], encode(f"{context} {word}")[len(context_ids):]))
+            context_ids = encode(text.rpartition(" ")[0])
+            examples.append((context_ids or [start_id], encode(text)[len(context_ids) :]))
         batch_size = args.batch_size or 8
         with autocast:
             result = metrics.last_word(model, examples, max_length, batch_size, pad_id, desc="lambada")
@@ -307,7 +309,7 @@ def main(argv=None):
             rows = first(rows_of(source, config=None if args.data_file else "3.0.0"))
             suffix = encode(SUMMARY_PROMPT)
             for article, highlights in zip(column(rows, "article", source), column(rows, "highlights", source)):
-                examples.append((encode(article)[: room - len(suffix)] + suffix, highlights))
+                examples.append((encode(article)[: max(0, room - len(suffix))] + suffix, highlights))
         else:
             source = args.data_file
             rows = first(rows_of(source))
@@ -317,35 +319,14 @@ def main(argv=None):
                 examples.append((encode(template.format(instruction=instruction, input=given))[-room:], output))
         return examples, source
 
-    @torch.no_grad()
-    def generate(prompts, batch_size, desc):
-        """Batched decoding with the KV cache, prompts left-padded, longest first. A soft prompt's
-        model ignores position ids (peft), so its batches hold prompts of one length only."""
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        batches = []
-        for i in order:
-            fits = batches and len(batches[-1]) < batch_size
-            if fits and (not virtual_tokens or len(prompts[batches[-1][0]]) == len(prompts[i])):
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        texts = [None] * len(prompts)
-        for chosen in tqdm(batches, desc=desc, unit="batch"):
-            ids, mask = metrics.padded([prompts[i] for i in chosen], pad_id, left=True)
-            with autocast:
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=args.max_new_tokens,
-                    do_sample=False, num_beams=args.num_beams, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                )
-            for row, i in enumerate(chosen):
-                texts[i] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True)
-        return texts
-
     def generation_task(task):
         examples, source = generation_examples(task)
         set_seed(args.seed)
         batch_size = args.batch_size or 8
-        hypotheses = generate([p for p, _ in examples], batch_size, task)
+        with autocast:
+            generated = metrics.generate(model, [p for p, _ in examples], batch_size, args.max_new_tokens, args.num_beams,
+                                         pad_id, tokenizer.eos_token_id, desc=task)
+        hypotheses = tokenizer.batch_decode(generated, skip_special_tokens=True)
         if task in STOP:
             hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
         scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
@@ -372,10 +353,10 @@ def main(argv=None):
     # ---- eval.json (merged with the tasks an earlier evaluation of the same model wrote) and a table --
     evaluation = {
         "model": name,
-        "base_model": model_cfg["name"],
+        "base_model": recipe["model"]["name"] if recipe else args.model,
         "method": recipe["method"]["type"] if recipe else "baseline",
         "tasks": results,
-        "settings": {"device": str(device), "precision": precision, "seed": args.seed, "max_length": max_length,
+        "settings": {"device": str(device), "precision": precision, "model_dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed, "max_length": max_length,
                      "stride": stride, "max_tokens": args.max_tokens, "limit": args.limit, "num_beams": args.num_beams,
                      "max_new_tokens": args.max_new_tokens, "data_file": args.data_file,
                      "context_token": tokenizer.convert_ids_to_tokens(start_id), "virtual_tokens": virtual_tokens},

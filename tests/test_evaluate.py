@@ -118,18 +118,29 @@ def test_soft_prompt_run_scores_only_text_tokens(assets, tmp_path, capsys):
     nll, _ = plain_loop_nll(model, ids, tokenizer.eos_token_id, 120, 60)
     assert ppl["ppl"] == pytest.approx(torch.tensor(nll / 300).exp().item(), rel=1e-5)
 
+    # Generation: batches of a soft-prompted model hold prompts of one length (peft ignores position ids).
+    evaluate("--run", run, "--tasks", "instruction", "--data-file", generation_data(tmp_path / "g.jsonl"), "--max-new-tokens", 8,
+             "--batch-size", 1)
+    one_by_one = read(run / "eval.json")["tasks"]["instruction"]
+    evaluate("--run", run, "--tasks", "instruction", "--data-file", tmp_path / "g.jsonl", "--max-new-tokens", 8, "--batch-size", 6)
+    assert read(run / "eval.json")["tasks"]["instruction"] == {**one_by_one, "batch_size": 6}
+
     too_long = evaluate_fails(capsys, "--run", run, "--tasks", "ppl", "--data-file", assets / "valid.txt", "--max-length", 128)
     assert_user_error(*too_long, "--max-length 128", "virtual tokens", "120")
 
 
-def test_generation_tasks_score_and_do_not_depend_on_batch_size(assets, tmp_path):
-    paragraphs = tiny.prose()[60:66]
+def generation_data(path):
+    """Six examples for every generation task in one jsonl file, prompts of different lengths."""
     rows = [
         {"text": p, "article": p[:600], "highlights": "\n".join(p.split(". ")[:2]), "instruction": p.split(".")[0][:80],
          "input": "" if i % 2 else p[100:160 + 20 * i], "output": p[200:300]}
-        for i, p in enumerate(paragraphs)
+        for i, p in enumerate(tiny.prose()[60:66])
     ]
-    data_file = tiny.write_jsonl(tmp_path / "tasks.jsonl", rows)
+    return tiny.write_jsonl(path, rows)
+
+
+def test_generation_tasks_score_and_do_not_depend_on_batch_size(assets, tmp_path):
+    data_file = generation_data(tmp_path / "tasks.jsonl")
     scores = []
     for batch_size in (1, 4):
         out = tmp_path / f"bs{batch_size}"

@@ -153,3 +153,43 @@ def test_meteor_is_a_number_or_null_with_the_reason():
         assert scores["meteor"] is None and "WordNet" in scores["meteor_reason"]
     else:
         assert scores["meteor"] > 0.99 and "meteor_reason" not in scores
+
+
+def plain_greedy(model, prompt, max_new_tokens, eos_id):
+    """Greedy decoding the long way: the whole sequence through the model for every new token."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = model(torch.tensor([sequence])).logits[0, -1].argmax().item()
+            if token == eos_id:
+                break
+            sequence.append(token)
+    return sequence[len(prompt) :]
+
+
+@pytest.mark.parametrize("soft_prompt", [False, True])
+def test_generate_equals_a_plain_greedy_loop(tiny, assets, soft_prompt):
+    _, tokenizer, ids = tiny
+    model = AutoModelForCausalLM.from_pretrained(assets / "gpt2").eval()
+    if soft_prompt:
+        model = apply_method(model, {"type": "prompt_tuning", "num_virtual_tokens": 6, "init_text": None}, tokenizer).eval()
+    prompts = [ids[:5], ids[10:30], ids[40:52], ids[60:65], ids[100:140]]  # two of one length, the rest different
+    expected = [plain_greedy(model, p, 8, tokenizer.eos_token_id) for p in prompts]
+    for batch_size in (1, 3, 5):
+        generated = metrics.generate(model, prompts, batch_size, 8, 1, tokenizer.eos_token_id, tokenizer.eos_token_id)
+        assert generated == expected
+
+
+def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
+    model, tokenizer, ids = tiny
+    prompt = ids[:12]
+    greedy, beam = (metrics.generate(model, [prompt], 1, 6, beams, tokenizer.eos_token_id, tokenizer.eos_token_id)[0]
+                    for beams in (1, 4))
+
+    def log_prob(new):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1 : -1]
+        return torch.log_softmax(logits.double(), -1)[range(len(new)), new].sum().item()
+
+    assert len(beam) == len(greedy) == 6
+    assert log_prob(beam) >= log_prob(greedy) - 1e-6

@@ -128,6 +128,39 @@ def last_word(model, examples: list, max_length: int, batch_size: int, pad_id: i
     }
 
 
+# ---- generation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model, prompts: list, batch_size: int, max_new_tokens: int, num_beams: int, pad_id: int, eos_id: int,
+             desc: str = "generating") -> list:
+    """Greedy (num_beams 1) or beam-search continuations of token-id prompts: the new token ids of each.
+    Batches of prompts sorted by length, left-padded, decoded with the KV cache. A soft prompt (peft
+    prompt learning) needs two exceptions: peft drops position ids, so its batches hold prompts of one
+    length only, and its cached decoding re-inserts the virtual tokens at every step (peft 0.21 with
+    transformers 5), so it decodes without the cache."""
+    peft_config = getattr(model, "active_peft_config", None)
+    soft_prompt = peft_config is not None and peft_config.is_prompt_learning
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and (not soft_prompt or len(prompts[batches[-1][0]]) == len(prompts[i])):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    device = next(model.parameters()).device
+    outputs = [None] * len(prompts)
+    for chosen in tqdm(batches, desc=desc, unit="batch"):
+        ids, mask = padded([prompts[i] for i in chosen], pad_id, left=True)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=num_beams, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=not soft_prompt,
+        )
+        for row, i in enumerate(chosen):
+            new = out[row, ids.shape[1] :].tolist()
+            outputs[i] = new[: new.index(eos_id)] if eos_id in new else new  # what follows the end is padding
+    return outputs
+
+
 # ---- generated text against references ----------------------------------------------------------
 
 def meteor(hypotheses: list, references: list) -> tuple:
