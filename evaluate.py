@@ -33,27 +33,19 @@ TASKS = {
     "lambada": "last-word accuracy and perplexity on LAMBADA (OpenAI) test, or on --data-file lines",
     "continuation": "a text's first --prompt-tokens tokens in, its next --max-new-tokens tokens as reference "
                     "(WikiText-2 test paragraphs, or --data-file)",
-    "summarization": "CNN/DailyMail 3.0.0 test articles + 'TL;DR:', highlights as reference "
-                     "(or --data-file jsonl with article/highlights)",
-    "instruction": "Alpaca-style prompts, the reference response (--data-file jsonl with instruction/input/output)",
+    "summarization": "article + 'TL;DR:' in, the highlights as reference: CNN/DailyMail 3.0.0 test, a run's own "
+                     "summarization data, or --data-file (article, highlights)",
+    "instruction": "Alpaca prompt in, the response as reference: Alpaca's held-out share, a run's own instruction data, "
+                   "or --data-file (instruction, input, output)",
 }
 PERPLEXITY_TASKS = ("wikitext2", "wikitext103", "imdb", "ppl")
 GENERATION_TASKS = ("continuation", "summarization", "instruction")
 DATA_FILE_TASKS = ("ppl", "lambada", "continuation", "summarization", "instruction")
 TOKENS_PER_BATCH = 8192  # default perplexity batch: as many windows as make this many tokens
 
-# The Stanford Alpaca prompt (with and without an input); generation stops at the next "###" section.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-SUMMARY_PROMPT = "\nTL;DR:"
-STOP = {"instruction": "###"}
+# Where instruction and summarization read when neither a run's recipe nor --data-file names the data.
+DEFAULT_DATA = {"instruction": "alpaca", "summarization": "cnn_dailymail"}
+STOP = {"instruction": "###"}  # Alpaca's next section: a model that goes on past its response starts one
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,13 +109,13 @@ def main(argv=None):
                 raise UserError(f"'{run_dir}' is not a run directory (no recipe.yaml); give runs/NAME of a train.py run")
             if not (run_dir / "final").is_dir():
                 raise UserError(f"run '{run_dir}' has no final/ model yet; train it first (python train.py --recipe {run_dir}/recipe.yaml)")
-        import yaml
-
         from tunebench import rundir
-        from tunebench.recipe import defaults
+        from tunebench.recipe import defaults, load_recipe
 
-        # A run's recipe.yaml is the fully resolved recipe train.py wrote: read as it is.
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) if run_dir else None
+        recipe = load_recipe(run_dir / "recipe.yaml") if run_dir else None
+        if recipe and recipe["task"] != "causal_lm":
+            raise UserError(f"run '{run_dir}' is a {recipe['task']} run: its accuracy is best_val_acc in summary.json; "
+                            "evaluate.py scores causal language models")
         if args.tasks:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         elif recipe and recipe["eval"]["tasks"]:
@@ -139,9 +131,8 @@ def main(argv=None):
                 raise UserError(f"--data-file '{args.data_file}' does not exist")
             if not any(t in DATA_FILE_TASKS for t in tasks):
                 raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
-        for task in ("ppl", "instruction"):
-            if task in tasks and not args.data_file:
-                raise UserError(f"task {task} needs --data-file FILE ({TASKS[task]})")
+        if "ppl" in tasks and not args.data_file:
+            raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
         if args.stride and args.max_length and args.stride > args.max_length:
             raise UserError(f"--stride {args.stride} is larger than --max-length {args.max_length}: tokens between windows "
                             "would never be scored; use a stride of at most the window length")
@@ -217,22 +208,35 @@ def main(argv=None):
     def encode(text):
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def rows_of(source, config=None, split="test"):
-        """Rows of a local file (all of it), or of a registered or hub data set's split."""
-        raw, _, _ = data.load_raw({"dataset": source, "config": config, "validation_file": None, "text_field": None})
-        if Path(source).is_file():
-            return raw["train"]
-        if split not in raw:
-            raise UserError(f"data set '{source}' has no {split} split; it has {', '.join(raw)}")
-        return raw[split]
+    def section(dataset, **keys):
+        """A recipe data section that reads `dataset` with tunebench.data."""
+        return {**defaults()["data"], "dataset": dataset, **keys}
 
-    def first(rows):
-        return rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
+    def test_rows(data_cfg):
+        """All rows of a local file (--data-file), or a registered or hub data set's test split."""
+        raw, _ = data.load_raw(data_cfg)
+        if Path(data_cfg["dataset"]).is_file():
+            return raw["train"], data_cfg["dataset"]
+        if "test" not in raw:
+            raise UserError(f"data set '{data_cfg['dataset']}' has no test split; it has {', '.join(raw)}")
+        return raw["test"], f"{data_cfg['dataset']} test"
+
+    def held_out_rows(data_cfg, seed):
+        """Rows no run trained on: --data-file's, the data set's test split, or else the validation
+        split train.py holds out of its training data (the same rows for the same recipe and seed)."""
+        raw, spec = data.load_raw(data_cfg)
+        if args.data_file or "test" in raw:
+            return test_rows(data_cfg)
+        _, validation = data.split_train_validation(raw, data_cfg, spec, seed)
+        return validation, f"{data_cfg['dataset']} validation (share {data_cfg['validation_share']}, seed {seed})"
 
     def column(rows, name, source):
         if name not in rows.column_names:
             raise UserError(f"'{source}' has no field '{name}'; its fields are {', '.join(rows.column_names)}")
         return rows[name]
+
+    def first(rows):
+        return rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
 
     # ---- tasks ---------------------------------------------------------------------------------------
     def perplexity_task(task):
@@ -244,12 +248,8 @@ def main(argv=None):
                 raise UserError(f"--data-file '{source}' is not UTF-8 text") from None
         else:
             # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
-            if task == "ppl":
-                source, field, rows = args.data_file, "text", rows_of(args.data_file)
-            else:
-                spec = data.REGISTRY[task]
-                source = " ".join(part for part in (spec["hub"], spec["config"], "test") if part)
-                field, rows = spec["text_field"], rows_of(task)
+            rows, source = test_rows(section(args.data_file if task == "ppl" else task))
+            field = "text" if task == "ppl" else data.REGISTRY[task]["text_field"]
             text = "\n\n".join(column(rows, field, source))
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast, verbose=False)
         ids = encoding["input_ids"]
@@ -270,8 +270,8 @@ def main(argv=None):
         }
 
     def lambada_task():
-        source = args.data_file or "lambada"
-        texts = [t.strip() for t in column(rows_of(source), "text", source) if t and t.strip()]
+        rows, source = test_rows(section(args.data_file or "lambada"))
+        texts = [t.strip() for t in column(rows, "text", source) if t and t.strip()]
         examples = []
         for text in texts[: args.limit]:
             # lm-evaluation-harness: context up to the last space, target " " + last word, the target's
@@ -283,44 +283,61 @@ def main(argv=None):
             result = metrics.last_word(model, examples, max_length, batch_size, pad_id, desc="lambada")
         return {**result, "batch_size": batch_size, "precision": precision, "data": source}
 
-    def generation_examples(task):
-        """(prompt ids, reference text) per example, each prompt leaving room for the generated tokens."""
+    def continuation_examples(room):
+        """A text's first --prompt-tokens tokens, and its next --max-new-tokens tokens as the reference."""
+        if args.prompt_tokens > room:
+            raise UserError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                            f"exceed the {max_length} tokens of --max-length")
+        rows, source = test_rows(section(args.data_file or "wikitext2"))
+        examples = []
+        for text in column(rows, "text", source):
+            ids = encode(text.strip()) if text else []
+            if len(ids) >= args.prompt_tokens + args.max_new_tokens:
+                reference = tokenizer.decode(ids[args.prompt_tokens : args.prompt_tokens + args.max_new_tokens])
+                examples.append((ids[: args.prompt_tokens], reference))
+            if len(examples) == args.limit:
+                break
+        if not examples:
+            raise UserError(f"'{source}' has no text of at least {args.prompt_tokens + args.max_new_tokens} tokens "
+                            "(--prompt-tokens + --max-new-tokens)")
+        return examples, source
+
+    def prompt_response_examples(task, room):
+        """Instruction or summarization prompts through the template training uses (tunebench.data):
+        a run trained in this format brings its own data set, fields and template, and is scored on
+        the rows it did not train on; otherwise the registered set with the format's defaults. The
+        prompt (instruction or article) is cut at its end so that the prompt side leaves room for the
+        generated tokens (and if the template and input alone are too long, the side keeps its end)."""
+        run_format = None
+        if recipe:
+            run_format, run_fields = data.resolve_format(recipe["data"], recipe["task"], data.REGISTRY.get(recipe["data"]["dataset"], {}))
+        if run_format == task:
+            data_cfg, fields, seed = recipe["data"], run_fields, recipe["train"]["seed"]
+        else:
+            data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data.FORMAT_DEFAULTS[task]), args.seed
+        if args.data_file:
+            data_cfg = section(args.data_file)
+        rows, source = held_out_rows(data_cfg, seed)
+        rows = data.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
+        limit = data_cfg["max_response_chars"]
+        rows = first(rows.filter(lambda row: bool(row["response"] and row["response"].strip())
+                                 and (limit is None or len(row["response"]) <= limit)))
+        variants = data.template_variants(fields["template"])
+        examples = []
+        for row in rows:
+            head, prompt, middle, _ = (encode(piece) for piece in data.render(variants[bool(row.get("input"))], row["prompt"],
+                                                                              "", row.get("input") or ""))
+            prompt_side = head + prompt[: max(0, room - len(head) - len(middle))] + middle
+            examples.append((prompt_side[-room:], row["response"]))  # a long input: keep the side's end
+        return examples, f"{source}, template {fields['template']!r}"
+
+    def generation_task(task):
         room = max_length - args.max_new_tokens
         if room <= 0:
             raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_length} tokens")
-        examples = []
-        if task == "continuation":
-            if args.prompt_tokens > room:
-                raise UserError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
-                                f"exceed the {max_length} tokens of --max-length")
-            source = args.data_file or "wikitext2"
-            for text in column(rows_of(source), "text", source):
-                ids = encode(text.strip()) if text else []
-                if len(ids) >= args.prompt_tokens + args.max_new_tokens:
-                    reference = tokenizer.decode(ids[args.prompt_tokens : args.prompt_tokens + args.max_new_tokens])
-                    examples.append((ids[: args.prompt_tokens], reference))
-                if len(examples) == args.limit:
-                    break
-            if not examples:
-                raise UserError(f"'{source}' has no text of at least {args.prompt_tokens + args.max_new_tokens} tokens "
-                                "(--prompt-tokens + --max-new-tokens)")
-        elif task == "summarization":
-            source = args.data_file or "abisee/cnn_dailymail"
-            rows = first(rows_of(source, config=None if args.data_file else "3.0.0"))
-            suffix = encode(SUMMARY_PROMPT)
-            for article, highlights in zip(column(rows, "article", source), column(rows, "highlights", source)):
-                examples.append((encode(article)[: max(0, room - len(suffix))] + suffix, highlights))
-        else:
-            source = args.data_file
-            rows = first(rows_of(source))
-            inputs = rows["input"] if "input" in rows.column_names else [""] * len(rows)
-            for instruction, output, given in zip(column(rows, "instruction", source), column(rows, "output", source), inputs):
-                template = ALPACA_PROMPT if given else ALPACA_PROMPT_NO_INPUT
-                examples.append((encode(template.format(instruction=instruction, input=given))[-room:], output))
-        return examples, source
-
-    def generation_task(task):
-        examples, source = generation_examples(task)
+        examples, source = continuation_examples(room) if task == "continuation" else prompt_response_examples(task, room)
+        if not examples:
+            raise UserError(f"'{source}' has no example for task {task}")
         set_seed(args.seed)
         batch_size = args.batch_size or 8
         with autocast:

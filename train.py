@@ -8,6 +8,8 @@ The hardware (CPU, GPUs, DeepSpeed ZeRO, mixed precision) comes from the acceler
 """
 import argparse
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -28,22 +30,12 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. train.max_steps=50 data.max_length=128")
     parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                         help="save a checkpoint and stop after N optimizer steps (resume by running the same command)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # Heavy imports after argument parsing, so `--help` and usage errors answer at once.
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from tunebench import data, measure, rundir
-    from tunebench.methods import apply_method, count_params, unique_params
-    from tunebench.metrics import causal_nll
-    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench import rundir
     from tunebench.recipe import flatten, load_recipe
 
     # ---- recipe and run directory: every check before anything is written --------------------
@@ -56,9 +48,26 @@ def main(argv=None):
     if state == rundir.FINISHED:
         print(f"run {run_dir} already finished (summary.json); nothing to do. Add overwrite=true to train it again.")
         return
+
+    # Heavy imports only once the recipe is known to be good, so bad input is answered at once.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from tunebench import data, measure
+    from tunebench.methods import apply_method, count_params, unique_params
+    from tunebench.metrics import causal_nll, classification_nll, scored_targets
+    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+
     m, d, t = recipe["model"], recipe["data"], recipe["train"]
+    classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
+    nll_of = classification_nll if classify else causal_nll
 
     accelerator = Accelerator(
+        # Under torchrun without a GPU, accelerate needs cpu=True to join the processes (gloo).
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t["seed"]),
         log_with=t["trackers"] or None,
@@ -83,8 +92,8 @@ def main(argv=None):
             raise UserError("train.optimizer paged_adamw_8bit pages optimizer state to a GPU; use adamw_8bit on a CPU")
         tokenizer = load_tokenizer(m)
         with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
-            train_set, val_set = data.build(d, tokenizer, t["seed"])
-        model = load_model(m)
+            train_set, val_set = data.build(d, tokenizer, t["seed"], recipe["task"])
+        model = load_model(m, train_set.label_names, tokenizer.pad_token_id)
         if m["gradient_checkpointing"]:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -95,7 +104,9 @@ def main(argv=None):
         train_loader = torch.utils.data.DataLoader(
             train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate
         )
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=t["micro_batch_size"], collate_fn=collate)
+        # Each process scores its own share of the validation blocks, none twice (no padding of shards).
+        val_share = torch.utils.data.Subset(val_set, range(accelerator.process_index, len(val_set), accelerator.num_processes))
+        val_loader = torch.utils.data.DataLoader(val_share, batch_size=t["micro_batch_size"], collate_fn=collate)
         batches_per_process = len(train_set) // (t["micro_batch_size"] * accelerator.num_processes)
         steps_per_epoch = batches_per_process // t["grad_accum"]
         if steps_per_epoch == 0:
@@ -129,16 +140,20 @@ def main(argv=None):
     schedule = {"constant": "constant_with_warmup"}.get(t["scheduler"], t["scheduler"])
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
     # ---- start fresh or resume ---------------------------------------------------------------------
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_time_s": 0.0,
-                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None}
+                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None,
+                "best_val_acc": None}
     if state == rundir.RESUME:
+        if main_process:
+            rundir.recover(run_dir)
+        accelerator.wait_for_everyone()
         checkpoint = rundir.latest_checkpoint(run_dir)
         accelerator.load_state(str(checkpoint))
         progress = rundir.read_json(checkpoint / rundir.STATE_FILE)
+        scheduler.load_state_dict(progress.pop("scheduler"))  # kept as JSON: no pickle is ever loaded
         if main_process:
             rundir.truncate_log(run_dir / "log.jsonl", progress["step"])
             print(f"resuming {run_dir} from {checkpoint.name}")
@@ -148,26 +163,38 @@ def main(argv=None):
     if t["trackers"]:
         accelerator.init_trackers(recipe["name"], config={k: str(v) for k, v in flatten(recipe).items()})
 
+    def fail(message):
+        """A run that cannot go on (not bad input): one line, exit status 1, the run directory kept."""
+        if main_process:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     def validation_loss():
+        """(mean validation loss, accuracy for classification or None)."""
         model.eval()
         nll_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         count = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
         with torch.no_grad():
             for i, batch in enumerate(val_loader):
                 if t["eval_max_batches"] and i >= t["eval_max_batches"]:
                     break
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                nll, n = causal_nll(logits, batch["labels"])
+                nll, n = nll_of(logits, batch["labels"])
                 nll_sum += nll.double()
                 count += n
+                if classify:
+                    correct += (logits.argmax(-1) == batch["labels"]).sum()
         model.train()
         nll_sum, count = accelerator.reduce(nll_sum, "sum"), accelerator.reduce(count, "sum")
-        return (nll_sum / count).item()
+        accuracy = (accelerator.reduce(correct, "sum") / count).item() if classify else None
+        return (nll_sum / count).item(), accuracy
 
     def save_final():
         """The model or adapter as it is now, in save_pretrained format, replacing final/ whole."""
@@ -180,21 +207,43 @@ def main(argv=None):
         accelerator.wait_for_everyone()
 
     def save_checkpoint():
+        """Write checkpoints/step-N whole or not at all; stop with a clear line when the disk is short."""
+        last = rundir.latest_checkpoint(run_dir)
+        needed = measure.dir_size_mb(last) if last else 3 * sum(p.numel() * p.element_size() for p in unique_params(model)) / 2**20
         tmp = rundir.temporary(run_dir / "checkpoints" / f"step-{progress['step']}")
-        accelerator.save_state(str(tmp))
-        if main_process:
-            rundir.write_json(tmp / rundir.STATE_FILE, progress)
-            rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
-            rundir.prune(run_dir, t["keep_checkpoints"])
+        problem = None
+        if rundir.free_mb(run_dir) < 1.1 * needed:
+            problem = f"about {needed:.0f} MB needed, {rundir.free_mb(run_dir):.0f} MB free"
+        else:
+            try:
+                accelerator.save_state(str(tmp))
+                if main_process:
+                    rundir.write_json(tmp / rundir.STATE_FILE, {**progress, "scheduler": scheduler.state_dict()})
+                    rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
+                    rundir.prune(run_dir, t["keep_checkpoints"])
+            except OSError as e:
+                problem = str(e)
         accelerator.wait_for_everyone()
+        if problem:
+            shutil.rmtree(tmp, ignore_errors=True)
+            fail(
+                f"cannot save the checkpoint of step {progress['step']} to {run_dir} ({problem}); stopped. "
+                f"The last good checkpoint is {last or 'none'}: free disk space and run the same command to resume"
+            )
 
     def evaluate_and_keep_best(record):
-        val = validation_loss()
+        val, acc = validation_loss()
         record["val_loss"] = val
+        if classify:
+            record["val_acc"] = acc
         if progress["initial_val_loss"] is None:
             progress["initial_val_loss"] = val
-        if progress["best_val_loss"] is None or val < progress["best_val_loss"]:
-            progress["best_val_loss"], progress["best_step"] = val, progress["step"]
+        if classify:  # the best model is the most accurate one
+            better = progress["best_val_acc"] is None or acc > progress["best_val_acc"]
+        else:
+            better = progress["best_val_loss"] is None or val < progress["best_val_loss"]
+        if better:
+            progress["best_val_loss"], progress["best_val_acc"], progress["best_step"] = val, acc, progress["step"]
             save_final()
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -228,13 +277,13 @@ def main(argv=None):
                 break  # an incomplete accumulation at the end of an epoch is not trained on
             # Token-weighted mean over the whole global batch: each micro-batch's summed NLL is
             # divided by the number of scored tokens in all micro-batches of all processes.
-            local_scored = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+            local_scored = sum(scored_targets(b["labels"]) for b in micro)
             scored = accelerator.reduce(local_scored, "sum")
             for b in micro:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-                        nll, _ = causal_nll(logits, b["labels"])
+                        nll, _ = nll_of(logits, b["labels"])
                     # accelerate divides by grad_accum and DDP averages over processes: undo both.
                     accelerator.backward(nll * (world * t["grad_accum"]) / scored)
                     if accelerator.sync_gradients and t["max_grad_norm"]:
@@ -265,14 +314,13 @@ def main(argv=None):
             progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
             loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
             if not math.isfinite(mean_loss):
-                last = rundir.latest_checkpoint(run_dir)
-                accelerator.print(
-                    f"error: training loss became {mean_loss} by step {progress['step']}; stopped. "
-                    f"Last good checkpoint: {last or 'none'}; final/ holds the best model so far. "
+                bar.close()
+                accelerator.end_training()
+                fail(
+                    f"training loss became {mean_loss} by step {progress['step']}; stopped. Last good checkpoint: "
+                    f"{rundir.latest_checkpoint(run_dir) or 'none'}; final/ holds the best model so far. "
                     "Lower train.lr or set train.max_grad_norm"
                 )
-                accelerator.end_training()
-                sys.exit(1)
             if progress["best_train_loss"] is None or mean_loss < progress["best_train_loss"]:
                 progress["best_train_loss"] = mean_loss
             record = {
@@ -314,6 +362,7 @@ def main(argv=None):
     summary = {
         "name": recipe["name"],
         "method": recipe["method"]["type"],
+        "task": recipe["task"],
         "model": m["name"],
         "dataset": d["dataset"],
         "trainable_params": trainable,
@@ -330,6 +379,8 @@ def main(argv=None):
         "initial_val_loss": progress["initial_val_loss"],
         "best_train_loss": progress["best_train_loss"],
         "best_val_loss": progress["best_val_loss"],
+        "best_val_acc": progress["best_val_acc"],
+        "label_names": train_set.label_names,  # a classifier's classes, by class id; rebuild its head with them
         "best_step": progress["best_step"],
         "final_step": progress["step"],
         "max_length": d["max_length"],
@@ -345,7 +396,8 @@ def main(argv=None):
         rundir.write_json(run_dir / "summary.json", summary)
         print(
             f"done: {run_dir}  val loss {summary['initial_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
-            f"(step {summary['best_step']}), {summary['tokens_per_s']:.0f} tokens/s, "
+            f"(step {summary['best_step']}{', accuracy %.4f' % summary['best_val_acc'] if classify else ''}), "
+            f"{summary['tokens_per_s']:.0f} tokens/s, "
             f"{trainable:,} of {total:,} parameters trained"
         )
     accelerator.end_training()

@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """A tiny GPT-2, a tiny Llama, and train / validation text files of real prose."""
+    """A tiny GPT-2 (also without dropout), a tiny Llama, and train / validation text files of real prose."""
     base = tmp_path_factory.mktemp("assets")
     tokenizer = tiny.make_tokenizer(base / "tokenizer")
     tiny.make_gpt2(base / "gpt2", tokenizer)
+    tiny.make_gpt2(base / "gpt2_nodropout", tokenizer, dropout=0.0)
     tiny.make_llama(base / "llama", tokenizer)
     paragraphs = tiny.prose()
     tiny.write_text(base / "train.txt", paragraphs[:60])

@@ -29,10 +29,11 @@ def make_tokenizer(folder: Path, vocab_size: int = 512) -> PreTrainedTokenizerFa
     return fast
 
 
-def make_gpt2(folder: Path, tokenizer, n_layer: int = 2, n_embd: int = 32, n_positions: int = 128, seed: int = 0):
+def make_gpt2(folder: Path, tokenizer, n_layer: int = 2, n_embd: int = 32, n_positions: int = 128, seed: int = 0, dropout: float = 0.1):
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=2,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)

@@ -19,6 +19,19 @@ def causal_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
     return nll, (targets != IGNORE_INDEX).sum()
 
 
+def scored_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many targets a batch scores: one per row for class labels (batch,); for token labels
+    (batch, length) every label after the first that is not -100, as causal_nll counts them."""
+    if labels.ndim == 1:
+        return torch.tensor(labels.numel(), device=labels.device)
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def classification_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """(summed cross-entropy, number of rows) for class logits (batch, classes) and labels (batch,)."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel(), device=labels.device)
+
+
 # ---- perplexity over a long text ----------------------------------------------------------------
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

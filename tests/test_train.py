@@ -1,0 +1,192 @@
+"""train.py end to end on a tiny real GPT-2: every method trains, freezes what it should, counts
+parameters exactly, saves a final/ that reloads to the same logits, and resumes exactly."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from conftest import ROOT, run_script
+from tunebench.methods import apply_method, count_params
+from tunebench.models import load_model, load_tokenizer
+from tunebench.recipe import load_recipe
+
+
+def common(assets, out, model="gpt2", steps=12):
+    return [
+        f"model.name={assets / model}",
+        f"data.dataset={assets / 'train.txt'}",
+        f"data.validation_file={assets / 'valid.txt'}",
+        "data.max_length=64",
+        "train.micro_batch_size=4",
+        f"train.max_steps={steps}",
+        "train.eval_every=6",
+        "train.log_every=2",
+        "train.save_every=6",
+        "train.warmup_ratio=0",
+        f"output_dir={out}",
+    ]
+
+
+def log(run):
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
+def train(recipe, *args):
+    result = run_script("train.py", "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+# (recipe, extra overrides, trainable-parameter formula for the tiny GPT-2: n_layer 2, n_embd 32)
+METHODS = [
+    ("full", ["train.lr=3e-3"], lambda cfg, total: total),
+    ("lora_r16", ["train.lr=1e-2"], lambda cfg, total: cfg.n_layer * 16 * (cfg.n_embd + 3 * cfg.n_embd)),
+    (
+        "lora_all",
+        ["train.lr=1e-2", "method.r=4"],
+        # c_attn (d -> 3d), attn.c_proj (d -> d), c_fc (d -> 4d), mlp.c_proj (4d -> d), lm_head (d -> vocab)
+        lambda cfg, total: cfg.n_layer * 4 * ((cfg.n_embd + 3 * cfg.n_embd) + 2 * cfg.n_embd + 5 * cfg.n_embd + 5 * cfg.n_embd)
+        + 4 * (cfg.n_embd + cfg.vocab_size),
+    ),
+    ("top2_blocks", ["train.lr=3e-3", "method.top_blocks=1"], None),
+    ("lm_head_only", ["train.lr=3e-3"], lambda cfg, total: cfg.vocab_size * cfg.n_embd),
+    ("prompt_tuning", ["train.lr=3e-1", "method.num_virtual_tokens=8"], lambda cfg, total: 8 * cfg.n_embd),
+]
+
+
+def end_of_training_model(run, recipe):
+    """The model as it was at the last step, rebuilt from the last checkpoint's state dict."""
+    tokenizer = load_tokenizer(recipe["model"])
+    model = apply_method(load_model(recipe["model"]), recipe["method"], tokenizer)
+    checkpoint = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    missing, unexpected = model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    return model.eval()
+
+
+@pytest.mark.parametrize("recipe_name,extra,formula", METHODS, ids=[m[0] for m in METHODS])
+def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name, extra, formula):
+    run = tmp_path / recipe_name
+    args = common(assets, run) + extra
+    train(recipe_name, *args)
+
+    val_losses = [r["val_loss"] for r in log(run) if "val_loss" in r]
+    assert val_losses[-1] < val_losses[1] < val_losses[0]
+
+    summary = json.loads((run / "summary.json").read_text())
+    recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml", args)
+    initial = apply_method(load_model(recipe["model"]), recipe["method"], load_tokenizer(recipe["model"]))
+    trainable, total = count_params(initial)
+    assert (summary["trainable_params"], summary["total_params"]) == (trainable, total)
+    if formula is not None:
+        assert trainable == formula(initial.config if hasattr(initial.config, "n_embd") else initial.base_model.config, total)
+    else:  # top block + final layer norm
+        base = load_model(recipe["model"])
+        expected = sum(p.numel() for p in base.transformer.h[-1].parameters()) + sum(p.numel() for p in base.transformer.ln_f.parameters())
+        assert trainable == expected
+
+    # Frozen weights bitwise unchanged, trainable ones changed.
+    final_state = end_of_training_model(run, recipe)
+    end_params = dict(final_state.named_parameters())
+    changed = frozen_changed = 0
+    for name, before in initial.named_parameters():
+        same = torch.equal(before, end_params[name])
+        if before.requires_grad:
+            changed += not same
+        else:
+            frozen_changed += not same
+    assert frozen_changed == 0
+    assert changed == sum(p.requires_grad for p in initial.parameters())
+
+    # final/ holds the best model by validation loss; here the last step is the best one.
+    assert summary["best_step"] == summary["final_step"] == 12
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
+    if (run / "final" / "adapter_config.json").is_file():
+        reloaded = PeftModel.from_pretrained(load_model(recipe["model"]), run / "final").eval()
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, final_state(input_ids=ids).logits)
+
+    for key in ("artifact_mb", "train_time_s", "train_tokens", "tokens_per_s", "peak_cpu_rss_mb", "optimizer_state_mb"):
+        assert summary[key] > 0, key
+    assert summary["peak_gpu_mem_mb"] is None
+    assert summary["train_tokens"] == 12 * 4 * 64
+
+
+def test_gpt2_small_parameter_counts():
+    """The exact figures of the README, on the real GPT-2 small shape (meta device: no weights)."""
+    method = load_recipe(ROOT / "recipes" / "lora_r16.yaml")["method"]
+    counts = {}
+    for name, overrides in [
+        ("full", {"type": "full"}),
+        ("lora_r16", {}),
+        ("prompt_tuning", {"type": "prompt_tuning", "num_virtual_tokens": 20, "init_text": None}),
+        ("lm_head_only", {"type": "partial", "top_blocks": 0, "lm_head": True, "layer_norms": False}),
+    ]:
+        with torch.device("meta"):
+            counts[name] = count_params(apply_method(GPT2LMHeadModel(GPT2Config()), {**method, **overrides}))[0]
+    assert counts == {"full": 124_439_808, "lora_r16": 589_824, "prompt_tuning": 15_360, "lm_head_only": 38_597_376}
+
+
+@pytest.mark.parametrize("recipe_name", ["full", "lora_r16"])
+def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name):
+    # fraction 0.03 makes an epoch about 14 steps: the stop at 5 is mid-epoch, the run crosses an epoch end.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ["data.fraction=0.03", "train.lr=3e-3", "train.save_every=4"]
+    train(recipe_name, *common(assets, straight, steps=20), *extra)
+    first = train(recipe_name, *common(assets, resumed, steps=20), *extra, "--stop-after-steps", "5")
+    assert "Resume with the same command" in first.stdout + first.stderr
+    assert not (resumed / "summary.json").exists()
+    train(recipe_name, *common(assets, resumed, steps=20), *extra)
+
+    a, b = log(straight), log(resumed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss", "tokens", "lr"):
+            if ra.get(key) is not None:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+    sa = load_file(next((straight / "final").glob("*.safetensors")))
+    sb = load_file(next((resumed / "final").glob("*.safetensors")))
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_finished_run_is_not_trained_again(assets, tmp_path):
+    run = tmp_path / "done"
+    train("lora_r4", *common(assets, run, steps=4))
+    before = (run / "summary.json").read_text()
+    again = train("lora_r4", *common(assets, run, steps=4))
+    assert "already finished" in again.stdout
+    assert (run / "summary.json").read_text() == before
+
+
+def test_two_processes_match_one(assets, tmp_path):
+    """Two CPU processes (torchrun, gloo) with the same global batch as one process give the same losses."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = common(assets, one, model="gpt2_nodropout", steps=6)
+    train("full", *args, "train.lr=3e-3")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py")]
+    overrides = common(assets, two, model="gpt2_nodropout", steps=6) + ["train.lr=3e-3", "train.micro_batch_size=2"]
+    result = subprocess.run(torchrun + ["--recipe", str(ROOT / "recipes/full.yaml"), *overrides],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["hardware"]["num_processes"] == 2
+    assert summary["global_batch"] == 4
+    a, b = log(one), log(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            if ra.get(key) is not None:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4), (ra["step"], key)
+    assert a[-1]["tokens"] == b[-1]["tokens"]
