@@ -156,6 +156,22 @@ def test_generation_tasks_score_and_do_not_depend_on_batch_size(assets, tmp_path
         assert values["sacrebleu_signature"].startswith("nrefs:1")
 
 
+def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_path):
+    rows = [{"question": f"Explain topic {i}.", "answer": p[:120]} for i, p in enumerate(tiny.prose()[:10])]
+    run = tmp_path / "sft"
+    recipe = load_recipe(None, [f"model.name={assets / 'gpt2'}", f"data.dataset={tiny.write_jsonl(tmp_path / 'qa.jsonl', rows)}",
+                                "data.prompt_field=question", "data.response_field=answer", "data.template=plain",
+                                "data.validation_share=0.3", f"output_dir={run}"])
+    (run / "final").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+    AutoModelForCausalLM.from_pretrained(assets / "gpt2").save_pretrained(run / "final")  # a "full" run's model
+    AutoTokenizer.from_pretrained(assets / "tokenizer").save_pretrained(run / "final")
+    evaluate("--run", run, "--tasks", "instruction", "--max-new-tokens", 8)
+    scores = read(run / "eval.json")["tasks"]["instruction"]
+    assert scores["examples"] == 3  # the validation share train.py holds out: 30 % of 10 rows
+    assert "validation" in scores["data"] and "seed 42" in scores["data"] and "'plain'" in scores["data"]
+
+
 def test_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):
     gpt2, valid = assets / "gpt2", assets / "valid.txt"
     (tmp_path / "unfinished").mkdir()
