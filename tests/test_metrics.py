@@ -193,3 +193,14 @@ def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
 
     assert len(beam) == len(greedy) == 6
     assert log_prob(beam) >= log_prob(greedy) - 1e-6
+
+
+def test_bleu_is_nltks_corpus_bleu_on_13a_tokens():
+    from nltk.translate.bleu_score import corpus_bleu
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    hypotheses = ["The quick brown fox jumps over the lazy dog.", "A model of text, it says: hello world again and again!"]
+    references = ["The quick brown fox jumped over the lazy dog.", "A model of text says hello to the world again!"]
+    words = Tokenizer13a()
+    nltk_bleu = corpus_bleu([[words(r).split()] for r in references], [words(h).split() for h in hypotheses])
+    assert metrics.generation_scores(hypotheses, references)["bleu"] == pytest.approx(100 * nltk_bleu)
