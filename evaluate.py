@@ -79,7 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-beams", type=positive, default=1, help="1: greedy decoding (default); more: beam search")
     parser.add_argument("--max-new-tokens", type=positive, default=64, help="generation length limit (default 64)")
     parser.add_argument("--prompt-tokens", type=positive, default=64, help="continuation: prompt length in tokens (default 64)")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="generation seed; without a run's recipe, also the seed of "
+                        "the held-out share of a data set that has no test split (train.seed's default, 42)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
     return parser.parse_args(argv)
