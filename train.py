@@ -101,8 +101,11 @@ def main(argv=None):
         trainable, total = count_params(model)
 
         collate = data.collate(tokenizer.pad_token_id)
+        # The loader's own generator: starting an epoch's iterator must not draw from the global RNG,
+        # or a resumed run would see other dropout masks than an uninterrupted one.
         train_loader = torch.utils.data.DataLoader(
-            train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate
+            train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate,
+            generator=torch.Generator().manual_seed(t["seed"]),
         )
         # Each process scores its own share of the validation blocks, none twice (no padding of shards).
         val_share = torch.utils.data.Subset(val_set, range(accelerator.process_index, len(val_set), accelerator.num_processes))

@@ -231,6 +231,8 @@ def load_recipe(path, overrides=()) -> dict:
         key, value = parse_override(text)
         _merge(recipe, _nest(key, value), f" (override '{text}')", explicit=explicit)
     _check(recipe, explicit)
+    method = recipe["method"]["type"]  # keep only the chosen method's keys, so the resolved recipe reloads
+    recipe["method"] = {k: v for k, v in recipe["method"].items() if k == "type" or k in METHOD_KEYS[method]}
     return recipe
 
 
