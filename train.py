@@ -8,6 +8,7 @@ The hardware (CPU, GPUs, DeepSpeed ZeRO, mixed precision) comes from the acceler
 """
 import argparse
 import math
+import shutil
 import signal
 import sys
 import time
@@ -33,43 +34,53 @@ def parse_args(argv=None):
     parser.add_argument("--budget-gb", type=float, default=None, metavar="G",
                         help="with --plan: also list the cheapest settings whose predicted peak fits in G GB")
     parser.add_argument("--config-file", default=None, metavar="ACCEL",
-                        help="with --plan: the accelerate config the run will use (default: the launch environment)")
-    return parser.parse_args(argv)
+                        help="with --plan: the accelerate config the run will use (default: one process on this machine)")
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # Heavy imports after argument parsing, so `--help` and usage errors answer at once.
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    from tunebench import data, distributed, measure, plan, rundir
-    from tunebench.methods import apply_method, count_params, unique_params
-    from tunebench.metrics import causal_nll
-    from tunebench.models import check_context, enable_gradient_checkpointing, load_config, load_model, load_tokenizer
+    from tunebench import rundir
     from tunebench.recipe import flatten, load_recipe
 
     # ---- recipe and run directory: every check before anything is written --------------------
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.plan:
+            from tunebench import plan
+
             plan.show(recipe, plan.setup_from_config_file(args.config_file), args.budget_gb)
             return
         if args.budget_gb is not None or args.config_file is not None:
             raise UserError("--budget-gb and --config-file go with --plan; to train with a config: accelerate launch --config_file ACCEL train.py ...")
         run_dir = Path(recipe["output_dir"])
         state = rundir.status(run_dir, recipe)
-        process_kwargs = distributed.accelerator_kwargs()
     except UserError as e:
         exit_with(e)
     if state == rundir.FINISHED:
         print(f"run {run_dir} already finished (summary.json); nothing to do. Add overwrite=true to train it again.")
         return
-    m, d, t = recipe["model"], recipe["data"], recipe["train"]
 
+    # Heavy imports only once the recipe is known to be good, so bad input is answered at once.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from tunebench import data, distributed, measure, plan
+    from tunebench.methods import apply_method, count_params, unique_params
+    from tunebench.metrics import causal_nll, classification_nll, scored_targets
+    from tunebench.models import check_context, enable_gradient_checkpointing, load_config, load_model, load_tokenizer
+
+    m, d, t = recipe["model"], recipe["data"], recipe["train"]
+    classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
+    nll_of = classification_nll if classify else causal_nll
+
+    try:
+        process_kwargs = distributed.accelerator_kwargs()
+    except UserError as e:
+        exit_with(e)
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t["seed"]),
@@ -94,8 +105,8 @@ def main(argv=None):
         measure.return_freed_memory()
         tokenizer = load_tokenizer(m)
         with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
-            train_set, val_set = data.build(d, tokenizer, t["seed"])
-        model = load_model(m)
+            train_set, val_set = data.build(d, tokenizer, t["seed"], recipe["task"])
+        model = load_model(m, train_set.label_names, tokenizer.pad_token_id)
         if m["gradient_checkpointing"]:
             enable_gradient_checkpointing(model)
         set_seed(t["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
@@ -103,8 +114,11 @@ def main(argv=None):
         trainable, total = count_params(model)
 
         collate = data.collate(tokenizer.pad_token_id)
+        # The loader's own generator: starting an epoch's iterator must not draw from the global RNG,
+        # or a resumed run would see other dropout masks than an uninterrupted one.
         train_loader = torch.utils.data.DataLoader(
-            train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate
+            train_set, batch_size=t["micro_batch_size"], shuffle=True, drop_last=True, collate_fn=collate,
+            generator=torch.Generator().manual_seed(t["seed"]),
         )
         # Each process scores its own share of the validation blocks, none twice (no padding of shards).
         val_share = torch.utils.data.Subset(val_set, range(accelerator.process_index, len(val_set), accelerator.num_processes))
@@ -143,15 +157,19 @@ def main(argv=None):
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    accelerator.register_for_checkpointing(scheduler)
 
     # ---- start fresh or resume ---------------------------------------------------------------------
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "train_time_s": 0.0,
-                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None}
+                "best_val_loss": None, "best_step": None, "best_train_loss": None, "initial_val_loss": None,
+                "best_val_acc": None}
     if state == rundir.RESUME:
+        if main_process:
+            rundir.recover(run_dir)
+        accelerator.wait_for_everyone()
         checkpoint = rundir.latest_checkpoint(run_dir)
         accelerator.load_state(str(checkpoint))
         progress = rundir.read_json(checkpoint / rundir.STATE_FILE)
+        scheduler.load_state_dict(progress.pop("scheduler"))  # kept as JSON: no pickle is ever loaded
         if main_process:
             rundir.truncate_log(run_dir / "log.jsonl", progress["step"])
             print(f"resuming {run_dir} from {checkpoint.name}")
@@ -161,14 +179,22 @@ def main(argv=None):
     if t["trackers"]:
         accelerator.init_trackers(recipe["name"], config={k: str(v) for k, v in flatten(recipe).items()})
 
+    def fail(message):
+        """A run that cannot go on (not bad input): one line, exit status 1, the run directory kept."""
+        if main_process:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     def validation_loss():
+        """(mean validation loss, accuracy for classification or None)."""
         model.eval()
         nll_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         count = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
         with torch.no_grad():
             for i, batch in enumerate(val_loader):
                 if t["eval_max_batches"] and i >= t["eval_max_batches"]:
@@ -176,12 +202,15 @@ def main(argv=None):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                nll, n = causal_nll(logits, batch["labels"])
+                nll, n = nll_of(logits, batch["labels"])
                 nll_sum += nll.double()
                 count += n
+                if classify:
+                    correct += (logits.argmax(-1) == batch["labels"]).sum()
         model.train()
         nll_sum, count = accelerator.reduce(nll_sum, "sum"), accelerator.reduce(count, "sum")
-        return (nll_sum / count).item()
+        accuracy = (accelerator.reduce(correct, "sum") / count).item() if classify else None
+        return (nll_sum / count).item(), accuracy
 
     def save_final():
         """The model or adapter as it is now, in save_pretrained format, replacing final/ whole."""
@@ -194,22 +223,44 @@ def main(argv=None):
         accelerator.wait_for_everyone()
 
     def save_checkpoint():
+        """Write checkpoints/step-N whole or not at all; stop with a clear line when the disk is short."""
+        last = rundir.latest_checkpoint(run_dir)
+        needed = measure.dir_size_mb(last) if last else 3 * sum(p.numel() * p.element_size() for p in unique_params(model)) / 2**20
         tmp = rundir.temporary(run_dir / "checkpoints" / f"step-{progress['step']}")
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every process writes its own files (random states, ZeRO shards)
-        if main_process:
-            rundir.write_json(tmp / rundir.STATE_FILE, progress)
-            rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
-            rundir.prune(run_dir, t["keep_checkpoints"])
+        problem = None
+        if rundir.free_mb(run_dir) < 1.1 * needed:
+            problem = f"about {needed:.0f} MB needed, {rundir.free_mb(run_dir):.0f} MB free"
+        else:
+            try:
+                accelerator.save_state(str(tmp))
+                accelerator.wait_for_everyone()  # every process writes its own files (random states, ZeRO shards)
+                if main_process:
+                    rundir.write_json(tmp / rundir.STATE_FILE, {**progress, "scheduler": scheduler.state_dict()})
+                    rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
+                    rundir.prune(run_dir, t["keep_checkpoints"])
+            except OSError as e:
+                problem = str(e)
         accelerator.wait_for_everyone()
+        if problem:
+            shutil.rmtree(tmp, ignore_errors=True)
+            fail(
+                f"cannot save the checkpoint of step {progress['step']} to {run_dir} ({problem}); stopped. "
+                f"The last good checkpoint is {last or 'none'}: free disk space and run the same command to resume"
+            )
 
     def evaluate_and_keep_best(record):
-        val = validation_loss()
+        val, acc = validation_loss()
         record["val_loss"] = val
+        if classify:
+            record["val_acc"] = acc
         if progress["initial_val_loss"] is None:
             progress["initial_val_loss"] = val
-        if progress["best_val_loss"] is None or val < progress["best_val_loss"]:
-            progress["best_val_loss"], progress["best_step"] = val, progress["step"]
+        if classify:  # the best model is the most accurate one
+            better = progress["best_val_acc"] is None or acc > progress["best_val_acc"]
+        else:
+            better = progress["best_val_loss"] is None or val < progress["best_val_loss"]
+        if better:
+            progress["best_val_loss"], progress["best_val_acc"], progress["best_step"] = val, acc, progress["step"]
             save_final()
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -243,15 +294,14 @@ def main(argv=None):
                 break  # an incomplete accumulation at the end of an epoch is not trained on
             # Token-weighted mean over the whole global batch: each micro-batch's summed NLL is
             # divided by the number of scored tokens in all micro-batches of all processes.
-            local_scored = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+            local_scored = sum(scored_targets(b["labels"]) for b in micro)
             scored = accelerator.reduce(local_scored, "sum")
             for b in micro:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        # The logits are not kept past the loss: at the next forward they would be a second copy.
                         logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-                        nll, _ = causal_nll(logits, b["labels"])
-                        del logits
+                        nll, _ = nll_of(logits, b["labels"])
+                        del logits  # not kept past the loss: at the next forward it would be a second copy
                     # accelerate divides by grad_accum and DDP averages over processes: undo both.
                     accelerator.backward(nll * (world * t["grad_accum"]) / scored)
                     if accelerator.sync_gradients and t["max_grad_norm"]:
@@ -282,14 +332,13 @@ def main(argv=None):
             progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
             loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
             if not math.isfinite(mean_loss):
-                last = rundir.latest_checkpoint(run_dir)
-                accelerator.print(
-                    f"error: training loss became {mean_loss} by step {progress['step']}; stopped. "
-                    f"Last good checkpoint: {last or 'none'}; final/ holds the best model so far. "
+                bar.close()
+                accelerator.end_training()
+                fail(
+                    f"training loss became {mean_loss} by step {progress['step']}; stopped. Last good checkpoint: "
+                    f"{rundir.latest_checkpoint(run_dir) or 'none'}; final/ holds the best model so far. "
                     "Lower train.lr or set train.max_grad_norm"
                 )
-                accelerator.end_training()
-                sys.exit(1)
             if progress["best_train_loss"] is None or mean_loss < progress["best_train_loss"]:
                 progress["best_train_loss"] = mean_loss
             record = {
@@ -331,6 +380,7 @@ def main(argv=None):
     summary = {
         "name": recipe["name"],
         "method": recipe["method"]["type"],
+        "task": recipe["task"],
         "model": m["name"],
         "dataset": d["dataset"],
         "trainable_params": trainable,
@@ -349,6 +399,8 @@ def main(argv=None):
         "initial_val_loss": progress["initial_val_loss"],
         "best_train_loss": progress["best_train_loss"],
         "best_val_loss": progress["best_val_loss"],
+        "best_val_acc": progress["best_val_acc"],
+        "label_names": train_set.label_names,  # a classifier's classes, by class id; rebuild its head with them
         "best_step": progress["best_step"],
         "final_step": progress["step"],
         "max_length": d["max_length"],
@@ -364,7 +416,8 @@ def main(argv=None):
         rundir.write_json(run_dir / "summary.json", summary)
         print(
             f"done: {run_dir}  val loss {summary['initial_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
-            f"(step {summary['best_step']}), {summary['tokens_per_s']:.0f} tokens/s, "
+            f"(step {summary['best_step']}{', accuracy %.4f' % summary['best_val_acc'] if classify else ''}), "
+            f"{summary['tokens_per_s']:.0f} tokens/s, "
             f"{trainable:,} of {total:,} parameters trained"
         )
     accelerator.end_training()

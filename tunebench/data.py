@@ -1,13 +1,31 @@
-"""Data sets: registry of named sets, local files, validation split, tokenization, packing.
+"""Data sets: registry of named sets, local files, formats, tokenization, packing, masking.
 
-Plain text (causal-LM) data is tokenized once (cached by the datasets library under a fingerprint
-of the data and the tokenizer), documents are joined with the end-of-text token and cut into
-blocks of data.max_length tokens. Every token is used: the last block may be shorter, and the
-collator pads it with labels of -100 so padding is never scored.
+A recipe's data section names a data set (a registered name, a hub id, or local files) and a
+format; every format ends in token sequences with labels, where label -100 is never scored.
+
+  text           documents joined with the end-of-text token and cut into blocks of data.max_length
+                 tokens (packed); every token is scored. The last block may be shorter.
+  instruction    a prompt and a response through a template (Alpaca's by default): the loss is on
+                 the response and the end-of-text token after it (data.train_on_prompt: true scores
+                 the prompt too). A response too long for data.max_length is cut at its end.
+  summarization  like instruction with the "tldr" template (article, "\\nTL;DR:", summary); the
+                 article is cut instead, so the summary always fits in data.max_length.
+  conversation   OpenAssistant message trees: each assistant reply with the prompter message it
+                 answers, through the "oasst" template; the loss is on the reply.
+  classification (task: classification) a text and a label; the text is cut to data.max_length.
+
+Formatted examples are not packed: each is one row, and the collator pads a batch to its longest
+row (dynamic padding) with label -100, so padding is never scored and no example attends to
+another. Batches are drawn in the data loader's seeded random order, never bucketed by length:
+bucketing would change which examples share a batch, and so the gradient noise, by method.
+
+Tokenization is cached by the datasets library under a fingerprint of the data, the tokenizer and
+every setting that shapes the examples.
 """
 import hashlib
 import math
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -16,13 +34,61 @@ import torch
 
 from tunebench.errors import UserError
 
-# name -> where it lives on the hub and how its rows are read.
+# name -> where it lives on the hub, its splits, and how its rows are read. Fields and templates
+# here are the defaults of the data set's format; recipe keys override them.
 REGISTRY = {
-    "wikitext2": dict(hub="Salesforce/wikitext", config="wikitext-2-raw-v1", text_field="text"),
-    "wikitext103": dict(hub="Salesforce/wikitext", config="wikitext-103-raw-v1", text_field="text"),
-    "lambada": dict(hub="EleutherAI/lambada_openai", config="default", text_field="text", train_split="test"),
-    "imdb": dict(hub="stanfordnlp/imdb", config=None, text_field="text", validation_split="test"),
+    "wikitext2": dict(hub="Salesforce/wikitext", config="wikitext-2-raw-v1", format="text", text_field="text"),
+    "wikitext103": dict(hub="Salesforce/wikitext", config="wikitext-103-raw-v1", format="text", text_field="text"),
+    "lambada": dict(hub="EleutherAI/lambada_openai", config="default", format="text", text_field="text", train_split="test"),
+    # IMDB's splits are sorted by label, and its test split is the evaluation set: validation is
+    # a shuffled share of train (data.validation_share).
+    "imdb": dict(hub="stanfordnlp/imdb", config=None, format="text", text_field="text", label_field="label",
+                 label_names=["neg", "pos"]),
+    "sst2": dict(hub="stanfordnlp/sst2", config=None, format="text", text_field="sentence", label_field="label",
+                 label_names=["negative", "positive"]),
+    "alpaca": dict(hub="tatsu-lab/alpaca", config=None, format="instruction", prompt_field="instruction",
+                   input_field="input", response_field="output", template="alpaca"),
+    "cnn_dailymail": dict(hub="abisee/cnn_dailymail", config="3.0.0", format="summarization", prompt_field="article",
+                          response_field="highlights", template="tldr"),
+    # As text: the assistant replies only. As conversation: prompt-reply pairs from the message trees.
+    "oasst1": dict(hub="OpenAssistant/oasst1", config=None, format="text", text_field="text",
+                   text_rows=("role", "assistant"), template="oasst"),
 }
+
+# Field defaults per format, for local files; a registered data set's own fields come first.
+FORMAT_DEFAULTS = {
+    "text": dict(text_field="text"),
+    "instruction": dict(prompt_field="instruction", input_field="input", response_field="output", template="alpaca"),
+    "summarization": dict(prompt_field="article", response_field="highlights", template="tldr"),
+    "conversation": dict(template="oasst"),
+    "classification": dict(text_field="text", label_field="label"),
+}
+FIELD_KEYS = ("text_field", "prompt_field", "input_field", "response_field", "label_field", "template")
+# The data keys each format reads; setting another is an error, never silently ignored.
+PAIR_KEYS = {"prompt_field", "input_field", "response_field", "template", "train_on_prompt", "max_response_chars"}
+FORMAT_KEYS = {
+    "text": {"text_field"},
+    "instruction": PAIR_KEYS,
+    "summarization": PAIR_KEYS,
+    "conversation": PAIR_KEYS - {"prompt_field", "input_field", "response_field"},
+    "classification": {"text_field", "label_field"},
+}
+CONVERSATION_COLUMNS = ("message_id", "parent_id", "role", "text")
+
+# Prompt templates: {prompt} and {response} stand for the mapped fields, {input} for the optional
+# input field. A pair is (without input, with input), chosen per row by whether its input is empty.
+_ALPACA_HEAD = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
+TEMPLATES = {
+    "alpaca": (
+        _ALPACA_HEAD.format("") + "### Instruction:\n{prompt}\n\n### Response:\n{response}",
+        _ALPACA_HEAD.format(", paired with an input that provides further context")
+        + "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n{response}",
+    ),
+    "tldr": "{prompt}\nTL;DR: {response}",
+    "oasst": "### Human: {prompt} ### Assistant: {response}",
+    "plain": "{prompt}\n{response}",
+}
+PLACEHOLDERS = ("prompt", "input", "response")
 
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -68,19 +134,37 @@ def _load_hub(hub_id: str, config: str, name: str) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(hub_id, config)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        local = (
+            "set data.files to local files of its shape (jsonl, csv or parquet)" if name in REGISTRY
+            else "point data.dataset at local files (e.g. ../shared/data/wikitext-2/valid.txt)"
+        )
         raise UserError(
             f"data set '{name}' ({hub_id}{', ' + config if config else ''}) is not in the local cache and the hub "
-            f"cannot be reached ({type(e).__name__}); run once with network access, or point data.dataset at "
-            "local files (e.g. ../shared/data/wikitext-2/valid.txt)"
+            f"cannot be reached ({type(e).__name__}); run once with network access, or {local}"
         ) from None
 
 
 def load_raw(data_cfg: dict) -> tuple:
-    """(DatasetDict of raw rows, the text field, the registry spec or {})."""
+    """(DatasetDict of raw rows, the registry spec or {}). A registered name reads the hub, or the
+    local files of data.files, which hold the hub's rows: one file is the data set's training
+    split, a folder's files are split by name (train, validation, test)."""
     name = data_cfg["dataset"]
     spec = REGISTRY.get(name, {})
     path = Path(name)
-    if spec:
+    if data_cfg["files"]:
+        files = Path(data_cfg["files"])
+        if not spec:
+            raise UserError(
+                f"data.files reads a registered data set ({', '.join(REGISTRY)}) from local files; "
+                f"'{name}' is not one: set data.dataset to the files themselves"
+            )
+        if files.is_file():
+            raw = _load_local({spec.get("train_split", "train"): [files]})
+        elif files.is_dir():
+            raw = _load_local(_split_files(files))
+        else:
+            raise UserError(f"data.files '{files}' does not exist")
+    elif spec:
         raw = _load_hub(spec["hub"], data_cfg["config"] or spec["config"], name)
     elif path.is_file():
         raw = _load_local({"train": [path]})
@@ -99,13 +183,28 @@ def load_raw(data_cfg: dict) -> tuple:
         if not vpath.is_file():
             raise UserError(f"data.validation_file '{vpath}' does not exist")
         raw["validation"] = _load_local({"train": [vpath]})["train"]
-    text_field = data_cfg["text_field"] or spec.get("text_field", "text")
-    return raw, text_field, spec
+    return raw, spec
 
 
-def _column_check(ds, field: str, where: str) -> None:
-    if field not in ds.column_names:
-        raise UserError(f"{where} has no field '{field}'; its fields are {', '.join(ds.column_names)}; set data.text_field")
+def resolve_format(data_cfg: dict, task: str, spec: dict) -> tuple:
+    """(format, fields): the recipe's keys over the registered data set's over the format's defaults."""
+    name = data_cfg["dataset"]
+    if task == "classification":
+        fmt = "classification"
+    elif data_cfg["format"] or spec:
+        fmt = data_cfg["format"] or spec["format"]
+    else:  # local files: prompt and response fields make instructions
+        fmt = "instruction" if data_cfg["prompt_field"] or data_cfg["response_field"] else "text"
+    for key in sorted(set().union(*FORMAT_KEYS.values()) - FORMAT_KEYS[fmt]):
+        if data_cfg[key] not in (None, False):
+            raise UserError(
+                f"recipe key 'data.{key}' does not apply to data set '{name}' read as {fmt}; "
+                f"that reads {', '.join('data.' + k for k in sorted(FORMAT_KEYS[fmt]))}"
+            )
+    fields = {k: v for k, v in FORMAT_DEFAULTS[fmt].items()}
+    fields.update({k: v for k, v in spec.items() if k in FIELD_KEYS and k in FORMAT_KEYS[fmt]})
+    fields.update({k: data_cfg[k] for k in FIELD_KEYS if data_cfg[k] is not None})
+    return fmt, fields
 
 
 def split_train_validation(raw, data_cfg: dict, spec: dict, seed: int) -> tuple:
@@ -145,25 +244,38 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.eos_token}|{text}".encode()).hexdigest()[:16]
 
 
+def _fingerprint(ds, tokenizer, *settings) -> str:
+    """The cache key of a tokenized data set: its rows, the tokenizer and every setting that shapes it."""
+    text = "|".join(map(str, (ds._fingerprint, tokenizer_fingerprint(tokenizer), *settings)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _column_check(ds, field: str, key: str, where: str) -> None:
+    if field not in ds.column_names:
+        raise UserError(f"{where} has no field '{field}'; its fields are {', '.join(ds.column_names)}; set data.{key}")
+
+
+# ---- text: packed -----------------------------------------------------------------------------------
+
 def tokenize(ds, tokenizer, text_field: str, num_proc=None):
     """Token ids of every non-empty row; cached on disk by the datasets library."""
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch[text_field]], batched=True, num_proc=num_proc)
-    fingerprint = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tokenizer)}|{text_field}".encode()).hexdigest()[:16]
     return ds.map(
         lambda batch: {"input_ids": tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]},
         batched=True,
         num_proc=num_proc,
         remove_columns=ds.column_names,
-        new_fingerprint=fingerprint,
+        new_fingerprint=_fingerprint(ds, tokenizer, text_field),
         desc="tokenizing",
     )
 
 
 class Examples(torch.utils.data.Dataset):
-    """Token sequences with labels; the collator pads them. Packed blocks are one case of it."""
+    """Token sequences with labels (per token, or one class per row); the collator pads them.
+    Packed blocks are one case of it; formatted rows are read lazily from the tokenized table."""
 
-    def __init__(self, input_ids: list, labels: list):
-        self.input_ids, self.labels = input_ids, labels
+    def __init__(self, input_ids, labels, label_names: list = None):
+        self.input_ids, self.labels, self.label_names = input_ids, labels, label_names
 
     def __len__(self):
         return len(self.input_ids)
@@ -184,35 +296,263 @@ def pack(token_ds, eos_id: int, max_length: int) -> Examples:
     return Examples(blocks, blocks)
 
 
-def build(data_cfg: dict, tokenizer, seed: int) -> tuple:
-    """(train Examples, validation Examples) for a recipe's data section."""
-    raw, text_field, spec = load_raw(data_cfg)
+# ---- prompt and response: instruction, summarization, conversation -----------------------------------
+
+def template_variants(template: str) -> tuple:
+    """(without input, with input) for a built-in template's name or a template text."""
+    value = TEMPLATES.get(template, template)
+    variants = value if isinstance(value, tuple) else (value, value)
+    for text in variants:
+        names = re.findall(r"\{(\w*)\}", text)
+        unknown = sorted(set(names) - set(PLACEHOLDERS))
+        if "{" not in text:
+            raise UserError(
+                f"data.template '{template}' is neither a built-in template ({', '.join(TEMPLATES)}) nor a text "
+                "with {prompt} and {response}, e.g. 'Question: {prompt}\\nAnswer: {response}'"
+            )
+        in_order = names.count("prompt") == names.count("response") == 1 and text.index("{prompt}") < text.index("{response}")
+        if unknown or not in_order:
+            raise UserError(
+                f"data.template {template!r} must hold {{prompt}} once, then {{response}} once, and may hold {{input}}"
+                + (f"; it names {', '.join('{' + n + '}' for n in unknown)}" if unknown else "")
+            )
+    return variants
+
+
+def render(template: str, prompt: str, response: str, input_text: str = "") -> tuple:
+    """A template filled in, as (text before the prompt, the prompt, text after it, target text).
+    The target is the response with the template's text after it. The pieces are tokenized apart,
+    so spaces that end a piece begin the next: GPT-2's tokens carry their leading space
+    ("TL;DR:" + " The", not "TL;DR: " + "The")."""
+    head, rest = template.split("{prompt}")
+    middle, after = rest.split("{response}")
+    head, middle, after = (part.replace("{input}", input_text) for part in (head, middle, after))
+    head_end, middle_end = head.rstrip(" "), middle.rstrip(" ")
+    return head_end, head[len(head_end):] + prompt, middle_end, middle[len(middle_end):] + response + after
+
+
+def conversation_pairs(ds) -> datasets.Dataset:
+    """OpenAssistant message rows -> (prompt, response): each assistant reply with the prompter
+    message it answers (its parent in the message tree)."""
+    missing = [c for c in CONVERSATION_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"format conversation reads OpenAssistant message trees ({', '.join(CONVERSATION_COLUMNS)}); "
+            f"the data has no {', '.join(missing)}"
+        )
+    rows = ds.select_columns(list(CONVERSATION_COLUMNS))[:]
+    prompter_text = {m: t for m, r, t in zip(rows["message_id"], rows["role"], rows["text"]) if r == "prompter"}
+    pairs = [
+        (prompter_text[parent], text)
+        for parent, role, text in zip(rows["parent_id"], rows["role"], rows["text"])
+        if role == "assistant" and parent in prompter_text
+    ]
+    return datasets.Dataset.from_dict({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]})
+
+
+def pair_rows(ds, fmt: str, fields: dict, data_cfg: dict, where: str):
+    """The rows as columns prompt, response and, when the data has it, input."""
+    if fmt == "conversation":
+        return conversation_pairs(ds)
+    renames = {}
+    for column in ("prompt", "response", "input"):
+        field = fields.get(f"{column}_field")
+        if field is None:
+            continue
+        if field not in ds.column_names and column == "input" and data_cfg["input_field"] is None:
+            continue  # the default input field is optional: data without it has no inputs
+        _column_check(ds, field, f"{column}_field", where)
+        renames[field] = column
+    ds = ds.select_columns(list(renames))
+    return ds.rename_columns({f: c for f, c in renames.items() if f != c})
+
+
+def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: bool, num_proc=None):
+    """input_ids = prompt side + target + end-of-text; labels = the target tokens, -100 elsewhere
+    (or all tokens with data.train_on_prompt). Rows too long for data.max_length are cut: the
+    prompt (cut_prompt: summarization's article) or else the target's end; a row where nothing of
+    the target, or nothing of the prompt, would remain is dropped. Column "cut" marks cut rows."""
+    variants = template_variants(template)
+    max_length, eos = data_cfg["max_length"], tokenizer.eos_token_id
+    train_on_prompt = data_cfg["train_on_prompt"]
+
+    def encode(texts):
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def fn(batch):
+        inputs = batch["input"] if "input" in batch else [None] * len(batch["prompt"])
+        pieces = [
+            render(variants[bool(i)], p or "", r, i or "") for p, r, i in zip(batch["prompt"], batch["response"], inputs)
+        ]
+        out = {"input_ids": [], "labels": [], "cut": []}
+        for head, prompt, middle, target in zip(*(encode(column) for column in zip(*pieces))):
+            target = target + [eos]
+            over = len(head) + len(prompt) + len(middle) + len(target) - max_length
+            if over > 0 and cut_prompt:
+                if over >= len(prompt):
+                    continue
+                prompt = prompt[: len(prompt) - over]
+            elif over > 0:
+                if over >= len(target):
+                    continue
+                target = target[: len(target) - over]
+            prompt_side = head + prompt + middle
+            out["input_ids"].append(prompt_side + target)
+            out["labels"].append(prompt_side + target if train_on_prompt else [IGNORE_INDEX] * len(prompt_side) + target)
+            out["cut"].append(over > 0)
+        return out
+
+    settings = (variants, max_length, cut_prompt, train_on_prompt)
+    return ds.map(fn, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
+                  new_fingerprint=_fingerprint(ds, tokenizer, *settings), desc="tokenizing")
+
+
+# ---- classification ---------------------------------------------------------------------------------
+
+def label_names(train, val, field: str, spec: dict, where: str) -> list:
+    """The class names, index = class id. Integer labels (a ClassLabel on the hub, ints in a file)
+    are class ids; text labels are named classes, numbered in sorted order."""
+    feature = train.features[field]
+    values = set(train.unique(field))
+    val_values = set(val.unique(field))
+    if None in values | val_values:
+        raise UserError(f"{where} has rows without a label in field '{field}'")
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+    elif all(isinstance(v, str) for v in values):
+        names = sorted(values)
+        unseen = sorted(val_values - values, key=str)
+        if unseen:
+            raise UserError(f"validation data of {where} has labels {unseen} that no training row has")
+        return names
+    elif all(isinstance(v, (int, np.integer)) for v in values | val_values):
+        names = spec.get("label_names") or [str(i) for i in range(int(max(values | val_values)) + 1)]
+    else:
+        raise UserError(f"labels in field '{field}' of {where} must be class numbers (0, 1, ...) or class names")
+    bad = sorted(v for v in values | val_values if not 0 <= v < len(names))
+    if bad:
+        raise UserError(f"{where} has labels {bad[:5]} outside 0..{len(names) - 1} ({', '.join(names)}); unlabelled rows?")
+    if len(values) < 2:
+        raise UserError(f"{where} has a single class in its training rows; classification needs two or more")
+    return names
+
+
+def tokenize_labelled(ds, tokenizer, text_field: str, label_field: str, names: list, max_length: int, num_proc=None):
+    """input_ids = the text's first max_length tokens, labels = the class id. The pad token is
+    dropped from the text: GPT-2 pads with its end-of-text token, and its classifier reads each
+    row at the last token that is not the pad token, which must be the text's own last token."""
+    pad = tokenizer.pad_token_id
+    class_id = {name: i for i, name in enumerate(names)}
+
+    def fn(batch):
+        ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+        return {
+            "input_ids": [[t for t in row if t != pad][:max_length] for row in ids],
+            "labels": [class_id[v] if isinstance(v, str) else int(v) for v in batch[label_field]],
+        }
+
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch[text_field]], batched=True, num_proc=num_proc)
+    return ds.map(fn, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
+                  new_fingerprint=_fingerprint(ds, tokenizer, text_field, label_field, names, max_length, pad),
+                  desc="tokenizing")
+
+
+# ---- build ------------------------------------------------------------------------------------------
+
+def _lazy(token_ds, names=None) -> Examples:
+    token_ds = token_ds.with_format("torch", columns=["input_ids", "labels"])
+    return Examples(token_ds["input_ids"], token_ds["labels"], names)
+
+
+def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tuple:
+    """(train Examples, validation Examples) for a recipe's data section; for classification both
+    carry label_names."""
+    name = data_cfg["dataset"]
+    raw, spec = load_raw(data_cfg)
+    fmt, fields = resolve_format(data_cfg, task, spec)
     train, val = split_train_validation(raw, data_cfg, spec, seed)
-    _column_check(train, text_field, f"data set '{data_cfg['dataset']}'")
-    _column_check(val, text_field, f"validation data of '{data_cfg['dataset']}'")
-    train = subsample(train, data_cfg["fraction"], seed)
     num_proc = data_cfg["num_proc"] or (min(8, os.cpu_count() or 1) if len(train) > 50_000 else None)
+    splits = {"train": train, "validation": val}
+    wheres = {"train": f"data set '{name}'", "validation": f"validation data of '{name}'"}
+
+    if fmt == "classification":
+        for split, ds in splits.items():
+            _column_check(ds, fields["text_field"], "text_field", wheres[split])
+            _column_check(ds, fields["label_field"], "label_field", wheres[split])
+        names = label_names(train, val, fields["label_field"], spec, wheres["train"])
+        splits["train"] = subsample(train, data_cfg["fraction"], seed)
+        out = []
+        for split, ds in splits.items():
+            tokens = tokenize_labelled(ds, tokenizer, fields["text_field"], fields["label_field"], names,
+                                       data_cfg["max_length"], num_proc)
+            if len(tokens) == 0:
+                raise UserError(f"{wheres[split]} has no text in field '{fields['text_field']}'")
+            out.append(_lazy(tokens, names))
+        return tuple(out)
+
+    if fmt == "text":
+        out = []
+        for split, ds in splits.items():
+            _column_check(ds, fields["text_field"], "text_field", wheres[split])
+            if "text_rows" in spec:
+                column, value = spec["text_rows"]
+                ds = ds.filter(lambda batch: [v == value for v in batch[column]], batched=True)
+            if split == "train":
+                ds = subsample(ds, data_cfg["fraction"], seed)
+            tokens = tokenize(ds, tokenizer, fields["text_field"], num_proc)
+            if len(tokens) == 0:
+                raise UserError(f"{wheres[split]} has no text in its {split} split (field '{fields['text_field']}')")
+            out.append(pack(tokens, tokenizer.eos_token_id, data_cfg["max_length"]))
+        return tuple(out)
+
+    template_variants(fields["template"])  # a bad template fails before any tokenizing
     out = []
-    for split, ds in (("train", train), ("validation", val)):
-        tokens = tokenize(ds, tokenizer, text_field, num_proc)
+    for split, ds in splits.items():
+        rows = pair_rows(ds, fmt, fields, data_cfg, wheres[split])
+        limit = data_cfg["max_response_chars"]
+        rows = rows.filter(
+            lambda batch: [bool(r and r.strip()) and (limit is None or len(r) <= limit) for r in batch["response"]],
+            batched=True,
+        )
+        if len(rows) == 0:
+            shorter = f" of at most data.max_response_chars {limit} characters" if limit else ""
+            raise UserError(f"{wheres[split]} has no example with a response{shorter}")
+        if split == "train":
+            rows = subsample(rows, data_cfg["fraction"], seed)
+        tokens = tokenize_pairs(rows, tokenizer, fields["template"], data_cfg, fmt == "summarization", num_proc)
         if len(tokens) == 0:
-            raise UserError(f"data set '{data_cfg['dataset']}' has no text in its {split} split (field '{text_field}')")
-        out.append(pack(tokens, tokenizer.eos_token_id, data_cfg["max_length"]))
+            raise UserError(
+                f"{wheres[split]} has no example whose {'summary' if fmt == 'summarization' else 'prompt'} fits "
+                f"data.max_length {data_cfg['max_length']} with room for the response; raise data.max_length"
+            )
+        dropped, cut = len(rows) - len(tokens), sum(tokens["cut"])
+        if dropped or cut:
+            print(
+                f"data: {name} {split}: of {len(rows):,} examples, {cut:,} cut to fit data.max_length "
+                f"{data_cfg['max_length']} (the {'article' if fmt == 'summarization' else 'response'}), "
+                f"{dropped:,} dropped (too long to cut)"
+            )
+        out.append(_lazy(tokens))
     return tuple(out)
 
 
 def collate(pad_id: int):
-    """Pad a batch to its longest example; padded positions get label -100 and attention mask 0.
-    A batch without padding gets no attention mask, so attention runs its plain causal path."""
+    """Pad a batch to its longest example (right side); padded positions get label -100 and
+    attention mask 0. A batch without padding gets no attention mask, so attention runs its plain
+    causal path. Class labels (one per row) become a (batch,) tensor."""
 
     def fn(examples):
         lengths = [len(e["input_ids"]) for e in examples]
         longest = max(lengths)
         input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
         for row, e in enumerate(examples):
             input_ids[row, : lengths[row]] = torch.as_tensor(e["input_ids"])
-            labels[row, : lengths[row]] = torch.as_tensor(e["labels"])
+        if torch.as_tensor(examples[0]["labels"]).ndim == 0:
+            labels = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+        else:
+            labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+            for row, e in enumerate(examples):
+                labels[row, : lengths[row]] = torch.as_tensor(e["labels"])
         batch = {"input_ids": input_ids, "labels": labels}
         if min(lengths) < longest:
             batch["attention_mask"] = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()

@@ -4,11 +4,15 @@ full           every parameter trains.
 lora           low-rank adapters (peft) on target modules named by group or by name.
 partial        only chosen parts train: the top N blocks (with the final norm), lm_head, norms.
 prompt_tuning  a soft prompt of N virtual tokens (peft); the model stays frozen.
+
+A classifier's head is new, so it trains with every method: peft's SEQ_CLS task keeps it in
+modules_to_save (trained and saved with the adapter), and partial always unfreezes it.
 """
 import torch
 from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from tunebench.errors import UserError
+from tunebench.models import classification_head, is_classifier
 
 # Target groups per architecture (config.model_type). Names are module-name suffixes, matched on
 # whole dotted parts: GPT-2's "attn.c_proj" is the attention output, "mlp.c_proj" the MLP's.
@@ -106,6 +110,7 @@ def _is_norm(module) -> bool:
 def apply_method(model, method: dict, tokenizer=None):
     """Freeze, wrap or leave the model as the method says. Returns the model to train."""
     kind = method["type"]
+    task_type = TaskType.SEQ_CLS if is_classifier(model) else TaskType.CAUSAL_LM
     if kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -113,7 +118,7 @@ def apply_method(model, method: dict, tokenizer=None):
     if kind == "lora":
         targets = resolve_targets(model, method["targets"])
         config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
+            task_type=task_type,
             r=method["r"],
             lora_alpha=method["alpha"],
             lora_dropout=method["dropout"],
@@ -140,11 +145,15 @@ def apply_method(model, method: dict, tokenizer=None):
             for module in model.modules():
                 if _is_norm(module):
                     module.requires_grad_(True)
+        if is_classifier(model):
+            classification_head(model).requires_grad_(True)
         return model
     if kind == "prompt_tuning":
         n = method["num_virtual_tokens"]
-        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM)
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM)
         peft_model = get_peft_model(model, config)
+        if is_classifier(model):
+            pool_last_real_token(peft_model)
         if method["init_text"]:
             if tokenizer is None:
                 raise ValueError("prompt tuning from a text needs the tokenizer")
@@ -157,3 +166,30 @@ def apply_method(model, method: dict, tokenizer=None):
                 peft_model.prompt_encoder["default"].embedding.weight.copy_(word_embeddings[torch.tensor(ids)])
         return peft_model
     raise UserError(f"unknown method.type '{kind}'")
+
+
+def pool_last_real_token(peft_model):
+    """Make a prompt-tuned classifier read each row at its last real token.
+
+    peft hands the classifier inputs_embeds (soft prompt + text), so GPT-2 cannot find the padding
+    and reads the last position, a pad token on a shorter, right-padded row. Before the classifier
+    runs, this moves each row's padding in front of its text (after the soft prompt) and sets
+    position ids from the attention mask: every row is then read at its last real token, with the
+    positions and attention it has without padding. Install it again after loading such a model."""
+    n = peft_model.peft_config[peft_model.active_adapter].num_virtual_tokens
+
+    def left_align_padding(module, args, kwargs):
+        if kwargs.get("attention_mask") is None:  # no padding in this batch
+            return None
+        mask = kwargs["attention_mask"].long()  # peft joins its float prompt mask to ours
+        embeds = kwargs["inputs_embeds"]
+        width = mask.shape[1] - n
+        shift = width - mask[:, n:].sum(-1, keepdim=True)
+        source = (torch.arange(width, device=mask.device)[None, :] - shift) % width
+        text = embeds[:, n:].gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+        kwargs["inputs_embeds"] = torch.cat([embeds[:, :n], text], dim=1)
+        kwargs["attention_mask"] = torch.cat([mask[:, :n], mask[:, n:].gather(1, source)], dim=1)
+        kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return args, kwargs
+
+    peft_model.base_model.register_forward_pre_hook(left_align_padding, with_kwargs=True)

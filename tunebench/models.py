@@ -1,8 +1,9 @@
-"""Load a causal LM and its tokenizer from a hub id, a local folder or a .gguf file."""
+"""Load a causal LM (or, for classification, the same model with a sequence-classification head) and
+its tokenizer from a hub id, a local folder or a .gguf file."""
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tunebench.errors import UserError
 
@@ -67,7 +68,10 @@ def load_tokenizer(model_cfg: dict):
     return tokenizer
 
 
-def load_model(model_cfg: dict):
+def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = None):
+    """The causal LM; with label_names, the model with a new classification head of that many
+    classes instead of its LM head. A classifier reads each row at its last token that is not
+    pad_token_id (the id the collator pads with), so that id is set on its config."""
     source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
     kwargs = dict(
         revision=model_cfg.get("revision"),
@@ -77,10 +81,29 @@ def load_model(model_cfg: dict):
     )
     if gguf:
         kwargs["gguf_file"] = gguf
-    model = _hub_call("model", model_cfg["name"], lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    auto = AutoModelForCausalLM
+    if label_names:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={name: i for i, name in enumerate(label_names)})
+    model = _hub_call("model", model_cfg["name"], lambda: auto.from_pretrained(source, **kwargs))
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def is_classifier(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def classification_head(model):
+    """The classification head module: "score" in GPT-2, Llama and most decoders."""
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return getattr(model, name)
+    raise UserError(f"cannot find the classification head of {type(model).__name__}")
 
 
 def context_length(config) -> int:

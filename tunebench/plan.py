@@ -296,6 +296,8 @@ class Planner:
     budget search runs each (dtype, micro-batch, checkpointing) once."""
 
     def __init__(self, recipe: dict, config, setup: Setup):
+        if recipe["task"] != "causal_lm":
+            raise UserError(f"the memory plan covers causal language modelling (task causal_lm), not task {recipe['task']}")
         self.recipe, self.config, self.setup = recipe, config, setup
         self.runtime = runtime_bytes(setup)
         self._layouts, self._passes = {}, {}

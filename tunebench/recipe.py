@@ -6,20 +6,23 @@ be right; nothing is ever silently ignored.
 """
 import copy
 import difflib
+import re
 from pathlib import Path
 
 import yaml
 
 from tunebench.errors import UserError
 
-# (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
+# key: (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
 # A default of None means "not set"; such keys also accept null.
-Field = tuple
 
 SCHEMA = {
     "name": (None, str, None),
     "output_dir": (None, str, None),
     "overwrite": (False, bool, None),
+    # causal_lm: next-token loss; classification: a sequence-classification head on the last real
+    # token, trained on data.text_field -> data.label_field and chosen by validation accuracy.
+    "task": ("causal_lm", str, ("causal_lm", "classification")),
     "model": {
         "name": (None, str, None),
         "gguf_file": (None, str, None),
@@ -47,7 +50,16 @@ SCHEMA = {
     "data": {
         "dataset": (None, str, None),
         "config": (None, str, None),
+        "files": (None, str, None),
+        "format": (None, str, ("text", "instruction", "summarization", "conversation")),
         "text_field": (None, str, None),
+        "prompt_field": (None, str, None),
+        "input_field": (None, str, None),
+        "response_field": (None, str, None),
+        "label_field": (None, str, None),
+        "template": (None, str, None),
+        "train_on_prompt": (False, bool, None),
+        "max_response_chars": (None, int, "positive"),
         "train_split": ("train", str, None),
         "validation_split": (None, str, None),
         "validation_file": (None, str, None),
@@ -123,12 +135,12 @@ def _unknown_key(dotted: str, where: str) -> UserError:
     return UserError(f"unknown recipe key '{dotted}'{where}{hint}")
 
 
-def _coerce(dotted: str, value, field: Field, where: str):
+def _coerce(dotted: str, value, field: tuple, where: str):
     default, kind, allowed = field
     if value is None:
         if default is None or kind is list:
             return [] if kind is list else None
-        raise UserError(f"recipe key '{dotted}'{where} cannot be null; give a {kind.__name__}")
+        raise UserError(f"recipe key '{dotted}' cannot be null; give a {kind.__name__}{where}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is float and isinstance(value, str):
@@ -140,20 +152,20 @@ def _coerce(dotted: str, value, field: Field, where: str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if kind is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"recipe key '{dotted}'{where} must be a list of names, got {value!r}")
+            raise UserError(f"recipe key '{dotted}' must be a list of names, got {value!r}{where}")
         return value
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(
-            f"recipe key '{dotted}'{where} must be {kind.__name__}, got {type(value).__name__} {value!r}"
+            f"recipe key '{dotted}' must be {kind.__name__}, got {type(value).__name__} {value!r}{where}"
         )
     if isinstance(allowed, tuple) and value not in allowed:
-        raise UserError(f"recipe key '{dotted}'{where} is {value!r}; choose one of {', '.join(allowed)}")
+        raise UserError(f"recipe key '{dotted}' is {value!r}{where}; choose one of {', '.join(allowed)}")
     if allowed == "positive" and not value > 0:
-        raise UserError(f"recipe key '{dotted}'{where} must be positive, got {value!r}")
+        raise UserError(f"recipe key '{dotted}' must be positive, got {value!r}{where}")
     if allowed == "non-negative" and not value >= 0:
-        raise UserError(f"recipe key '{dotted}'{where} must be zero or more, got {value!r}")
+        raise UserError(f"recipe key '{dotted}' must be zero or more, got {value!r}{where}")
     if allowed == "fraction" and not 0 <= value <= 1:
-        raise UserError(f"recipe key '{dotted}'{where} must lie between 0 and 1, got {value!r}")
+        raise UserError(f"recipe key '{dotted}' must lie between 0 and 1, got {value!r}{where}")
     return value
 
 
@@ -165,7 +177,7 @@ def _merge(recipe: dict, given: dict, where: str, prefix: str = "", explicit: se
             raise _unknown_key(dotted, where)
         if isinstance(field, dict):
             if not isinstance(value, dict):
-                raise UserError(f"recipe key '{dotted}'{where} must be a section of keys, got {value!r}")
+                raise UserError(f"recipe key '{dotted}' must be a section of keys, got {value!r}{where}")
             _merge(recipe[key], value, where, f"{dotted}.", explicit)
         else:
             recipe[key] = _coerce(dotted, value, field, where)
@@ -219,6 +231,8 @@ def load_recipe(path, overrides=()) -> dict:
         key, value = parse_override(text)
         _merge(recipe, _nest(key, value), f" (override '{text}')", explicit=explicit)
     _check(recipe, explicit)
+    method = recipe["method"]["type"]  # keep only the chosen method's keys, so the resolved recipe reloads
+    recipe["method"] = {k: v for k, v in recipe["method"].items() if k == "type" or k in METHOD_KEYS[method]}
     return recipe
 
 
@@ -238,14 +252,25 @@ def _check(recipe: dict, explicit: set) -> None:
             recipe["name"] = Path(recipe["output_dir"]).name
         else:
             raise UserError("recipe key 'name' is not set; every run needs a name (it names runs/NAME)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe["name"]):
+        raise UserError(f"recipe key 'name' is {recipe['name']!r}; use letters, digits, '.', '_' and '-' (it names runs/NAME)")
     if not recipe["output_dir"]:
         recipe["output_dir"] = f"runs/{recipe['name']}"
     if method == "lora" and not recipe["method"]["targets"]:
         raise UserError("recipe key 'method.targets' is empty; name groups (attn, attn_proj, mlp, lm_head) or modules")
-    if method == "partial":
+    classification = recipe["task"] == "classification"
+    if method == "partial" and classification and recipe["method"]["lm_head"]:
+        raise UserError(
+            "method.lm_head applies to task causal_lm; with task classification the classification head always trains"
+        )
+    if method == "partial" and not classification:  # a classifier's partial may train its head alone
         m = recipe["method"]
         if not (m["top_blocks"] or m["lm_head"] or m["layer_norms"]):
             raise UserError("method.type partial trains nothing; set method.top_blocks, method.lm_head or method.layer_norms")
+    if classification and recipe["data"]["format"]:
+        raise UserError(
+            "recipe key 'data.format' applies to task causal_lm; task classification reads data.text_field and data.label_field"
+        )
     for tracker in recipe["train"]["trackers"]:
         if tracker not in TRACKERS:
             raise UserError(f"recipe key 'train.trackers' names '{tracker}'; choose from {', '.join(TRACKERS)}")

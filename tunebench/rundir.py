@@ -113,6 +113,26 @@ def publish(tmp, final) -> None:
         os.replace(tmp, final)
 
 
+def recover(run_dir) -> None:
+    """Undo what a kill during publish() or a save can leave: a folder moved aside, a partial write."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for old in folder.glob(".*.old"):
+            final = old.with_name(old.name[1 : -len(".old")])
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
+        for tmp in folder.glob(".*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def free_mb(path) -> float:
+    return shutil.disk_usage(path).free / 2**20
+
+
 def prune(run_dir, keep: int) -> None:
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""Perplexity, last-word accuracy and generation metrics against straightforward computations."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunebench import metrics
+from tunebench.methods import apply_method
+
+
+@pytest.fixture(scope="module")
+def tiny(assets):
+    tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    text = (assets / "valid.txt").read_text(encoding="utf-8")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:300]  # 300 tokens: no window size divides it
+    model = AutoModelForCausalLM.from_pretrained(assets / "gpt2").eval()
+    return model, tokenizer, ids
+
+
+def plain_loop_nll(model, ids, start_id, max_length, stride):
+    """The straightforward computation: one window at a time, no batching, no padding, no mask;
+    each window scores, from its own log-probabilities, the tokens no earlier window scored."""
+    stream = [start_id] + ids
+    nll, scored, begin, last = 0.0, 0, 0, 0
+    with torch.no_grad():
+        while last < len(ids):
+            end = min(begin + max_length, len(ids))
+            logits = model(torch.tensor([stream[begin:end]])).logits[0]
+            log_probs = torch.log_softmax(logits[-(end - begin) :].double(), dim=-1)
+            for t in range(last + 1, end + 1):
+                nll -= log_probs[t - 1 - begin, stream[t]].item()
+                scored += 1
+            last, begin = end, begin + stride
+    return nll, scored
+
+
+@pytest.mark.parametrize("num_tokens,max_length,stride", [(10, 4, 4), (10, 4, 1), (11, 5, 3), (7, 16, 8), (100, 32, 7)])
+def test_windows_score_every_token_once_with_the_most_context(num_tokens, max_length, stride):
+    counts = [0] * (num_tokens + 1)
+    for begin, end, first in metrics.sliding_windows(num_tokens, max_length, stride):
+        assert begin % stride == 0 and end - begin <= max_length
+        for t in range(first, end + 1):
+            counts[t] += 1
+            # token t is predicted from s[begin..t-1]: at least the overlap of two windows, or all before it
+            assert min(t, max_length - stride + 1) <= t - begin <= max_length
+    assert counts == [0] + [1] * num_tokens
+
+
+@pytest.mark.parametrize("max_length,stride,batch_size", [(64, 64, 1), (64, 64, 3), (64, 32, 2), (50, 17, 4), (128, 100, 8)])
+def test_perplexity_equals_a_plain_loop(tiny, max_length, stride, batch_size):
+    model, tokenizer, ids = tiny
+    result = metrics.perplexity(model, ids, tokenizer.eos_token_id, max_length, stride, batch_size, tokenizer.eos_token_id)
+    nll, scored = plain_loop_nll(model, ids, tokenizer.eos_token_id, max_length, stride)
+    assert result["tokens"] == scored == len(ids)
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_batch_size_and_padding_change_nothing(tiny):
+    model, tokenizer, ids = tiny
+    # 300 tokens in windows of 48 every 40: the last window is short and gets padded in every batch size.
+    runs = [metrics.perplexity(model, ids, tokenizer.eos_token_id, 48, 40, bs, pad_id)["nll"]
+            for bs, pad_id in ((1, 0), (2, 0), (5, 0), (8, 7), (8, 300))]
+    assert max(runs) - min(runs) <= 1e-5 * abs(runs[0])
+
+
+def test_one_window_perplexity_is_the_models_own_loss(tiny):
+    model, tokenizer, ids = tiny
+    text = ids[:100]
+    result = metrics.perplexity(model, text, tokenizer.eos_token_id, 128, 64, 4, tokenizer.eos_token_id)
+    with torch.no_grad():
+        stream = torch.tensor([[tokenizer.eos_token_id] + text])
+        loss = model(stream, labels=stream).loss.item()  # transformers' mean NLL of tokens 1..T
+    assert math.exp(result["nll"] / result["tokens"]) == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_soft_prompt_is_context_and_never_scored(tiny, assets):
+    base, tokenizer, ids = tiny
+    model = apply_method(AutoModelForCausalLM.from_pretrained(assets / "gpt2"), {"type": "prompt_tuning", "num_virtual_tokens": 6, "init_text": None}, tokenizer).eval()
+    result = metrics.perplexity(model, ids, tokenizer.eos_token_id, 64, 32, 3, tokenizer.eos_token_id)
+    nll, scored = plain_loop_nll(model, ids, tokenizer.eos_token_id, 64, 32)
+    assert result["tokens"] == scored == len(ids)
+    assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    plain = metrics.perplexity(base, ids, tokenizer.eos_token_id, 64, 32, 3, tokenizer.eos_token_id)
+    assert result["nll"] != pytest.approx(plain["nll"], rel=1e-4)  # the soft prompt did take part
+
+
+def test_word_level_figures():
+    figures = metrics.text_perplexities(nll=12.0, tokens=6, text="one two  three\nfour ")
+    assert figures["words"] == 4 and figures["bytes"] == 20
+    assert figures["ppl"] == pytest.approx(math.exp(2.0))
+    assert figures["word_ppl"] == pytest.approx(math.exp(3.0))
+    assert figures["bits_per_byte"] == pytest.approx(12.0 / 20 / math.log(2))
+
+
+def test_last_word_equals_a_plain_loop(tiny):
+    model, tokenizer, ids = tiny
+    examples = [(ids[i : i + n], ids[i + n : i + n + k]) for i, n, k in ((0, 30, 1), (40, 12, 3), (80, 50, 2), (150, 5, 1), (200, 70, 2))]
+    # A target the model surely predicts: whatever it greedily continues the context with.
+    with torch.no_grad():
+        guess = model(torch.tensor([ids[:20]])).logits[0, -1].argmax().item()
+    examples.append((ids[:20], [guess]))
+    correct, word_nll = 0, 0.0
+    with torch.no_grad():
+        for context, target in examples:
+            logits = model(torch.tensor([context + target[:-1]])).logits[0, -len(target) :]
+            correct += bool((logits.argmax(-1) == torch.tensor(target)).all())
+            word_nll -= torch.log_softmax(logits.double(), -1)[range(len(target)), target].sum().item()
+    for batch_size in (1, 4):
+        result = metrics.last_word(model, examples, 128, batch_size, tokenizer.eos_token_id)
+        assert result["examples"] == len(examples)
+        assert result["acc"] == pytest.approx(correct / len(examples))
+        assert result["ppl"] == pytest.approx(math.exp(word_nll / len(examples)), rel=1e-5)
+    assert correct >= 1
+
+
+def test_identical_texts_score_perfectly():
+    texts = ["the cat sat on the mat today", "a quick brown fox jumps over the lazy dog"]
+    scores = metrics.generation_scores(texts, texts)
+    assert scores["bleu"] == pytest.approx(100.0) and scores["sacrebleu"] == pytest.approx(100.0)
+    assert scores["ter"] == pytest.approx(0.0) and scores["chrf"] == pytest.approx(100.0)
+    for kind in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert scores[kind] == pytest.approx(1.0)
+    assert "smooth:none" in scores["bleu_signature"] and "smooth:exp" in scores["sacrebleu_signature"]
+
+
+def test_partial_overlap_by_hand():
+    scores = metrics.generation_scores(["the cat sat on the mat"], ["the cat is on the mat"])
+    # n-gram matches of 6 words against 6: unigrams 5/6, bigrams 3/5, trigrams 1/4, 4-grams 0/3.
+    assert scores["bleu"] == 0.0  # no smoothing: an n-gram order without a match gives 0
+    # exponential smoothing counts the empty 4-gram order as 1 / (2 * 3); lengths are equal, no brevity penalty
+    assert scores["sacrebleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25)
+    assert scores["ter"] == pytest.approx(100 / 6)  # one substitution per 6 reference words
+    assert scores["rouge1"] == pytest.approx(5 / 6)
+    assert scores["rouge2"] == pytest.approx(3 / 5)
+    assert scores["rougeL"] == pytest.approx(5 / 6)  # longest common subsequence "the cat on the mat"
+    assert 0 < scores["chrf"] < 100
+
+
+def test_rouge_lsum_reads_sentences_at_newlines():
+    scores = metrics.generation_scores(["b c d\na b c"], ["a b c\nb c d"])
+    assert scores["rougeLsum"] == pytest.approx(1.0)  # each line matches a line of the reference
+    assert scores["rougeL"] < 1.0  # one sequence: the order of the sentences counts
+
+
+def test_meteor_is_a_number_or_null_with_the_reason():
+    import nltk
+
+    scores = metrics.generation_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
+    try:
+        nltk.data.find("corpora/wordnet")
+    except LookupError:
+        assert scores["meteor"] is None and "WordNet" in scores["meteor_reason"]
+    else:
+        assert scores["meteor"] > 0.99 and "meteor_reason" not in scores
+
+
+def plain_greedy(model, prompt, max_new_tokens, eos_id):
+    """Greedy decoding the long way: the whole sequence through the model for every new token."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = model(torch.tensor([sequence])).logits[0, -1].argmax().item()
+            if token == eos_id:
+                break
+            sequence.append(token)
+    return sequence[len(prompt) :]
+
+
+@pytest.mark.parametrize("soft_prompt", [False, True])
+def test_generate_equals_a_plain_greedy_loop(tiny, assets, soft_prompt):
+    _, tokenizer, ids = tiny
+    model = AutoModelForCausalLM.from_pretrained(assets / "gpt2").eval()
+    if soft_prompt:
+        model = apply_method(model, {"type": "prompt_tuning", "num_virtual_tokens": 6, "init_text": None}, tokenizer).eval()
+    prompts = [ids[:5], ids[10:30], ids[40:52], ids[60:65], ids[100:140]]  # two of one length, the rest different
+    expected = [plain_greedy(model, p, 8, tokenizer.eos_token_id) for p in prompts]
+    for batch_size in (1, 3, 5):
+        generated = metrics.generate(model, prompts, batch_size, 8, 1, tokenizer.eos_token_id, tokenizer.eos_token_id)
+        assert generated == expected
+
+
+def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
+    model, tokenizer, ids = tiny
+    prompt = ids[:12]
+    greedy, beam = (metrics.generate(model, [prompt], 1, 6, beams, tokenizer.eos_token_id, tokenizer.eos_token_id)[0]
+                    for beams in (1, 4))
+
+    def log_prob(new):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1 : -1]
+        return torch.log_softmax(logits.double(), -1)[range(len(new)), new].sum().item()
+
+    assert len(beam) == len(greedy) == 6
+    assert log_prob(beam) >= log_prob(greedy) - 1e-6
+
+
+def test_bleu_is_nltks_corpus_bleu_on_13a_tokens():
+    from nltk.translate.bleu_score import corpus_bleu
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    hypotheses = ["The quick brown fox jumps over the lazy dog.", "A model of text, it says: hello world again and again!"]
+    references = ["The quick brown fox jumped over the lazy dog.", "A model of text says hello to the world again!"]
+    words = Tokenizer13a()
+    nltk_bleu = corpus_bleu([[words(r).split()] for r in references], [words(h).split() for h in hypotheses])
+    assert metrics.generation_scores(hypotheses, references)["bleu"] == pytest.approx(100 * nltk_bleu)

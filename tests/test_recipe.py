@@ -1,0 +1,98 @@
+"""The recipe loader: every shipped recipe is valid, overrides parse as YAML, and no input at all
+makes the loader or the override parser fail with anything but a UserError."""
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT
+from tunebench.errors import UserError
+from tunebench.recipe import flatten, load_recipe, parse_override
+
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = [p for p in RECIPES if "suites" not in p.parts]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe["name"] == path.stem
+    assert recipe["output_dir"] == f"runs/{path.stem}"
+
+
+def test_overrides_are_typed_and_win():
+    recipe = load_recipe(ROOT / "recipes/lora_r16.yaml", ["train.lr=1e-4", "method.targets=[attn, mlp]", "train.max_steps=7",
+                                                          "data.max_length=128", "model.name=gpt2-medium"])
+    assert recipe["train"]["lr"] == 1e-4 and isinstance(recipe["train"]["lr"], float)
+    assert recipe["method"]["targets"] == ["attn", "mlp"]
+    assert recipe["train"]["max_steps"] == 7
+    assert recipe["model"]["name"] == "gpt2-medium"
+    assert recipe["train"]["epochs"] == 1  # a default filled in
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("train.max_steps=5") == ("train.max_steps", 5)
+    assert parse_override("overwrite=true") == ("overwrite", True)
+    assert parse_override("eval.tasks=wikitext2,lambada") == ("eval.tasks", "wikitext2,lambada")
+    assert parse_override("model.name=a=b") == ("model.name", "a=b")
+    assert parse_override("data.validation_file=") == ("data.validation_file", None)
+
+
+def test_comma_list_becomes_a_list():
+    recipe = load_recipe(ROOT / "recipes/full.yaml", ["eval.tasks=wikitext2,lambada"])
+    assert recipe["eval"]["tasks"] == ["wikitext2", "lambada"]
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(ROOT / "recipes/prompt_tuning.yaml", ["train.seed=3"])
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert load_recipe(path) == recipe
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(UserError, match="did you mean 'train.max_steps'"):
+        load_recipe(ROOT / "recipes/full.yaml", ["train.max_step=3"])
+
+
+def test_every_schema_key_is_settable():
+    recipe = load_recipe(ROOT / "recipes/full.yaml")
+    assert "train.optimizer" in flatten(recipe) and "data.max_length" in flatten(recipe)
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=10), inner, max_size=3)), max_leaves=8)
+keys = st.sampled_from(["name", "model", "method", "data", "train", "eval", "task", "output_dir", "train.lr", "x"]) | st.text(max_size=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(keys, values, max_size=5))
+def test_fuzz_recipe_documents(tmp_path, document):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_recipe(path)
+    except UserError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=30), max_size=4))
+def test_fuzz_overrides(overrides):
+    try:
+        load_recipe(ROOT / "recipes/full.yaml", overrides)
+    except UserError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200))
+def test_fuzz_raw_bytes(tmp_path, raw):
+    path = tmp_path / "raw.yaml"
+    path.write_bytes(raw)
+    try:
+        load_recipe(path)
+    except UserError as e:
+        assert str(e)

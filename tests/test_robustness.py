@@ -1,0 +1,128 @@
+"""Nothing lost: kills at any moment, kills during a save, SIGTERM, divergence."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_script
+
+RECIPE = ROOT / "recipes" / "lora_r16.yaml"
+
+
+def args(assets, out, steps=12):
+    return [
+        "--recipe", str(RECIPE),
+        f"model.name={assets / 'gpt2'}",
+        f"data.dataset={assets / 'train.txt'}",
+        f"data.validation_file={assets / 'valid.txt'}",
+        "data.max_length=64", "data.fraction=0.05",
+        "train.micro_batch_size=4", f"train.max_steps={steps}",
+        "train.eval_every=4", "train.eval_max_batches=4", "train.log_every=1", "train.save_every=1", "train.lr=1e-2",
+        f"output_dir={out}",
+    ]
+
+
+def start(cmd_args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd_args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def losses(run):
+    records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in records]
+
+
+def wait_for(predicate, process, timeout=900):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def logged_steps(run):
+    log = Path(run) / "log.jsonl"
+    return len(log.read_text().splitlines()) if log.is_file() else 0
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = run_script("train.py", *args(assets, run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return losses(run)
+
+
+def assert_same_as_straight(run, straight):
+    got = losses(run)
+    assert [g[0] for g in got] == [s[0] for s in straight]
+    for g, s in zip(got, straight):
+        for a, b in zip(g[1:], s[1:]):
+            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-6)), (g, s)
+
+
+def test_sigkill_at_random_points_resumes_to_the_same_losses(assets, tmp_path, straight):
+    run = tmp_path / "run"
+    rng = random.Random(7)
+    for target in (3, 7, 10):  # kill once the log reaches these lines, plus a random delay
+        process = start(args(assets, run))
+        reached = wait_for(lambda: logged_steps(run) >= target, process)
+        if reached:
+            time.sleep(rng.uniform(0, 0.2))
+            process.send_signal(signal.SIGKILL)
+        _, err = process.communicate()
+        assert reached, err[-3000:]
+    result = run_script("train.py", *args(assets, run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_as_straight(run, straight)
+
+
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint(assets, tmp_path, straight):
+    run = tmp_path / "run"
+    process = start(args(assets, run))
+    saving = lambda: any(p.name.endswith(".tmp") for p in (run / "checkpoints").glob(".step-*")) and logged_steps(run) >= 3
+    caught = wait_for(saving, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert caught, "the save was never seen in progress"
+    complete = [p for p in (run / "checkpoints").glob("step-*")]
+    assert complete, "the previous checkpoint is gone"
+    result = run_script("train.py", *args(assets, run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming {run}" in result.stdout
+    assert not list((run / "checkpoints").glob(".*"))
+    assert_same_as_straight(run, straight)
+
+
+def test_sigterm_saves_and_exits_cleanly(assets, tmp_path, straight):
+    run = tmp_path / "run"
+    process = start(args(assets, run) + ["train.save_every=100"])  # only the signal makes a checkpoint
+    assert wait_for(lambda: logged_steps(run) >= 4, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err
+    assert "interrupted by SIGTERM" in out + err and "Resume with the same command" in out + err
+    step = int((out + err).split("interrupted by SIGTERM at step ")[1].split("/")[0])
+    assert (run / "checkpoints" / f"step-{step}").is_dir()
+    result = run_script("train.py", *args(assets, run) + ["train.save_every=100"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_as_straight(run, straight)
+
+
+def test_divergence_stops_with_a_message_and_keeps_final(assets, tmp_path):
+    run = tmp_path / "run"
+    result = run_script("train.py", *args(assets, run), "train.lr=1e30", "train.max_grad_norm=0")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "training loss became nan by step 2" in result.stdout + result.stderr
+    assert (run / "final").is_dir()  # the best model so far (step 0) stays
+    assert not (run / "summary.json").exists()
