@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # to keep a torch you already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo compare bench clean
+.PHONY: install test demo compare bench bench-memory clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ SUITE ?= recipes/suites/gpt2_wikitext2.yaml
 ACCEL ?=
 compare: install
 	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL))
+
+# Optimizer state per parameter and the memory plan against measured peaks (GPT-2 small and medium
+# shapes, a few steps each; on a GPU also medium with bf16 + checkpointing + 8-bit AdamW).
+bench-memory: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/memory.py
 
 clean:
 	rm -rf runs reports .cache
