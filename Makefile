@@ -20,5 +20,11 @@ install: $(VENV)/.installed
 test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
+# Training and evaluation speed against transformers.Trainer -> reports/bench/bench.json and a table.
+# About 2 hours on a 2-core CPU; BENCH_ARGS=--quick is a smoke run of a few minutes.
+BENCH_ARGS ?=
+bench: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/speed.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs reports .cache
