@@ -42,5 +42,12 @@ compare: install
 bench-memory: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/memory.py
 
+# Training and evaluation speed against transformers.Trainer -> reports/bench/bench.json and a table.
+# About 2 hours on a 2-core CPU; BENCH_ARGS=--quick is a smoke run of a few minutes.
+BENCH_ARGS ?=
+bench: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/speed.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/memory.py
+
 clean:
 	rm -rf runs reports .cache
