@@ -1,0 +1,260 @@
+"""Run a suite: train every recipe on the same setting, evaluate each and the untrained model, report.
+
+    python -m tunebench.compare --suite recipes/suites/gpt2_wikitext2.yaml [--accel accelerate_configs/X.yaml]
+    make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml]
+
+A suite file (recipes/suites/NAME.yaml):
+
+    name: gpt2_wikitext2          # runs go to runs/NAME/, the report to reports/NAME/ (default: file name)
+    recipes: [recipes/full.yaml, recipes/lora_r16.yaml, ...]
+    overrides:                    # dotted recipe keys given to every recipe: the shared setting
+      model.name: gpt2
+      train.max_steps: 500        # the token budget: steps x micro_batch_size x grad_accum x max_length
+      eval.tasks: [wikitext2]
+    seeds: [1, 2, 3]              # optional: each recipe once per seed, runs named RECIPE-seedN
+    eval_args: [--max-tokens, "40000"]   # optional: extra evaluate.py arguments, the same for every model
+
+Every recipe keeps its own method and learning rate; everything in `overrides` is the same for all,
+so all methods see the same tokens in the same order and are evaluated identically. The model as
+it is (no training) is always evaluated too: the baseline row.
+
+Each step is skipped when its result is there: a finished run (summary.json) is not trained
+again, an interrupted one resumes from its checkpoints (train.py does both), an evaluated run
+(eval.json with every task) is not evaluated again. A step that fails leaves error.txt (the last
+lines of its output) in the run folder; the suite goes on and the report shows the run as failed.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tunebench import rundir
+from tunebench.errors import UserError, exit_with
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir"}
+ERROR_LINES = 20
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
+INTERRUPTED = {130, 143}  # 128 + SIGINT, 128 + SIGTERM: train.py saved a checkpoint and stopped
+
+
+def override_text(key: str, value) -> str:
+    """KEY=VALUE as train.py reads it (the value is read back as YAML)."""
+    if isinstance(value, str) and yaml.safe_load(value) == value:
+        return f"{key}={value}"
+    return f"{key}={json.dumps(value)}"
+
+
+def load_suite(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"suite file '{path}' does not exist; pick one under recipes/suites/, e.g. recipes/suites/demo.yaml")
+    try:
+        suite = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"suite file '{path}' is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(suite, dict):
+        raise UserError(f"suite file '{path}' must hold a mapping with at least 'recipes'")
+    unknown = sorted(set(suite) - SUITE_KEYS)
+    if unknown:
+        raise UserError(f"suite file '{path}' has unknown key '{unknown[0]}'; the keys are {', '.join(sorted(SUITE_KEYS))}")
+    recipes = suite.get("recipes")
+    if not isinstance(recipes, list) or not recipes or not all(isinstance(r, str) for r in recipes):
+        raise UserError(f"suite file '{path}': 'recipes' must be a list of recipe files, e.g. [recipes/full.yaml]")
+    overrides = suite.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"suite file '{path}': 'overrides' must map dotted recipe keys to values, e.g. train.max_steps: 100")
+    seeds = suite.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds)):
+        raise UserError(f"suite file '{path}': 'seeds' must be a list of integers, e.g. [1, 2, 3]")
+    eval_args = suite.get("eval_args") or []
+    if not isinstance(eval_args, list):
+        raise UserError(f"suite file '{path}': 'eval_args' must be a list of evaluate.py arguments, e.g. [--max-tokens, 40000]")
+    name = str(suite.get("name") or path.stem)
+    return {
+        "name": name,
+        "recipes": recipes,
+        "overrides": [override_text(k, v) for k, v in overrides.items()],
+        "seeds": seeds,
+        "eval_args": [str(a) for a in eval_args],
+        "runs_dir": Path(suite.get("runs_dir") or f"runs/{name}"),
+        "report_dir": Path(suite.get("report_dir") or f"reports/{name}"),
+    }
+
+
+def plan(suite: dict) -> list:
+    """Every training run of the suite: its name, recipe file, overrides and resolved recipe."""
+    from tunebench.recipe import load_recipe
+
+    runs = []
+    for recipe_path in suite["recipes"]:
+        for seed in suite["seeds"] or [None]:
+            name = Path(recipe_path).stem + (f"-seed{seed}" if seed is not None else "")
+            run_dir = suite["runs_dir"] / name
+            overrides = suite["overrides"] + [f"name={name}", f"output_dir={run_dir}"]
+            if seed is not None:
+                overrides.append(f"train.seed={seed}")
+            # Validating every recipe first: a typo fails the suite now, not after hours of training.
+            recipe = load_recipe(recipe_path, overrides)
+            runs.append({"name": name, "recipe_path": recipe_path, "overrides": overrides, "recipe": recipe, "dir": run_dir})
+    if len({r["name"] for r in runs}) < len(runs):
+        raise UserError("two recipes of the suite have the same file name; their runs would share a folder")
+    if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
+        raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
+    return runs
+
+
+def check_reachable(runs: list) -> None:
+    """Every model and data set loads from a local path or the cache, or the hub answers: else one line."""
+    from tunebench import data
+    from tunebench.models import load_config
+
+    checked = set()
+    for run in runs:
+        m, d = run["recipe"]["model"], run["recipe"]["data"]
+        key = (m["name"], m["gguf_file"], m["revision"], d["dataset"], d["config"])
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            load_config(m)
+            data.load_raw(d)
+        except UserError as e:
+            hint = "" if "make demo" in str(e) else "; `make demo` runs a comparison fully offline"
+            raise UserError(f"{e}{hint}") from None
+
+
+def model_source(model_cfg: dict) -> str:
+    """The model as evaluate.py --model takes it: a hub id, a folder, or the path of a .gguf file."""
+    gguf = model_cfg["gguf_file"]
+    return str(Path(model_cfg["name"]) / gguf) if gguf else model_cfg["name"]
+
+
+def run_logged(command: list, env: dict) -> tuple:
+    """Run a command, its output streamed to the terminal; returns (exit status, last lines of output)."""
+    tail = collections.deque(maxlen=64 * 1024)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        while chunk := os.read(process.stdout.fileno(), 4096):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            tail.extend(chunk)
+    finally:
+        status = process.wait()  # on Ctrl-C the child got SIGINT too: let it save its checkpoint
+    text = bytes(tail).decode("utf-8", errors="replace")
+    lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and not PROGRESS_BAR.search(line)]
+    return status, lines[-ERROR_LINES:]
+
+
+def record_failure(run_dir: Path, what: str, command: list, status: int, lines: list) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = f"{what} failed with exit status {status}: {' '.join(command)}\n" + "\n".join(lines) + "\n"
+    (run_dir / "error.txt").write_text(text, encoding="utf-8")
+    print(f"\n*** {run_dir.name}: {what} failed (exit status {status}); see {run_dir / 'error.txt'}; going on\n", flush=True)
+
+
+def clear_failure(run_dir: Path) -> None:
+    """Forget an earlier failure before trying again (a folder left empty counts as a new run)."""
+    error = run_dir / "error.txt"
+    if error.is_file():
+        error.unlink()
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def evaluated(run_dir: Path, tasks: list) -> bool:
+    try:
+        done = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("tasks") or {}
+    except (OSError, ValueError):
+        return False
+    return bool(done) and all(t in done for t in tasks)
+
+
+def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
+    """Run one step of the suite; False (and error.txt) when it fails. Stops the suite on Ctrl-C."""
+    print(f"\n=== {run_dir.name}: {what}\n$ {' '.join(command)}", flush=True)
+    status, lines = run_logged(command, env)
+    if status in INTERRUPTED:
+        print(f"\ninterrupted during {what} of {run_dir.name}; run the same command again to resume", file=sys.stderr)
+        sys.exit(status)
+    if status != 0:
+        record_failure(run_dir, what, command, status, lines)
+        return False
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
+    parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        suite = load_suite(args.suite)
+        if args.accel and not Path(args.accel).is_file():
+            raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
+        runs = plan(suite)
+        check_reachable(runs)
+    except UserError as e:
+        exit_with(e)
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    python = sys.executable
+    tasks = runs[0]["recipe"]["eval"]["tasks"]
+    task_args = ["--tasks", ",".join(tasks)]
+    failed = []
+
+    baselines = []
+    models = list(dict.fromkeys(model_source(r["recipe"]["model"]) for r in runs))
+    for model in models:
+        name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
+        run_dir = suite["runs_dir"] / name
+        baselines.append(run_dir)
+        if evaluated(run_dir, tasks):
+            print(f"=== {name}: already evaluated ({run_dir / 'eval.json'})")
+            continue
+        clear_failure(run_dir)
+        command = [python, str(ROOT / "evaluate.py"), "--model", model, "--out", str(run_dir), *task_args, *suite["eval_args"]]
+        if not step("evaluation of the untrained model", run_dir, command, env):
+            failed.append(name)
+
+    for run in runs:
+        run_dir = run["dir"]
+        clear_failure(run_dir)
+        try:
+            finished = rundir.status(run_dir, run["recipe"]) == rundir.FINISHED
+        except UserError:
+            finished = False  # train.py says what is wrong, and the failure is recorded
+        if finished:
+            print(f"\n=== {run['name']}: already trained ({run_dir / 'summary.json'})")
+        launcher = [python, "-m", "accelerate.commands.launch", "--config_file", args.accel] if args.accel else [python]
+        command = [*launcher, str(ROOT / "train.py"), "--recipe", run["recipe_path"], *run["overrides"]]
+        if not finished and not step("training", run_dir, command, env):
+            failed.append(run["name"])
+            continue
+        if evaluated(run_dir, tasks):
+            print(f"=== {run['name']}: already evaluated ({run_dir / 'eval.json'})")
+            continue
+        command = [python, str(ROOT / "evaluate.py"), "--run", str(run_dir), *task_args, *suite["eval_args"]]
+        if not step("evaluation", run_dir, command, env):
+            failed.append(run["name"])
+
+    from tunebench.report import write_report
+
+    report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"])
+    minutes, seconds = divmod(round(time.perf_counter() - started), 60)
+    print(f"\nsuite {suite['name']}: {len(runs)} runs + baseline in {minutes} min {seconds} s"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"report: {report}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

