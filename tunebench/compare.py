@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir"}
 ERROR_LINES = 20
 PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
-INTERRUPTED = {130, 143}  # 128 + SIGINT, 128 + SIGTERM: train.py saved a checkpoint and stopped
+# train.py exits 128 + SIGINT / SIGTERM after saving a checkpoint; a Python killed by them gives -2 / -15.
+INTERRUPTED = {130, 143, -2, -15}
 
 
 def override_text(key: str, value) -> str:
@@ -146,8 +147,9 @@ def run_logged(command: list, env: dict) -> tuple:
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             tail.extend(chunk)
-    finally:
-        status = process.wait()  # on Ctrl-C the child got SIGINT too: let it save its checkpoint
+    except KeyboardInterrupt:
+        pass  # the child got the SIGINT too: train.py saves a checkpoint and stops
+    status = process.wait()
     text = bytes(tail).decode("utf-8", errors="replace")
     lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and not PROGRESS_BAR.search(line)]
     return status, lines[-ERROR_LINES:]
