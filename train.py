@@ -98,10 +98,9 @@ def main(argv=None):
         check_context(config, recipe)
         if t["optimizer"] == "paged_adamw_8bit" and not torch.cuda.is_available():
             raise UserError("train.optimizer paged_adamw_8bit pages optimizer state to a GPU; use adamw_8bit on a CPU")
-        setup = plan.setup_from_accelerator(accelerator)
-        if setup.zero_stage:
+        if accelerator.state.deepspeed_plugin is not None:
             distributed.check_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, t, accelerator.num_processes)
-        memory_plan = plan.predict_for_summary(recipe, config, setup)  # before the model loads: see tunebench/plan.py
+        memory_plan = plan.predict_for_summary(recipe, config, accelerator)  # before the model loads: see tunebench/plan.py
         measure.return_freed_memory()
         tokenizer = load_tokenizer(m)
         with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache

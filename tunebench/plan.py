@@ -26,6 +26,7 @@ runtime: on a CPU the compared measurement is the process's peak resident memory
 Not modelled: DeepSpeed's communication buckets and ZeRO-3's gathered layers, the CUDA context
 (about 0.5 GB, added only in the budget check), allocator fragmentation.
 """
+import contextlib
 import itertools
 import math
 import weakref
@@ -135,8 +136,27 @@ def model_dtype(recipe: dict, config, setup: Setup):
     return dtype
 
 
+@contextlib.contextmanager
+def _whole_models():
+    """While a ZeRO-3 run's DeepSpeed config is registered, transformers builds every model
+    partitioned across processes (deepspeed.zero.Init); the plan's model must be whole."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def _meta_model(recipe: dict, config, dtype, checkpointing: bool):
     """The recipe's model with its method on the meta device: shapes and dtypes, no memory."""
+    with _whole_models():
+        return _build_meta_model(recipe, config, dtype, checkpointing)
+
+
+def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
     from tunebench.methods import apply_method
@@ -192,10 +212,11 @@ def optimizer_state_bytes(trained: list, optimizer: str) -> int:
     return total
 
 
-def _step_temporaries(optimizer: str, device: str, trained_bytes: int, largest: int, size: int) -> int:
-    """Transient bytes of one optimizer step; largest: elements of the largest tensor updated at once."""
+def _step_temporaries(optimizer: str, device: str, updated_bytes: int, largest: int, size: int) -> int:
+    """Transient bytes of one optimizer step; largest: elements of the largest tensor updated at once,
+    size: their element size."""
     if optimizer == "adamw":
-        return trained_bytes if device == "cuda" else 2 * largest * size
+        return updated_bytes if device == "cuda" else 2 * largest * size
     if optimizer in EIGHT_BIT and device == "cpu":
         return 5 * largest * 4
     return 0
@@ -242,50 +263,43 @@ class Prediction:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Follows the storage of every tensor that operations create under it (weights and buffers
-    excluded) until it is freed, and remembers the peak of the bytes alive: gradients (once
-    accumulated into a parameter) and everything else (activations and temporaries)."""
+    """Follows the storage of every tensor that operations create under it until it is freed, and
+    keeps the peak of the bytes alive: gradients (once accumulated into a trained parameter) and
+    everything else (activations and temporaries). Weights and buffers are not counted."""
 
     def __init__(self, model):
         super().__init__()
-        self._known = weakref.WeakKeyDictionary()  # storage -> counted bytes (0 for weights and buffers)
+        self._storages = weakref.WeakKeyDictionary()  # storage -> [bytes counted, is a gradient]
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            self._known[tensor.untyped_storage()] = 0
+            self._storages[tensor.untyped_storage()] = [0, False]
         self.gradients = self.other = self.peak_gradients = self.peak_other = 0
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._now_a_gradient)
 
-    def _free(self, size: int, is_gradient: list) -> None:
-        if is_gradient[0]:
-            self.gradients -= size
+    def _freed(self, entry: list) -> None:
+        if entry[1]:
+            self.gradients -= entry[0]
         else:
-            self.other -= size
+            self.other -= entry[0]
 
     def _now_a_gradient(self, param) -> None:
-        storage = param.grad.untyped_storage()
-        size = self._known.get(storage, 0)
-        flag = self._flags.get(storage)
-        if size and flag is not None and not flag[0]:
-            flag[0] = True
-            self.other -= size
-            self.gradients += size
-
-    def __enter__(self):
-        self._flags = weakref.WeakKeyDictionary()
-        return super().__enter__()
+        entry = self._storages.get(param.grad.untyped_storage())
+        if entry and not entry[1]:
+            entry[1] = True
+            self.other -= entry[0]
+            self.gradients += entry[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in pytree.tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
-                if storage not in self._known:
-                    size = storage.nbytes()
-                    is_gradient = [False]
-                    self._known[storage], self._flags[storage] = size, is_gradient
-                    weakref.finalize(storage, self._free, size, is_gradient)
-                    self.other += size
+                if storage not in self._storages:
+                    entry = [storage.nbytes(), False]
+                    self._storages[storage] = entry
+                    weakref.finalize(storage, self._freed, entry)
+                    self.other += entry[0]
         if self.gradients + self.other > self.peak_gradients + self.peak_other:
             self.peak_gradients, self.peak_other = self.gradients, self.other
         return out
@@ -303,14 +317,17 @@ class Planner:
         self._layouts, self._passes = {}, {}
 
     def _layout(self, setup: Setup):
-        """([(numel, element size)] of all parameters, the same of the trained ones)."""
+        """([(numel, element size)] of all parameters, the same of the trained ones, and the trained
+        elements in train.py's two parameter groups: matrices (weight decay), and the rest)."""
         dtype = model_dtype(self.recipe, self.config, setup)
         if dtype not in self._layouts:
             from tunebench.methods import unique_params
 
             params = list(unique_params(_meta_model(self.recipe, self.config, dtype, checkpointing=False)))
+            trained = [p for p in params if p.requires_grad]
             self._layouts[dtype] = ([(p.numel(), p.element_size()) for p in params],
-                                    [(p.numel(), p.element_size()) for p in params if p.requires_grad])
+                                    [(p.numel(), p.element_size()) for p in trained],
+                                    [sum(p.numel() for p in trained if (p.ndim >= 2) == matrix) for matrix in (True, False)])
         return self._layouts[dtype]
 
     def _pass(self, setup: Setup, micro_batch: int, checkpointing: bool) -> dict:
@@ -331,7 +348,11 @@ class Planner:
                 ids = torch.zeros((micro_batch, seq), dtype=torch.long, device=setup.device)
                 with torch.autocast(setup.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast),
                                     enabled=autocast is not None):
-                    nll, _ = causal_nll(model(input_ids=ids).logits, ids)  # as train.py's loop: logits not kept
+                    logits = model(input_ids=ids).logits
+                    if autocast:
+                        logits = logits.float()  # accelerate returns a mixed-precision model's outputs in float32
+                    nll, _ = causal_nll(logits, ids)
+                    del logits  # as train.py's loop: not kept past the loss
                 nll.backward()
             self._passes[key] = {"gradients": live.peak_gradients, "activations": live.peak_other}
         return self._passes[key]
@@ -344,16 +365,17 @@ class Planner:
         optimizer, grad_accum, setup = optimizer or t["optimizer"], grad_accum or t["grad_accum"], setup or self.setup
         n, zero, on_gpu = setup.processes, setup.zero_stage, setup.device == "cuda"
 
-        params, trained = self._layout(setup)
+        params, trained, groups = self._layout(setup)
         weights = sum(numel * size for numel, size in params)
         gradients = sum(numel * size for numel, size in trained)
-        trained_numel = sum(numel for numel, _ in trained)
         state = optimizer_state_bytes(trained, optimizer)
         largest = max((numel for numel, _ in trained), default=0)
         buckets = offloaded = 0
         if zero:
-            state = (state + 4 * trained_numel) // n  # plus DeepSpeed's float32 master weights
-            largest = trained_numel // n  # ZeRO updates one flat partition
+            # The optimizer sees one flat float32 partition per parameter group, beside DeepSpeed's master weights.
+            partitions = [(math.ceil(group / n), 4) for group in groups if group]
+            state = optimizer_state_bytes(partitions, optimizer) + sum(numel * 4 for numel, _ in partitions)
+            largest = max((numel for numel, _ in partitions), default=0)
             gradients //= n if zero >= 2 else 1
             weights //= n if zero >= 3 else 1
             if on_gpu and setup.offload_optimizer:
@@ -363,25 +385,27 @@ class Planner:
         elif n > 1:
             buckets = gradients
 
-        size = trained[0][1] if trained else 4
         passed = self._pass(setup, micro_batch, checkpointing)
         computed_grads = gradients if grad_accum > 1 or zero >= 2 else min(gradients, passed["gradients"])
         backward = (computed_grads + buckets, passed["activations"])
-        optimizer_on_gpu = not (on_gpu and setup.offload_optimizer)
-        temporaries = _step_temporaries(optimizer, setup.device, gradients, largest, size) if optimizer_on_gpu else 0
+        # The optimizer updates the trained tensors in their dtype, or under ZeRO its float32 partition.
+        size = 4 if zero or not trained else trained[0][1]
+        updated_bytes = sum(numel * 4 for numel, _ in partitions) if zero else gradients
+        optimizer_on_device = not (on_gpu and setup.offload_optimizer)
+        temporaries = _step_temporaries(optimizer, setup.device, updated_bytes, largest, size) if optimizer_on_device else 0
         step = (gradients + buckets, temporaries)
         grads, activations = backward if sum(backward) >= sum(step) else step
         return Prediction(
             weights=weights, gradients=grads, optimizer_state=state, activations=activations, runtime=self.runtime,
             offloaded=offloaded, phase="backward" if sum(backward) >= sum(step) else "optimizer step",
-            trainable=sum(numel for numel, _ in self._layout(self.setup)[1]),
-            total_params=sum(numel for numel, _ in self._layout(self.setup)[0]),
+            trainable=sum(self._layout(self.setup)[2]), total_params=sum(numel for numel, _ in self._layout(self.setup)[0]),
         )
 
 
-def predict_for_summary(recipe: dict, config, setup: Setup) -> dict:
+def predict_for_summary(recipe: dict, config, accelerator) -> dict:
     """The prediction for summary.json, made before the model loads. A model whose code cannot run on
     fake tensors gets the reason instead: a prediction must never stop a training run."""
+    setup = setup_from_accelerator(accelerator)
     try:
         return Planner(recipe, config, setup).predict().as_summary(setup)
     except Exception as e:  # noqa: BLE001 - any failure of the fake-tensor pass
@@ -485,6 +509,7 @@ def show(recipe: dict, setup: Setup, budget_gb=None) -> None:
 
     config = load_config(recipe["model"])
     check_context(config, recipe)
+    import accelerate, datasets, peft  # noqa: E401,F401 - loaded as train.py loads them, so that the runtime measured matches a run's
     planner = Planner(recipe, config, setup)
     prediction = planner.predict()
     print(format_prediction(recipe, setup, prediction))
