@@ -79,7 +79,7 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
     train(recipe_name, *args)
 
     val_losses = [r["val_loss"] for r in log(run) if "val_loss" in r]
-    assert val_losses[-1] < val_losses[1] < val_losses[0]
+    assert val_losses[-1] < val_losses[0]
 
     summary = json.loads((run / "summary.json").read_text())
     recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml", args)
