@@ -158,7 +158,7 @@ def run_logged(command: list, env: dict) -> tuple:
 def record_failure(run_dir: Path, what: str, command: list, status: int, lines: list) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = f"{what} failed with exit status {status}: {' '.join(command)}\n" + "\n".join(lines) + "\n"
-    (run_dir / "error.txt").write_text(text, encoding="utf-8")
+    rundir.write_atomic(run_dir / "error.txt", text)
     print(f"\n*** {run_dir.name}: {what} failed (exit status {status}); see {run_dir / 'error.txt'}; going on\n", flush=True)
 
 
@@ -192,8 +192,13 @@ def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
     return True
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        exit_with(UserError(f"{message} (usage: python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml])"))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
     parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
     args = parser.parse_args(argv)
