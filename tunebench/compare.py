@@ -28,9 +28,11 @@ import collections
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -110,6 +112,18 @@ def plan(suite: dict) -> list:
     if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
         raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
     return runs
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host accepts a connection (assumed yes behind a proxy)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def check_reachable(runs: list) -> None:
@@ -208,9 +222,15 @@ def main(argv=None):
         if args.accel and not Path(args.accel).is_file():
             raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
         runs = plan(suite)
+        # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
+        offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
+        if offline:
+            os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         check_reachable(runs)
     except UserError as e:
         exit_with(e)
+    if offline:
+        print("the Hugging Face hub is out of reach: working offline from local files and the cache")
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     python = sys.executable
