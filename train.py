@@ -8,7 +8,6 @@ The hardware (CPU, GPUs, DeepSpeed ZeRO, mixed precision) comes from the acceler
 """
 import argparse
 import math
-import os
 import shutil
 import signal
 import sys
@@ -30,6 +29,12 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. train.max_steps=50 data.max_length=128")
     parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                         help="save a checkpoint and stop after N optimizer steps (resume by running the same command)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the predicted peak memory of this run (per process) and train nothing")
+    parser.add_argument("--budget-gb", type=float, default=None, metavar="G",
+                        help="with --plan: also list the cheapest settings whose predicted peak fits in G GB")
+    parser.add_argument("--config-file", default=None, metavar="ACCEL",
+                        help="with --plan: the accelerate config the run will use (default: one process on this machine)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -41,6 +46,13 @@ def main(argv=None):
     # ---- recipe and run directory: every check before anything is written --------------------
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.plan:
+            from tunebench import plan
+
+            plan.show(recipe, plan.setup_from_config_file(args.config_file), args.budget_gb)
+            return
+        if args.budget_gb is not None or args.config_file is not None:
+            raise UserError("--budget-gb and --config-file go with --plan; to train with a config: accelerate launch --config_file ACCEL train.py ...")
         run_dir = Path(recipe["output_dir"])
         state = rundir.status(run_dir, recipe)
     except UserError as e:
@@ -56,23 +68,26 @@ def main(argv=None):
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from tunebench import data, measure
+    from tunebench import data, distributed, measure, plan
     from tunebench.methods import apply_method, count_params, unique_params
     from tunebench.metrics import causal_nll, classification_nll, scored_targets
-    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench.models import check_context, enable_gradient_checkpointing, load_config, load_model, load_tokenizer
 
     m, d, t = recipe["model"], recipe["data"], recipe["train"]
     classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
     nll_of = classification_nll if classify else causal_nll
 
+    try:
+        process_kwargs = distributed.accelerator_kwargs()
+    except UserError as e:
+        exit_with(e)
     accelerator = Accelerator(
-        # Under torchrun without a GPU, accelerate needs cpu=True to join the processes (gloo).
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t["grad_accum"], sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t["seed"]),
         log_with=t["trackers"] or None,
         project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,
+        **process_kwargs,
     )
     main_process = accelerator.is_main_process
     set_seed(t["seed"])
@@ -80,25 +95,24 @@ def main(argv=None):
     # ---- model, method, data ---------------------------------------------------------------------
     try:
         config = load_config(m)
-        limit = context_length(config)
-        extra = recipe["method"]["num_virtual_tokens"] if recipe["method"]["type"] == "prompt_tuning" else 0
-        if limit and d["max_length"] + extra > limit:
-            room = f" minus {extra} virtual tokens" if extra else ""
-            raise UserError(
-                f"data.max_length {d['max_length']} is longer than the model's context of {limit} positions{room}; "
-                f"set data.max_length={limit - extra} or less"
-            )
+        check_context(config, recipe)
         if t["optimizer"] == "paged_adamw_8bit" and not torch.cuda.is_available():
             raise UserError("train.optimizer paged_adamw_8bit pages optimizer state to a GPU; use adamw_8bit on a CPU")
+        if accelerator.state.deepspeed_plugin is not None:
+            distributed.check_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, t, accelerator.num_processes)
+        memory_plan = plan.predict_for_summary(recipe, config, accelerator)  # before the model loads: see tunebench/plan.py
+        measure.return_freed_memory()
         tokenizer = load_tokenizer(m)
         with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
             train_set, val_set = data.build(d, tokenizer, t["seed"], recipe["task"])
         model = load_model(m, train_set.label_names, tokenizer.pad_token_id)
         if m["gradient_checkpointing"]:
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
+        set_seed(t["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
         model = apply_method(model, recipe["method"], tokenizer)
         trainable, total = count_params(model)
+        if t["compile"]:
+            model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
 
         collate = data.collate(tokenizer.pad_token_id)
         # The loader's own generator: starting an epoch's iterator must not draw from the global RNG,
@@ -131,7 +145,8 @@ def main(argv=None):
     groups = [g for g in groups if g["params"]]
     betas = (t["adam_beta1"], t["adam_beta2"])
     if t["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=betas)
+        # One fused kernel per step instead of a loop of elementwise passes (the Trainer's default too).
+        optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=betas, fused=accelerator.device.type in ("cpu", "cuda"))
     elif t["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(groups, lr=t["lr"], momentum=0.9)
     else:
@@ -220,6 +235,7 @@ def main(argv=None):
         else:
             try:
                 accelerator.save_state(str(tmp))
+                accelerator.wait_for_everyone()  # every process writes its own files (random states, ZeRO shards)
                 if main_process:
                     rundir.write_json(tmp / rundir.STATE_FILE, {**progress, "scheduler": scheduler.state_dict()})
                     rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
@@ -287,6 +303,7 @@ def main(argv=None):
                     with accelerator.autocast():
                         logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
                         nll, _ = nll_of(logits, b["labels"])
+                        del logits  # not kept past the loss: at the next forward it would be a second copy
                     # accelerate divides by grad_accum and DDP averages over processes: undo both.
                     accelerator.backward(nll * (world * t["grad_accum"]) / scored)
                     if accelerator.sync_gradients and t["max_grad_norm"]:
@@ -379,6 +396,8 @@ def main(argv=None):
         "peak_gpu_mem_mb": measure.peak_gpu_mem_mb(),
         "peak_cpu_rss_mb": measure.peak_cpu_rss_mb(),
         "optimizer_state_mb": measure.optimizer_state_mb(optimizer),
+        "predicted_peak_mb": memory_plan.get("predicted_peak_mb"),
+        "memory_plan": memory_plan,
         "initial_val_loss": progress["initial_val_loss"],
         "best_train_loss": progress["best_train_loss"],
         "best_val_loss": progress["best_val_loss"],

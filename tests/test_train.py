@@ -175,7 +175,7 @@ def test_two_processes_match_one(assets, tmp_path):
     args = common(assets, one, model="gpt2_nodropout", steps=6)
     train("full", *args, "train.lr=3e-3")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "train.py")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py")]
     overrides = common(assets, two, model="gpt2_nodropout", steps=6) + ["train.lr=3e-3", "train.micro_batch_size=2"]
     result = subprocess.run(torchrun + ["--recipe", str(ROOT / "recipes/full.yaml"), *overrides],
                             env=env, capture_output=True, text=True, timeout=600)

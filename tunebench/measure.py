@@ -1,4 +1,5 @@
 """Measurements taken the same way for every method: memory, sizes, hardware, versions, FLOPs."""
+import ctypes
 import importlib.metadata
 import os
 import platform
@@ -7,10 +8,25 @@ from pathlib import Path
 
 import torch
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
 
 def peak_cpu_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def return_freed_memory() -> None:
+    """Have glibc give every freed block of 1 MB or more back to the system at once (mmap), instead
+    of keeping it in its heap: by default its threshold grows up to 32 MB as large blocks are freed,
+    so that freed activations stay resident and the process's peak RSS exceeds its tensors by 10-20%
+    (GPT-2 small, full fine-tuning, CPU: 3.6 GB instead of 3.2 GB). Costs a few % more system time.
+    Does nothing where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_gpu_mem_mb():

@@ -51,9 +51,10 @@ def unique_params(model):
 
 
 def count_params(model) -> tuple:
-    """(trainable, total), counting tied parameters once."""
-    params = list(unique_params(model))
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total), counting tied parameters once (and whole under ZeRO-3, which leaves each
+    process an empty placeholder and the full size in ds_numel)."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in unique_params(model)]
+    return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 
 def _matches(module_name: str, suffix: str) -> bool:

@@ -113,3 +113,24 @@ def context_length(config) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them. Non-reentrant
+    checkpointing (torch.utils.checkpoint, use_reentrant=False) gives gradients to parameters inside a
+    block even when its inputs need none, so a frozen base model with LoRA or a soft prompt trains."""
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_context(config, recipe: dict) -> None:
+    """Refuse a data.max_length (plus a soft prompt's virtual tokens) longer than the model's context."""
+    limit = context_length(config)
+    max_length = recipe["data"]["max_length"]
+    extra = recipe["method"]["num_virtual_tokens"] if recipe["method"]["type"] == "prompt_tuning" else 0
+    if limit and max_length + extra > limit:
+        room = f" minus {extra} virtual tokens" if extra else ""
+        raise UserError(
+            f"data.max_length {max_length} is longer than the model's context of {limit} positions{room}; "
+            f"set data.max_length={limit - extra} or less"
+        )

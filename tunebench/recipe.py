@@ -88,6 +88,7 @@ SCHEMA = {
         "save_every": (100, int, "positive"),
         "keep_checkpoints": (2, int, "positive"),
         "log_every": (10, int, "positive"),
+        "compile": (False, bool, None),
         "trackers": ([], list, None),
     },
     "eval": {

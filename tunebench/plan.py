@@ -1,0 +1,530 @@
+"""Predict a run's peak memory per process before it runs, and the cheapest settings that fit a budget.
+
+No weights are loaded and no memory is taken: the model is built from its config on fake tensors
+(PyTorch's FakeTensorMode: shapes and dtypes, no data), with the recipe's gradient checkpointing and
+method applied as train.py applies them.
+
+weights, gradients, optimizer state: exact sizes from that model's parameters (tied weights once),
+  the method's trained parameters and the optimizer's layout: AdamW keeps two moments in the
+  parameter's dtype; bitsandbytes' 8-bit AdamW one byte per moment plus a float32 scale per
+  256-element block, but float32 moments for tensors under 4096 elements; SGD one momentum.
+  DeepSpeed ZeRO divides by the number of processes (stage 1: optimizer state, 2: and gradients,
+  3: and weights) and adds its float32 master copy of the trained weights to the optimizer state;
+  on a GPU, offload moves the optimizer state (and at stage 3 the weights) to CPU memory. DDP
+  (several processes without DeepSpeed) keeps a second copy of the gradients in its buckets.
+activations: one forward and backward pass of the real model code as the training loop runs it
+  (the loss included, under autocast with mixed precision) on fake tensors, under PyTorch's
+  MemTracker, which follows every tensor storage: what is alive at the peak besides weights and
+  gradients is activations and temporaries; gradients already computed then count as gradients.
+optimizer step: all gradients plus the step's temporaries: PyTorch AdamW, one copy of the trained
+  parameters on a GPU (foreach) or two of the largest tensor on a CPU; 8-bit AdamW on a CPU, five
+  float32 copies of the largest tensor (it dequantizes). The peak is the larger of the two phases.
+runtime: on a CPU the compared measurement is the process's peak resident memory, which includes
+  Python, PyTorch and the libraries: the process's own resident memory before the model loads is
+  measured and added. On a GPU the compared measurement is the allocator's peak: tensors only.
+
+Not modelled: DeepSpeed's communication buckets and ZeRO-3's gathered layers, the CUDA context
+(about 0.5 GB, added only in the budget check), allocator fragmentation.
+"""
+import contextlib
+import itertools
+import math
+import weakref
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tunebench.errors import UserError
+
+MB = 2**20
+GB = 2**30
+CUDA_CONTEXT = 512 * MB  # outside PyTorch's allocator; only for the budget check
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 moments for smaller tensors
+BNB_BLOCK = 256  # elements per float32 absmax scale
+BNB_QMAPS = 2 * 256 * 4  # two 256-entry float32 quantization maps, shared by all tensors
+EIGHT_BIT = ("adamw_8bit", "paged_adamw_8bit")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The hardware side of a run, as the accelerate config sets it."""
+    device: str = "cpu"  # "cpu" or "cuda"
+    processes: int = 1
+    mixed_precision: str = "no"  # "no", "bf16", "fp16"
+    zero_stage: int = 0  # 0: no DeepSpeed
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def describe(self) -> str:
+        zero = f"DeepSpeed ZeRO-{self.zero_stage}" if self.zero_stage else "no DeepSpeed"
+        offload = [name for name, on in (("optimizer", self.offload_optimizer), ("weights", self.offload_params)) if on]
+        if offload:
+            zero += f" offloading {' and '.join(offload)}"
+        precision = "fp32" if self.mixed_precision == "no" else f"{self.mixed_precision} mixed precision"
+        return f"{self.processes} process{'es' if self.processes > 1 else ''} on {self.device}, {precision}, {zero}"
+
+
+def _this_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _from_deepspeed_json(ds: dict) -> dict:
+    zero = ds.get("zero_optimization", {})
+    fields = dict(
+        zero_stage=int(zero.get("stage", 0)),
+        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
+        offload_params=(zero.get("offload_param") or {}).get("device", "none") not in ("none", None),
+    )
+    for precision in ("bf16", "fp16"):
+        if str(ds.get(precision, {}).get("enabled", "false")).lower() == "true":
+            fields["mixed_precision"] = precision
+    return fields
+
+
+def setup_from_config_file(path) -> Setup:
+    """The Setup an accelerate config file describes; None: one process on this machine, fp32."""
+    if path is None:
+        return Setup(device=_this_device())
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"accelerate config '{path}' does not exist; pick one under accelerate_configs/")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"accelerate config '{path}' is not valid YAML: {e}") from None
+    fields = dict(device="cpu" if cfg.get("use_cpu") else _this_device(),
+                  processes=int(cfg.get("num_processes") or 1),
+                  mixed_precision=str(cfg.get("mixed_precision") or "no"))
+    if cfg.get("distributed_type") == "DEEPSPEED":
+        ds = cfg.get("deepspeed_config") or {}
+        if ds.get("deepspeed_config_file"):
+            json_path = Path(ds["deepspeed_config_file"])  # accelerate reads it from the working directory
+            if not json_path.is_file():
+                raise UserError(f"DeepSpeed config '{json_path}' named in '{path}' does not exist here; "
+                                "run from the repository root")
+            fields.update(_from_deepspeed_json(yaml.safe_load(json_path.read_text(encoding="utf-8"))))
+        else:
+            fields.update(zero_stage=int(ds.get("zero_stage", 2)),
+                          offload_optimizer=ds.get("offload_optimizer_device", "none") != "none",
+                          offload_params=ds.get("offload_param_device", "none") != "none")
+    return Setup(**fields)
+
+
+def setup_from_accelerator(accelerator) -> Setup:
+    """The Setup of the running processes (after Accelerator(), before prepare())."""
+    fields = dict(device=accelerator.device.type, processes=accelerator.num_processes,
+                  mixed_precision=str(accelerator.mixed_precision))
+    if accelerator.state.deepspeed_plugin is not None:
+        fields.update(_from_deepspeed_json(accelerator.state.deepspeed_plugin.deepspeed_config))
+    return Setup(**fields)
+
+
+def model_dtype(recipe: dict, config, setup: Setup):
+    """The dtype the weights are held in during training."""
+    from tunebench.models import DTYPES
+
+    if setup.zero_stage and setup.mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if setup.mixed_precision == "bf16" else torch.float16  # DeepSpeed casts the model
+    dtype = DTYPES[recipe["model"]["dtype"]]
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return dtype
+
+
+@contextlib.contextmanager
+def _whole_models():
+    """While a ZeRO-3 run's DeepSpeed config is registered, transformers builds every model
+    partitioned across processes (deepspeed.zero.Init); the plan's model must be whole."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def _meta_model(recipe: dict, config, dtype, checkpointing: bool):
+    """The recipe's model with its method on the meta device: shapes and dtypes, no memory."""
+    with _whole_models():
+        return _build_meta_model(recipe, config, dtype, checkpointing)
+
+
+def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    from tunebench.methods import apply_method
+    from tunebench.models import enable_gradient_checkpointing
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=recipe["model"]["attn_implementation"],
+            trust_remote_code=recipe["model"]["trust_remote_code"],
+        )
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    method = dict(recipe["method"])
+    if method["type"] == "prompt_tuning":
+        method["init_text"] = None  # the soft prompt's size does not depend on its first values
+    return apply_method(model, method, None)  # peft puts the new (small) weights where the base weights are
+
+
+def _to_fake(model, fake_mode, device: str):
+    """Give a meta model fake parameters and buffers on the training device, in place (shared
+    tensors stay shared). Fake tensors run the device's real kernels' shape logic, without data."""
+    fakes = {}
+    with fake_mode:
+        for module in model.modules():
+            for registry in (module._parameters, module._buffers):
+                for name, tensor in registry.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in fakes:
+                        fake = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                        if isinstance(tensor, torch.nn.Parameter):
+                            fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                        fakes[id(tensor)] = fake
+                    registry[name] = fakes[id(tensor)]
+    return model
+
+
+def optimizer_state_bytes(trained: list, optimizer: str) -> int:
+    """Bytes of optimizer state for trained tensors given as (numel, element size) pairs, laid out
+    as the optimizer allocates it."""
+    total = 0
+    for numel, size in trained:
+        if optimizer == "adamw":
+            total += 2 * numel * size + 4  # two moments, and the step count as a float32 tensor
+        elif optimizer == "sgd":
+            total += numel * size
+        elif numel < BNB_MIN_8BIT_SIZE:
+            total += 2 * numel * 4
+        else:
+            total += 2 * numel + 2 * math.ceil(numel / BNB_BLOCK) * 4
+    if optimizer in EIGHT_BIT and any(numel >= BNB_MIN_8BIT_SIZE for numel, _ in trained):
+        total += BNB_QMAPS
+    return total
+
+
+def _step_temporaries(optimizer: str, device: str, updated_bytes: int, largest: int, size: int) -> int:
+    """Transient bytes of one optimizer step; largest: elements of the largest tensor updated at once,
+    size: their element size."""
+    if optimizer == "adamw":
+        return updated_bytes if device == "cuda" else 2 * largest * size
+    if optimizer in EIGHT_BIT and device == "cpu":
+        return 5 * largest * 4
+    return 0
+
+
+def runtime_bytes(setup: Setup) -> int:
+    """On a CPU: this process's resident memory now (call before the model loads); on a GPU: 0."""
+    if setup.device != "cpu":
+        return 0
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@dataclass
+class Prediction:
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    runtime: int
+    offloaded: int  # moved to CPU memory by DeepSpeed offload, outside the GPU's peak
+    phase: str  # where the peak falls: "backward" or "optimizer step"
+    trainable: int
+    total_params: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.gradients + self.optimizer_state + self.activations + self.runtime
+
+    def as_summary(self, setup: Setup) -> dict:
+        return {
+            "predicted_peak_mb": self.peak / MB,
+            "compare_with": "peak_cpu_rss_mb" if setup.device == "cpu" else "peak_gpu_mem_mb",
+            "weights_mb": self.weights / MB,
+            "gradients_mb": self.gradients / MB,
+            "optimizer_state_mb": self.optimizer_state / MB,
+            "activations_mb": self.activations / MB,
+            "runtime_mb": self.runtime / MB,
+            "offloaded_mb": self.offloaded / MB,
+            "peak_phase": self.phase,
+            "setup": setup.describe(),
+        }
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Follows the storage of every tensor that operations create under it until it is freed, and
+    keeps the peak of the bytes alive: gradients (once accumulated into a trained parameter) and
+    everything else (activations and temporaries). Weights and buffers are not counted."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._storages = weakref.WeakKeyDictionary()  # storage -> [bytes counted, is a gradient]
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            self._storages[tensor.untyped_storage()] = [0, False]
+        self.gradients = self.other = self.peak_gradients = self.peak_other = 0
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._now_a_gradient)
+
+    def _freed(self, entry: list) -> None:
+        if entry[1]:
+            self.gradients -= entry[0]
+        else:
+            self.other -= entry[0]
+
+    def _now_a_gradient(self, param) -> None:
+        entry = self._storages.get(param.grad.untyped_storage())
+        if entry and not entry[1]:
+            entry[1] = True
+            self.other -= entry[0]
+            self.gradients += entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage not in self._storages:
+                    entry = [storage.nbytes(), False]
+                    self._storages[storage] = entry
+                    weakref.finalize(storage, self._freed, entry)
+                    self.other += entry[0]
+        if self.gradients + self.other > self.peak_gradients + self.peak_other:
+            self.peak_gradients, self.peak_other = self.gradients, self.other
+        return out
+
+
+class Planner:
+    """Predictions for one recipe and model config. The fake-tensor passes are cached, so that a
+    budget search runs each (dtype, micro-batch, checkpointing) once."""
+
+    def __init__(self, recipe: dict, config, setup: Setup):
+        if recipe["task"] != "causal_lm":
+            raise UserError(f"the memory plan covers causal language modelling (task causal_lm), not task {recipe['task']}")
+        self.recipe, self.config, self.setup = recipe, config, setup
+        self.runtime = runtime_bytes(setup)
+        self._layouts, self._passes = {}, {}
+
+    def _layout(self, setup: Setup):
+        """([(numel, element size)] of all parameters, the same of the trained ones, and the trained
+        elements in train.py's two parameter groups: matrices (weight decay), and the rest)."""
+        dtype = model_dtype(self.recipe, self.config, setup)
+        if dtype not in self._layouts:
+            from tunebench.methods import unique_params
+
+            params = list(unique_params(_meta_model(self.recipe, self.config, dtype, checkpointing=False)))
+            trained = [p for p in params if p.requires_grad]
+            self._layouts[dtype] = ([(p.numel(), p.element_size()) for p in params],
+                                    [(p.numel(), p.element_size()) for p in trained],
+                                    [sum(p.numel() for p in trained if (p.ndim >= 2) == matrix) for matrix in (True, False)])
+        return self._layouts[dtype]
+
+    def _pass(self, setup: Setup, micro_batch: int, checkpointing: bool) -> dict:
+        """Bytes alive at the peak of one forward and backward pass: gradients, and the rest."""
+        dtype = model_dtype(self.recipe, self.config, setup)
+        autocast = None if setup.zero_stage or setup.mixed_precision == "no" else setup.mixed_precision
+        key = (dtype, autocast, setup.device, micro_batch, checkpointing)
+        if key not in self._passes:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            from tunebench.metrics import causal_nll
+
+            fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft keeps small index tensors on the CPU
+            model = _to_fake(_meta_model(self.recipe, self.config, dtype, checkpointing), fake_mode, setup.device)
+            model.train()
+            seq = self.recipe["data"]["max_length"]
+            with fake_mode, _LiveBytes(model) as live:
+                ids = torch.zeros((micro_batch, seq), dtype=torch.long, device=setup.device)
+                with torch.autocast(setup.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast),
+                                    enabled=autocast is not None):
+                    logits = model(input_ids=ids).logits
+                    if autocast:
+                        logits = logits.float()  # accelerate returns a mixed-precision model's outputs in float32
+                    nll, _ = causal_nll(logits, ids)
+                    del logits  # as train.py's loop: not kept past the loss
+                nll.backward()
+            self._passes[key] = {"gradients": live.peak_gradients, "activations": live.peak_other}
+        return self._passes[key]
+
+    def predict(self, micro_batch=None, checkpointing=None, optimizer=None, grad_accum=None, setup=None) -> Prediction:
+        """The run as the recipe sets it, or with the given settings changed."""
+        t = self.recipe["train"]
+        micro_batch = micro_batch or t["micro_batch_size"]
+        checkpointing = self.recipe["model"]["gradient_checkpointing"] if checkpointing is None else checkpointing
+        optimizer, grad_accum, setup = optimizer or t["optimizer"], grad_accum or t["grad_accum"], setup or self.setup
+        n, zero, on_gpu = setup.processes, setup.zero_stage, setup.device == "cuda"
+
+        params, trained, groups = self._layout(setup)
+        weights = sum(numel * size for numel, size in params)
+        gradients = sum(numel * size for numel, size in trained)
+        state = optimizer_state_bytes(trained, optimizer)
+        largest = max((numel for numel, _ in trained), default=0)
+        buckets = offloaded = 0
+        if zero:
+            # The optimizer sees one flat float32 partition per parameter group, beside DeepSpeed's master weights.
+            partitions = [(math.ceil(group / n), 4) for group in groups if group]
+            state = optimizer_state_bytes(partitions, optimizer) + sum(numel * 4 for numel, _ in partitions)
+            largest = max((numel for numel, _ in partitions), default=0)
+            gradients //= n if zero >= 2 else 1
+            weights //= n if zero >= 3 else 1
+            if on_gpu and setup.offload_optimizer:
+                offloaded, state = offloaded + state, 0
+            if on_gpu and setup.offload_params and zero >= 3:
+                offloaded, weights = offloaded + weights, 0
+        elif n > 1:
+            buckets = gradients
+
+        passed = self._pass(setup, micro_batch, checkpointing)
+        computed_grads = gradients if grad_accum > 1 or zero >= 2 else min(gradients, passed["gradients"])
+        backward = (computed_grads + buckets, passed["activations"])
+        # The optimizer updates the trained tensors in their dtype, or under ZeRO its float32 partition.
+        size = 4 if zero or not trained else trained[0][1]
+        updated_bytes = sum(numel * 4 for numel, _ in partitions) if zero else gradients
+        optimizer_on_device = not (on_gpu and setup.offload_optimizer)
+        temporaries = _step_temporaries(optimizer, setup.device, updated_bytes, largest, size) if optimizer_on_device else 0
+        step = (gradients + buckets, temporaries)
+        grads, activations = backward if sum(backward) >= sum(step) else step
+        return Prediction(
+            weights=weights, gradients=grads, optimizer_state=state, activations=activations, runtime=self.runtime,
+            offloaded=offloaded, phase="backward" if sum(backward) >= sum(step) else "optimizer step",
+            trainable=sum(self._layout(self.setup)[2]), total_params=sum(numel for numel, _ in self._layout(self.setup)[0]),
+        )
+
+
+def predict_for_summary(recipe: dict, config, accelerator) -> dict:
+    """The prediction for summary.json, made before the model loads. A model whose code cannot run on
+    fake tensors gets the reason instead: a prediction must never stop a training run."""
+    setup = setup_from_accelerator(accelerator)
+    try:
+        return Planner(recipe, config, setup).predict().as_summary(setup)
+    except Exception as e:  # noqa: BLE001 - any failure of the fake-tensor pass
+        return {"predicted_peak_mb": None, "error": f"{type(e).__name__}: {e}"}
+
+
+# ---- printing and the budget search --------------------------------------------------------------
+
+ZERO_CONFIGS = {  # (stage, offload) -> the accelerate config that sets it
+    (2, False): "accelerate_configs/deepspeed_zero2.yaml",
+    (3, False): "accelerate_configs/deepspeed_zero3.yaml",
+    (3, True): "accelerate_configs/deepspeed_zero3_offload.yaml",
+}
+# Rough price of each change in speed, to order the settings that fit (cheapest first): 8-bit
+# AdamW costs next to nothing; a smaller micro-batch (same global batch through accumulation)
+# uses the hardware less well; checkpointing recomputes the forward (about a third more compute);
+# ZeRO adds communication, offload adds transfers over PCIe.
+COST = {"halve_micro_batch": 1, "8bit": 1, "checkpointing": 3, "zero2": 2, "zero3": 4, "offload": 8}
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:,.1f} MB"
+
+
+def format_prediction(recipe: dict, setup: Setup, p: Prediction) -> str:
+    t, m = recipe["train"], recipe["model"]
+    lines = [
+        f"memory plan for {recipe['name']}: {m['name']}, method {recipe['method']['type']} "
+        f"({p.trainable:,} of {p.total_params:,} parameters trained)",
+        f"  {setup.describe()}; micro-batch {t['micro_batch_size']} x {recipe['data']['max_length']} tokens, "
+        f"grad_accum {t['grad_accum']}, gradient checkpointing {'on' if m['gradient_checkpointing'] else 'off'}, "
+        f"optimizer {t['optimizer']}",
+        f"  weights          {_mb(p.weights):>12}",
+        f"  gradients        {_mb(p.gradients):>12}   (alive at the peak)",
+        f"  optimizer state  {_mb(p.optimizer_state):>12}" + ("   (with DeepSpeed's float32 master weights)" if setup.zero_stage else ""),
+        f"  activations      {_mb(p.activations):>12}   (and temporaries, at the peak)",
+    ]
+    if setup.device == "cpu":
+        lines.append(f"  runtime          {_mb(p.runtime):>12}   (this process before the model loads: Python, PyTorch, libraries)")
+    if p.offloaded:
+        lines.append(f"  offloaded        {_mb(p.offloaded):>12}   (in CPU memory, not in the peak below)")
+    compare = "peak_cpu_rss_mb" if setup.device == "cpu" else "peak_gpu_mem_mb"
+    lines.append(f"  predicted peak   {_mb(p.peak):>12}   per process, during the {p.phase}; "
+                 f"summary.json's {compare} measures it")
+    return "\n".join(lines)
+
+
+def _candidates(recipe: dict, setup: Setup):
+    """(cost, changes, settings) for every combination of the memory-saving changes."""
+    t, m = recipe["train"], recipe["model"]
+    global_batch = t["micro_batch_size"] * t["grad_accum"]
+    micro_batches = [t["micro_batch_size"]]
+    while micro_batches[-1] > 1 and global_batch % (micro_batches[-1] // 2) == 0:
+        micro_batches.append(micro_batches[-1] // 2)
+    optimizers = [t["optimizer"]] + (["adamw_8bit"] if t["optimizer"] == "adamw" else [])
+    checkpointing = [m["gradient_checkpointing"]] + ([True] if not m["gradient_checkpointing"] else [])
+    setups = [setup]
+    for stage, offload in ZERO_CONFIGS:
+        more_sharding = setup.processes > 1 and stage > setup.zero_stage and not offload
+        more_offload = offload and setup.device == "cuda" and not setup.offload_optimizer
+        if more_sharding or more_offload:
+            setups.append(replace(setup, zero_stage=stage, offload_optimizer=offload, offload_params=offload))
+    for mb, opt, ckpt, s in itertools.product(micro_batches, optimizers, checkpointing, setups):
+        if opt in EIGHT_BIT and s.offload_optimizer:
+            continue  # refused: DeepSpeed would swap in its own CPU Adam
+        changes, cost = [], 0
+        if mb != t["micro_batch_size"]:
+            changes += [f"train.micro_batch_size={mb}", f"train.grad_accum={global_batch // mb}"]
+            cost += COST["halve_micro_batch"] * int(math.log2(t["micro_batch_size"] // mb))
+        if opt != t["optimizer"]:
+            changes.append(f"train.optimizer={opt}")
+            cost += COST["8bit"]
+        if ckpt != m["gradient_checkpointing"]:
+            changes.append("model.gradient_checkpointing=true")
+            cost += COST["checkpointing"]
+        if s != setup:
+            changes.append(f"--config_file {ZERO_CONFIGS[(s.zero_stage, s.offload_optimizer)]}")
+            cost += COST["offload"] if s.offload_optimizer else COST[f"zero{s.zero_stage}"]
+        yield cost, changes, dict(micro_batch=mb, grad_accum=global_batch // mb, optimizer=opt, checkpointing=ckpt, setup=s)
+
+
+def fits(prediction: Prediction, setup: Setup, budget: int) -> bool:
+    return prediction.peak + (CUDA_CONTEXT if setup.device == "cuda" else 0) <= budget
+
+
+def cheapest_fits(planner: Planner, budget: int, how_many: int = 3) -> list:
+    """[(changes, prediction)] of the cheapest settings whose predicted peak fits, cheapest first."""
+    found = []
+    for cost, changes, settings in sorted(_candidates(planner.recipe, planner.setup), key=lambda c: (c[0], len(c[1]))):
+        prediction = planner.predict(**settings)
+        if fits(prediction, settings["setup"], budget):
+            found.append((changes, prediction))
+            if len(found) == how_many:
+                break
+    return found
+
+
+def show(recipe: dict, setup: Setup, budget_gb=None) -> None:
+    """`train.py --plan`: print the prediction and, with a budget, the cheapest settings that fit."""
+    from tunebench.models import check_context, load_config
+
+    config = load_config(recipe["model"])
+    check_context(config, recipe)
+    import accelerate, datasets, peft  # noqa: E401,F401 - loaded as train.py loads them, so that the runtime measured matches a run's
+    planner = Planner(recipe, config, setup)
+    prediction = planner.predict()
+    print(format_prediction(recipe, setup, prediction))
+    if budget_gb is None:
+        return
+    budget = int(budget_gb * GB)
+    context = " (with the CUDA context, about 0.5 GB)" if setup.device == "cuda" else ""
+    if fits(prediction, setup, budget):
+        print(f"budget {budget_gb:g} GB: fits as it is{context}")
+        return
+    found = cheapest_fits(planner, budget)
+    if not found:
+        print(f"budget {budget_gb:g} GB: nothing tried fits{context} (smaller micro-batch, 8-bit AdamW, checkpointing, "
+              "ZeRO); try a shorter data.max_length, a lighter method or more processes")
+        return
+    print(f"budget {budget_gb:g} GB: does not fit as it is{context}; the cheapest settings that fit, cheapest first:")
+    for changes, p in found:
+        print(f"  {_mb(p.peak):>10}   {' '.join(changes)}")
