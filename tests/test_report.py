@@ -12,7 +12,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from tunebench import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -162,3 +162,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_run_trained_but_not_evaluated_shows_its_evaluation_error(runs, tmp_path):
+    base, _ = runs
+    run = tmp_path / "lora_noeval"
+    shutil.copytree(base / "lora_r4", run)
+    (run / "eval.json").unlink()
+    (run / "error.txt").write_text("evaluation failed with exit status 2: python evaluate.py --run ...\n"
+                                   "error: data file 'gone.txt' does not exist\n")
+    report.main([str(run), "--out", str(tmp_path / "r")])
+    row = csv_rows(tmp_path / "r")["lora_noeval"]
+    assert row["status"] == "finished" and row["best_val_loss"] != ""
+    assert row["error"] == "evaluation failed: error: data file 'gone.txt' does not exist"
+
+
+def test_evaluate_py_report_writes_the_report(runs, tmp_path):
+    base, _ = runs
+    result = run_script("evaluate.py", "report", base / "lora_r4", base / "baseline", "--out", tmp_path / "r")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "r" / "report.md")
+    assert list(csv_rows(tmp_path / "r")) == ["lora_r4", "baseline"]

@@ -28,9 +28,11 @@ import collections
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -112,6 +114,18 @@ def plan(suite: dict) -> list:
     return runs
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host accepts a connection (assumed yes behind a proxy)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def check_reachable(runs: list) -> None:
     """Every model and data set loads from a local path or the cache, or the hub answers: else one line."""
     from tunebench import data
@@ -158,7 +172,7 @@ def run_logged(command: list, env: dict) -> tuple:
 def record_failure(run_dir: Path, what: str, command: list, status: int, lines: list) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = f"{what} failed with exit status {status}: {' '.join(command)}\n" + "\n".join(lines) + "\n"
-    (run_dir / "error.txt").write_text(text, encoding="utf-8")
+    rundir.write_atomic(run_dir / "error.txt", text)
     print(f"\n*** {run_dir.name}: {what} failed (exit status {status}); see {run_dir / 'error.txt'}; going on\n", flush=True)
 
 
@@ -192,8 +206,13 @@ def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
     return True
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        exit_with(UserError(f"{message} (usage: python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml])"))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
     parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
     args = parser.parse_args(argv)
@@ -203,9 +222,15 @@ def main(argv=None):
         if args.accel and not Path(args.accel).is_file():
             raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
         runs = plan(suite)
+        # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
+        offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
+        if offline:
+            os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         check_reachable(runs)
     except UserError as e:
         exit_with(e)
+    if offline:
+        print("the Hugging Face hub is out of reach: working offline from local files and the cache")
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     python = sys.executable

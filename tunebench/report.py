@@ -68,7 +68,7 @@ def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
     error_file = run_dir / "error.txt"
     if error_file.is_file():
         lines = [line.strip() for line in error_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        marked = [line for line in lines if line.startswith("error:") or re.match(r"^\w*(Error|Exception)\b", line)]
+        marked = [line for line in lines if line.startswith("error:") or re.match(r"^[\w.]*(Error|Exception)\b", line)]
         if marked or lines:
             return (marked or lines)[-1]
     if log:
@@ -100,7 +100,7 @@ def load_run(run_dir) -> dict:
         "error": None if summary is not None else _error_text(run_dir, log, recipe),
     }
     if summary is not None and (run_dir / "error.txt").is_file():
-        run["error"] = _error_text(run_dir, [], recipe)  # trained, but its evaluation failed
+        run["error"] = "evaluation failed: " + _error_text(run_dir, [], recipe)  # trained, then not evaluated
     return run
 
 

@@ -1,0 +1,21 @@
+"""The demo's offline data: Python's documentation topics split by topic, deterministically."""
+import json
+
+from pydoc_data.topics import topics
+
+from tunebench import demo
+
+
+def test_topics_split_by_topic_into_disjoint_complete_sets(tmp_path):
+    splits = demo.split_topics()
+    assert splits == demo.split_topics()  # deterministic
+    every = [t for split in ("train", "validation", "test") for t in splits[split]]
+    assert sorted(every) == sorted(text.strip() for text in topics.values())  # each topic exactly once
+    n = len(topics)  # 79 in Python 3.11; every tenth topic is test, every tenth (shifted) validation
+    assert len(splits["test"]) == len(range(demo.TEST, n, 10)) and len(splits["validation"]) == len(range(demo.VALIDATION, n, 10))
+
+    demo.write_data(tmp_path / "data")
+    rows = [json.loads(line)["text"] for line in (tmp_path / "data" / "lm" / "train.jsonl").read_text().splitlines()]
+    assert rows == splits["train"]
+    assert (tmp_path / "data" / "test.txt").read_text() == "\n\n".join(splits["test"]) + "\n"
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # nothing temporary left behind
