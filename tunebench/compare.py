@@ -277,7 +277,7 @@ def main(argv=None):
 
     report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"])
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
-    print(f"\nsuite {suite['name']}: {len(runs)} runs + baseline in {minutes} min {seconds} s"
+    print(f"\nsuite {suite['name']}: {len(runs)} trained run(s) + baseline in {minutes} min {seconds} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     print(f"report: {report}")
     sys.exit(1 if failed else 0)
