@@ -21,7 +21,7 @@ def overrides(assets, out, model="gpt2", steps=12):
     return [
         f"model.name={assets / model}", f"data.dataset={assets / 'train.txt'}",
         f"data.validation_file={assets / 'valid.txt'}", "data.max_length=64", "train.micro_batch_size=4",
-        f"train.max_steps={steps}", "train.eval_every=6", "train.log_every=2", "train.save_every=6",
+        f"train.max_steps={steps}", "train.eval_every=6", "train.eval_max_batches=4", "train.log_every=2", "train.save_every=6",
         "train.warmup_ratio=0", f"output_dir={out}",
     ]
 
@@ -142,7 +142,7 @@ def test_gradient_checkpointing_in_train_py_gives_the_same_losses(assets, tmp_pa
     runs = {}
     for checkpointing in ("false", "true"):
         runs[checkpointing] = tmp_path / f"lora_{checkpointing}"
-        train("lora_r16", *overrides(assets, runs[checkpointing], steps=6), "train.lr=1e-2",
+        train("lora_r16", *overrides(assets, runs[checkpointing], steps=4), "train.lr=1e-2",
               f"model.gradient_checkpointing={checkpointing}")
     plain, checkpointed = log(runs["false"]), log(runs["true"])
     assert [r["step"] for r in plain] == [r["step"] for r in checkpointed]

@@ -9,13 +9,15 @@ weights, gradients, optimizer state: exact sizes from that model's parameters (t
   parameter's dtype; bitsandbytes' 8-bit AdamW one byte per moment plus a float32 scale per
   256-element block, but float32 moments for tensors under 4096 elements; SGD one momentum.
   DeepSpeed ZeRO divides by the number of processes (stage 1: optimizer state, 2: and gradients,
-  3: and weights) and adds its float32 master copy of the trained weights to the optimizer state;
-  on a GPU, offload moves the optimizer state (and at stage 3 the weights) to CPU memory. DDP
-  (several processes without DeepSpeed) keeps a second copy of the gradients in its buckets.
+  3: and weights); its optimizer updates one flat float32 partition per parameter group, and it
+  keeps a float32 master copy of the trained weights, counted with the optimizer state. On a GPU,
+  offload moves the optimizer state (and at stage 3 the weights) to CPU memory. DDP (several
+  processes without DeepSpeed) keeps a second copy of the gradients in its buckets.
 activations: one forward and backward pass of the real model code as the training loop runs it
-  (the loss included, under autocast with mixed precision) on fake tensors, under PyTorch's
-  MemTracker, which follows every tensor storage: what is alive at the peak besides weights and
-  gradients is activations and temporaries; gradients already computed then count as gradients.
+  (the loss included, under autocast with mixed precision) on fake tensors, under a dispatch mode
+  that follows every tensor storage created until it is freed: what is alive at the peak besides
+  weights and gradients is activations and temporaries; gradients computed by then count as
+  gradients.
 optimizer step: all gradients plus the step's temporaries: PyTorch AdamW, one copy of the trained
   parameters on a GPU (foreach) or two of the largest tensor on a CPU; 8-bit AdamW on a CPU, five
   float32 copies of the largest tensor (it dequantizes). The peak is the larger of the two phases.
@@ -482,7 +484,7 @@ def _candidates(recipe: dict, setup: Setup):
             changes.append("model.gradient_checkpointing=true")
             cost += COST["checkpointing"]
         if s != setup:
-            changes.append(f"--config_file {ZERO_CONFIGS[(s.zero_stage, s.offload_optimizer)]}")
+            changes.append(f"(accelerate launch --config_file {ZERO_CONFIGS[(s.zero_stage, s.offload_optimizer)]})")
             cost += COST["offload"] if s.offload_optimizer else COST[f"zero{s.zero_stage}"]
         yield cost, changes, dict(micro_batch=mb, grad_accum=global_batch // mb, optimizer=opt, checkpointing=ckpt, setup=s)
 
@@ -494,7 +496,7 @@ def fits(prediction: Prediction, setup: Setup, budget: int) -> bool:
 def cheapest_fits(planner: Planner, budget: int, how_many: int = 3) -> list:
     """[(changes, prediction)] of the cheapest settings whose predicted peak fits, cheapest first."""
     found = []
-    for cost, changes, settings in sorted(_candidates(planner.recipe, planner.setup), key=lambda c: (c[0], len(c[1]))):
+    for _, changes, settings in sorted(_candidates(planner.recipe, planner.setup), key=lambda c: (c[0], len(c[1]))):
         prediction = planner.predict(**settings)
         if fits(prediction, settings["setup"], budget):
             found.append((changes, prediction))
