@@ -86,6 +86,7 @@ def main():
             lr_scheduler_type=t["scheduler"],
             warmup_steps=t["warmup_ratio"],  # a float below 1 is a ratio of the steps
             bf16=args.precision == "bf16",
+            use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 on a CPU without it
             torch_compile=args.compile,
             seed=t["seed"],
             save_strategy="no",
