@@ -272,6 +272,11 @@ def main(argv=None):
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)  # since the last log line
     loss_count = torch.zeros((), device=accelerator.device, dtype=torch.long)
     tokens_seen = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    pending = progress.pop("pending", None)
+    if pending and main_process:  # totals over all processes: one process carries them
+        loss_sum += pending["loss_sum"]
+        loss_count += pending["loss_count"]
+        tokens_seen += pending["tokens"]
     bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process, desc=recipe["name"])
     wall_start = time.perf_counter()
     interrupted = None
@@ -322,7 +327,7 @@ def main(argv=None):
             if world > 1:  # a signal reaches processes at different steps: stop together
                 stopping = bool(accelerator.reduce(torch.tensor(int(stopping), device=accelerator.device), "sum").item())
             evaluating = progress["step"] == total_steps or (t["eval_every"] and progress["step"] % t["eval_every"] == 0)
-            logging = evaluating or stopping or progress["step"] % t["log_every"] == 0
+            logging = evaluating or progress["step"] % t["log_every"] == 0
             checkpointing = stopping or progress["step"] % t["save_every"] == 0 or progress["step"] == total_steps
             if not (logging or checkpointing):
                 continue
@@ -330,34 +335,42 @@ def main(argv=None):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             progress["train_time_s"] += time.perf_counter() - step_start
-            mean_loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_count, "sum")).item()
-            progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
-            loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
-            if not math.isfinite(mean_loss):
-                bar.close()
-                accelerator.end_training()
-                fail(
-                    f"training loss became {mean_loss} by step {progress['step']}; stopped. Last good checkpoint: "
-                    f"{rundir.latest_checkpoint(run_dir) or 'none'}; final/ holds the best model so far. "
-                    "Lower train.lr or set train.max_grad_norm"
-                )
-            if progress["best_train_loss"] is None or mean_loss < progress["best_train_loss"]:
-                progress["best_train_loss"] = mean_loss
-            record = {
-                "step": progress["step"],
-                "epoch": round(progress["epoch"] + progress["batches_in_epoch"] / max(1, len(train_loader)), 4),
-                "tokens": progress["tokens"],
-                "train_loss": mean_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "time": round(progress["train_time_s"], 3),
-            }
-            if evaluating:
-                evaluate_and_keep_best(record)
-            if main_process:
-                rundir.append_log(log_path, record)
-            accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=progress["step"])
-            bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            if logging:
+                mean_loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(loss_count, "sum")).item()
+                progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
+                loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
+                if not math.isfinite(mean_loss):
+                    bar.close()
+                    accelerator.end_training()
+                    fail(
+                        f"training loss became {mean_loss} by step {progress['step']}; stopped. The last checkpoint is "
+                        f"{rundir.latest_checkpoint(run_dir) or 'none'} (its weights may have diverged already); final/ "
+                        "holds the model with the best validation loss. Lower train.lr or set train.max_grad_norm"
+                    )
+                if progress["best_train_loss"] is None or mean_loss < progress["best_train_loss"]:
+                    progress["best_train_loss"] = mean_loss
+                record = {
+                    "step": progress["step"],
+                    "epoch": round(progress["epoch"] + progress["batches_in_epoch"] / max(1, len(train_loader)), 4),
+                    "tokens": progress["tokens"],
+                    "train_loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "time": round(progress["train_time_s"], 3),
+                }
+                if evaluating:
+                    evaluate_and_keep_best(record)
+                if main_process:
+                    rundir.append_log(log_path, record)
+                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=progress["step"])
+                bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
             if checkpointing:
+                # The loss and tokens since the last log line travel with the checkpoint, so that a resumed
+                # run writes the same next log line as an uninterrupted one.
+                progress["pending"] = {
+                    "loss_sum": accelerator.reduce(loss_sum, "sum").item(),
+                    "loss_count": int(accelerator.reduce(loss_count, "sum").item()),
+                    "tokens": int(accelerator.reduce(tokens_seen, "sum").item()),
+                }
                 save_checkpoint()
             if stopping:
                 interrupted = stop_signal[0] if stop_signal else "stop-after-steps"

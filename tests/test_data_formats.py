@@ -203,9 +203,9 @@ def test_bad_data_keys_are_one_clear_error(tmp_path, tokenizer, overrides, messa
 
 
 def test_wrong_typed_or_unknown_data_keys_fail_in_the_recipe():
-    with pytest.raises(UserError, match="data.train_on_prompt' .* must be bool"):
+    with pytest.raises(UserError, match="data.train_on_prompt' must be bool, got str 'maybe'"):
         data_cfg("x.jsonl", "data.train_on_prompt=maybe")
-    with pytest.raises(UserError, match="data.format' .* choose one of text, instruction"):
+    with pytest.raises(UserError, match="data.format' .*choose one of text, instruction"):
         data_cfg("x.jsonl", "data.format=chat")
     with pytest.raises(UserError, match="unknown recipe key 'data.prompt_feild'"):
         data_cfg("x.jsonl", "data.prompt_feild=q")
