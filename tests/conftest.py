@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,17 @@ def run_script(script: str, *args, cwd=None, env=None, timeout=600):
         [sys.executable, str(ROOT / script), *map(str, args)],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def read_log(run) -> list:
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_log(one, two, keys=("train_loss", "val_loss"), rel=1e-4):
+    """Two runs logged the same steps with the same figures (to rel)."""
+    a, b = read_log(one), read_log(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if ra.get(key) is not None:
+                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-9), (ra["step"], key)

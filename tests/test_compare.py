@@ -72,7 +72,7 @@ def test_suite_trains_evaluates_and_reports(suite_run):
     for name in ("full", "lora_r4"):
         assert read(runs / name / "summary.json")["final_step"] == 3
         assert "ppl" in read(runs / name / "eval.json")["tasks"]
-    assert f"report: reports/tiny/report.md" in first.stdout
+    assert "report: reports/tiny/report.md" in first.stdout
     for name in ("report.md", "report.csv", "report.json"):
         assert (tmp / "reports" / "tiny" / name).is_file()
     for name in ("loss_curves.png", "pareto.png"):

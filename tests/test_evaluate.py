@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny
 from conftest import ROOT, run_script
 from test_metrics import plain_loop_nll
-from tunebench import metrics
 from tunebench.methods import apply_method, count_params
 from tunebench.recipe import load_recipe, to_yaml
 

@@ -1,6 +1,5 @@
 """The recipe loader: every shipped recipe is valid, overrides parse as YAML, and no input at all
 makes the loader or the override parser fail with anything but a UserError."""
-from pathlib import Path
 
 import pytest
 import yaml

@@ -2,7 +2,6 @@
 parameters exactly, saves a final/ that reloads to the same logits, and resumes exactly."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_same_log, run_script
 from tunebench.methods import apply_method, count_params
 from tunebench.models import load_model, load_tokenizer
 from tunebench.recipe import load_recipe
@@ -63,15 +62,20 @@ METHODS = [
 
 
 def end_of_training_model(run, recipe):
-    """The model as it was at the last step, rebuilt from the last checkpoint's state dict."""
-    tokenizer = load_tokenizer(recipe["model"])
-    model = apply_method(load_model(recipe["model"]), recipe["method"], tokenizer)
+    """The model as it was at the last step: the base model with the last checkpoint's tensors, which
+    must be exactly the trained ones (frozen weights are not written; a resume loads them from the base)."""
+    model = apply_method(load_model(recipe["model"]), recipe["method"], load_tokenizer(recipe["model"]))
     checkpoint = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    missing, unexpected = model.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
-    # A key may be missing only if it is tied to a saved one (lm_head and the input embedding are saved once).
-    tensors = model.state_dict(keep_vars=True)
-    saved = {tensors[k].data_ptr() for k in tensors if k not in missing}
-    assert not unexpected and all(tensors[k].data_ptr() in saved for k in missing), (missing, unexpected)
+    saved = load_file(checkpoint / "model.safetensors")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert not [k for k in saved if k in params and not params[k].requires_grad]
+    names_of = {}  # tied weights are one tensor under several names: one of them is saved
+    for name, p in params.items():
+        if p.requires_grad:
+            names_of.setdefault(p.data_ptr(), set()).add(name)
+    assert all(names & saved.keys() for names in names_of.values())
+    _, unexpected = model.load_state_dict(saved, strict=False)
+    assert not unexpected
     return model.eval()
 
 
@@ -96,9 +100,18 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
         expected = sum(p.numel() for p in base.transformer.h[-1].parameters()) + sum(p.numel() for p in base.transformer.ln_f.parameters())
         assert trainable == expected
 
-    # Frozen weights bitwise unchanged, trainable ones changed.
-    final_state = end_of_training_model(run, recipe)
-    end_params = dict(final_state.named_parameters())
+    # final/ holds the best model by validation loss; here the last step is the best one.
+    assert summary["best_step"] == summary["final_step"] == 12
+    if (run / "final" / "adapter_config.json").is_file():
+        final = PeftModel.from_pretrained(load_model(recipe["model"]), run / "final").eval()
+    else:
+        final = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, end_of_training_model(run, recipe)(input_ids=ids).logits)
+
+    # In final/, frozen weights are bitwise unchanged and every trained tensor changed.
+    end_params = dict(final.named_parameters())
     changed = frozen_changed = 0
     for name, before in initial.named_parameters():
         same = torch.equal(before, end_params[name])
@@ -108,16 +121,6 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
             frozen_changed += not same
     assert frozen_changed == 0
     assert changed == sum(p.requires_grad for p in initial.parameters())
-
-    # final/ holds the best model by validation loss; here the last step is the best one.
-    assert summary["best_step"] == summary["final_step"] == 12
-    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
-    if (run / "final" / "adapter_config.json").is_file():
-        reloaded = PeftModel.from_pretrained(load_model(recipe["model"]), run / "final").eval()
-    else:
-        reloaded = AutoModelForCausalLM.from_pretrained(run / "final").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, final_state(input_ids=ids).logits)
 
     for key in ("artifact_mb", "train_time_s", "train_tokens", "tokens_per_s", "peak_cpu_rss_mb", "optimizer_state_mb"):
         assert summary[key] > 0, key
@@ -151,12 +154,7 @@ def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name):
     assert not (resumed / "summary.json").exists()
     train(recipe_name, *common(assets, resumed, steps=20), *extra)
 
-    a, b = log(straight), log(resumed)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("train_loss", "val_loss", "tokens", "lr"):
-            if ra.get(key) is not None:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+    assert_same_log(straight, resumed, keys=("train_loss", "val_loss", "tokens", "lr"), rel=1e-6)
     sa = load_file(next((straight / "final").glob("*.safetensors")))
     sb = load_file(next((resumed / "final").glob("*.safetensors")))
     for key in sa:
@@ -186,10 +184,5 @@ def test_two_processes_match_one(assets, tmp_path):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["hardware"]["num_processes"] == 2
     assert summary["global_batch"] == 4
-    a, b = log(one), log(two)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("train_loss", "val_loss"):
-            if ra.get(key) is not None:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-4), (ra["step"], key)
-    assert a[-1]["tokens"] == b[-1]["tokens"]
+    assert_same_log(one, two)
+    assert log(one)[-1]["tokens"] == log(two)[-1]["tokens"]

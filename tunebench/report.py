@@ -192,8 +192,12 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return text
 
 
+METRIC_NAMES = {"word_ppl": "word ppl", "bits_per_byte": "bits/byte", "tokens_per_s": "eval tokens/s"}
+
+
 def _eval_name(task: str, metric: str) -> str:
-    return metric if task == metric else f"{task} {metric}"  # the task "ppl" (a local file) has a metric "ppl"
+    name = METRIC_NAMES.get(metric, metric)
+    return name if task == "ppl" else f"{task} {name}"  # the task "ppl" scores the user's own text file
 
 
 def table_columns(evals: list) -> list:
