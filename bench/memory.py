@@ -83,6 +83,7 @@ def train(name, recipe, model, data, out, optimizer, checkpointing, micro_batch=
         f"train.micro_batch_size={micro_batch}", f"train.grad_accum={grad_accum}", "train.max_steps=2",
         "train.eval_every=0", "train.eval_max_batches=1", "train.log_every=1", "train.save_every=1000",
         f"train.optimizer={optimizer}", f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        "train.exact_cpu_rss=true",
         f"name={name}", f"output_dir={run}", "overwrite=true",
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

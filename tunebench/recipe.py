@@ -89,6 +89,7 @@ SCHEMA = {
         "keep_checkpoints": (2, int, "positive"),
         "log_every": (10, int, "positive"),
         "compile": (False, bool, None),
+        "exact_cpu_rss": (False, bool, None),
         "trackers": ([], list, None),
     },
     "eval": {
