@@ -100,8 +100,7 @@ def main(argv=None):
         if accelerator.state.deepspeed_plugin is not None:
             distributed.check_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, t, accelerator.num_processes)
         memory_plan = plan.predict_for_summary(recipe, config, accelerator)  # before the model loads: see tunebench/plan.py
-        if t["exact_cpu_rss"]:
-            measure.return_freed_memory()
+        measure.set_cpu_allocator(exact_rss=t["exact_cpu_rss"])
         tokenizer = load_tokenizer(m)
         with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
             train_set, val_set = data.build(d, tokenizer, t["seed"], recipe["task"])

@@ -1,17 +1,16 @@
-"""Speed levers of a training step, measured one at a time on a plain loop (part of make bench).
+"""One speed lever of a training step, timed on a plain loop in a process of its own (part of make bench).
 
-    python bench/levers.py --model DIR --max-length 512 --micro-batch-size 8 --steps 4 --warmup 2 --reps 3 --out levers.json
+    python bench/levers.py --lever fused_adamw --model DIR --max-length 512 --micro-batch-size 8 --steps 3 --warmup 2 --out lever.json
 
 The baseline is the plainest correct loop: fp32, SDPA attention, the logits shifted for the loss,
-gradient clipping, torch.optim.AdamW as constructed by default. Each lever changes one thing on
-top of it; the rounds are interleaved (every lever once per round) and each figure is the median
-over rounds of the median step time after the warm-up steps. Token ids are random: the speed of a
-step does not depend on them.
+gradient clipping, torch.optim.AdamW as constructed by default, glibc's allocator as it comes. Each
+lever changes one thing on top of it. One lever per process, because the allocator's state carries
+over from one loop to the next in a process (glibc raises its mmap threshold as large blocks are
+freed), which would favour whichever lever runs later. Token ids are random: the speed of a step
+does not depend on them. Writes the step times after the warm-up steps.
 """
 import argparse
-import gc
 import json
-import statistics
 import time
 from contextlib import nullcontext
 
@@ -32,7 +31,8 @@ LEVERS = {
     "vocab_pad64": "vocabulary padded to a multiple of 64 (changes the model)",
     "eager_attention": "eager attention instead of SDPA",
     "bf16_autocast": "bf16 autocast",
-    "kept": "the levers train.py uses by default: fused AdamW, shifted labels",
+    "heap_allocator": "glibc keeps freed blocks for the next step (tunebench.measure.set_cpu_allocator)",
+    "kept": "the levers train.py uses by default: fused AdamW, shifted labels, the heap allocator",
 }
 
 
@@ -77,6 +77,7 @@ def step_times(lever, args, device):
         with autocast:
             logits = model(input_ids=ids).logits
             loss = loss_fn(logits, ids)
+            del logits  # as train.py: not kept through the backward pass
         (loss / ids.numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -85,47 +86,27 @@ def step_times(lever, args, device):
         times.append(time.perf_counter() - start)
     trainable, total = count_params(model)
     flops = measure.train_flops_per_token(model.config, trainable, total, args.max_length)
-    del model, optimizer, logits, loss
-    gc.collect()
     return times[args.warmup :], flops
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lever", required=True, choices=LEVERS)
     parser.add_argument("--model", required=True, help="folder with config.json (weights are drawn at random)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, from: {', '.join(LEVERS)}")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    levers = args.levers.split(",")
-    unknown = [lever for lever in levers if lever not in LEVERS]
-    if unknown:
-        parser.error(f"unknown levers {unknown}; choose from {', '.join(LEVERS)}")
+    if args.lever in ("heap_allocator", "kept"):
+        measure.set_cpu_allocator(exact_rss=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    medians, flops = {lever: [] for lever in levers}, {}
-    for rep in range(args.reps):
-        for lever in levers:
-            times, flops[lever] = step_times(lever, args, device)
-            medians[lever].append(statistics.median(times))
-            print(f"round {rep + 1}/{args.reps} {lever:<16} {statistics.median(times):8.3f} s/step", flush=True)
-    tokens = args.micro_batch_size * args.max_length
+    times, flops = step_times(args.lever, args, device)
     result = {
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "levers": {
-            lever: {
-                "what": LEVERS[lever],
-                "step_s": statistics.median(medians[lever]),
-                "step_s_per_round": medians[lever],
-                "tokens_per_s": tokens / statistics.median(medians[lever]),
-                "model_flops_per_token": flops[lever],
-            }
-            for lever in levers
-        },
+        "lever": args.lever, "what": LEVERS[args.lever], "step_s": times,
+        "tokens_per_step": args.micro_batch_size * args.max_length, "model_flops_per_token": flops,
+        "peak_cpu_rss_mb": measure.peak_cpu_rss_mb(),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -8,7 +8,9 @@ same precision. The runs are interleaved (A B A B ...) in rounds; each run's fig
 step time after its warm-up steps (from log.jsonl for train.py, from a step callback for the
 Trainer), and each case's figure the median over rounds. Evaluation: evaluate.py's perplexity
 against a plain one-window-per-forward loop (bench/hf_perplexity.py) over the same windows.
-Levers: bench/levers.py times one training-step change at a time on a plain loop.
+Levers: bench/levers.py times one training-step change at a time on a plain loop, each in a process of
+its own. The case full-fp32-same-allocator is a control: the Trainer given the allocator setting train.py
+makes.
 
 The model is GPT-2 small in shape (GPT2Config(): 12 layers, 768 wide, vocabulary 50257) with random
 weights; no GPT-2 tokenizer is available offline, so the tokenizer is the 512-token BPE of
@@ -37,8 +39,10 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 import tiny  # noqa: E402  (the tokenizer and prose of the test suite: offline and small)
 from tunebench import measure  # noqa: E402
 
-FULL = dict(n_layer=12, n_embd=768, n_head=12, max_length=512, batch=8, warmup=1, steps=3, reps=3,
-            eval_tokens=16384, lever_reps=2, lever_steps=2)
+# Three warm-up steps: glibc's allocator and the heap settle over the first two or three steps
+# (GPT-2 small on a CPU: 18, 17, 16, then 14.5 s per step).
+FULL = dict(n_layer=12, n_embd=768, n_head=12, max_length=512, batch=8, warmup=3, steps=3, reps=3,
+            eval_tokens=16384, lever_reps=2, lever_steps=3)
 QUICK = dict(n_layer=2, n_embd=64, n_head=2, max_length=64, batch=4, warmup=1, steps=3, reps=2,
              eval_tokens=1024, lever_reps=1, lever_steps=2)
 # case -> (recipe, what train.py runs with, what the Trainer runs with)
@@ -49,9 +53,14 @@ CASES = {
     "lora_r16-bf16": ("lora_r16", "bf16", "bf16"),
     "full-defaults": ("full", "defaults", "defaults"),
     "full-compile": ("full", "compile", "compile"),
+    # A control: the Trainer's process given the allocator setting train.py makes (glibc keeps freed
+    # blocks), to show how much of the difference that setting is.
+    "full-fp32-same-allocator": ("full", "fp32", "fp32+allocator"),
 }
+SAME_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # set_cpu_allocator's mallopt
 # compile on top of the kept levers is the full-compile case of train.py.
-LEVERS = ["baseline", "fused_adamw", "foreach_adamw", "shift_labels", "eager_attention", "vocab_pad64", "compile", "kept"]
+LEVERS = ["baseline", "heap_allocator", "fused_adamw", "foreach_adamw", "shift_labels", "eager_attention", "vocab_pad64",
+          "compile", "kept"]
 BF16_LEVERS = ["bf16_autocast"]
 
 
@@ -172,6 +181,8 @@ def trainer(case, rnd, args, work, env) -> dict:
            "--validation-file", work / "valid.txt", "--recipe", f"recipes/{recipe}.yaml", "--max-length", args.max_length,
            "--micro-batch-size", args.batch, "--steps", args.warmup + args.steps, "--out", out]
     cmd += {"defaults": ["--defaults"], "bf16": ["--precision", "bf16"], "compile": ["--compile"]}.get(setting, [])
+    if setting == "fp32+allocator":
+        env = {**env, **SAME_ALLOCATOR_ENV}
     load = run(list(map(str, cmd)), work / "logs" / f"{out.name}.log", env)
     result = json.loads((out / "result.json").read_text())
     shutil.rmtree(out)
@@ -207,6 +218,15 @@ def plain_loop(rnd, args, work, env) -> dict:
     return {**result, "batch_size": 1, "load_average": load}
 
 
+def lever(name, rnd, args, work, env) -> dict:
+    out = work / "runs" / f"lever-{name}-{rnd}.json"
+    out.parent.mkdir(exist_ok=True)
+    cmd = [sys.executable, "bench/levers.py", "--lever", name, "--model", work / "gpt2", "--max-length", args.max_length,
+           "--micro-batch-size", args.batch, "--steps", args.lever_steps, "--warmup", args.warmup, "--out", out]
+    load = run(list(map(str, cmd)), work / "logs" / f"lever-{name}-{rnd}.log", env)
+    return {**json.loads(out.read_text()), "load_average": load}
+
+
 def summarize(runs: list, warmup: int, peak: float) -> dict:
     """Median over rounds of each run's median step time after the warm-up steps."""
     per_run = [statistics.median(r["step_s"][warmup:]) for r in runs]
@@ -233,11 +253,11 @@ def main():
                                         "(default: all; the bf16 ones only where the hardware has bf16)")
     parser.add_argument("--reps", type=int, help="rounds of interleaved runs (default 3; quick 2)")
     parser.add_argument("--steps", type=int, help="measured steps per run, after the warm-up steps (default 3)")
-    parser.add_argument("--warmup", type=int, help="steps per run not measured (default 1)")
+    parser.add_argument("--warmup", type=int, help="steps per run and lever not measured (default 3)")
     parser.add_argument("--batch", type=int, help="micro-batch size of the equal-settings cases (default 8, the recipes')")
     parser.add_argument("--eval-tokens", type=int, help="tokens scored per evaluation run (default 16384)")
     parser.add_argument("--lever-reps", type=int, help="rounds of the lever measurements (default 2; 0 skips them)")
-    parser.add_argument("--lever-steps", type=int, help="measured steps per lever and round, after one warm-up step (default 2)")
+    parser.add_argument("--lever-steps", type=int, help="measured steps per lever and round, after the warm-up steps (default 3)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation speed")
     parser.add_argument("--out", default="reports/bench", help="where bench.json goes (default reports/bench)")
     args = parser.parse_args()
@@ -275,7 +295,7 @@ def main():
             for side, fn in sides.items():
                 runs[case, side].append(fn(case, rnd, args, work, env))
                 step = statistics.median(runs[case, side][-1]["step_s"][args.warmup :])
-                print(f"round {rnd + 1}/{args.reps}  {case:<14} {side:<9} {step:7.3f} s/step", flush=True)
+                print(f"round {rnd + 1}/{args.reps}  {case:<25} {side:<9} {step:7.3f} s/step", flush=True)
     training = {}
     for case in cases:
         precision = "bf16" if CASES[case][1] == "bf16" else "fp32"
@@ -302,20 +322,28 @@ def main():
         }
         evaluation["ratio"] = evaluation["evaluate.py"]["tokens_per_s"] / evaluation["plain loop"]["tokens_per_s"]
 
-    # ---- levers, one at a time, on a plain loop ---------------------------------------------------------
+    # ---- levers, one at a time, on a plain loop: a process per lever and round, interleaved ---------------
     levers = {"skipped": "--lever-reps 0"}
     if args.lever_reps:
         names = LEVERS + (BF16_LEVERS if info["bf16_native"] else [])
-        lever_file = work / "levers.json"
-        run([sys.executable, "bench/levers.py", "--model", str(work / "gpt2"), "--max-length", str(args.max_length),
-             "--micro-batch-size", str(args.batch), "--steps", str(args.lever_steps), "--warmup", "1",
-             "--reps", str(args.lever_reps), "--levers", ",".join(names), "--out", str(lever_file)], work / "logs" / "levers.log", env)
-        levers = json.loads(lever_file.read_text())
-        base = levers["levers"]["baseline"]["tokens_per_s"]
-        for name, lever in levers["levers"].items():
+        lever_runs = {name: [] for name in names}
+        for rnd in range(args.lever_reps):
+            for name in names:
+                lever_runs[name].append(lever(name, rnd, args, work, env))
+                print(f"round {rnd + 1}/{args.lever_reps}  lever {name:<16} {statistics.median(lever_runs[name][-1]['step_s']):7.3f} s/step", flush=True)
+        levers = {"levers": {}}
+        for name, rs in lever_runs.items():
+            step = statistics.median(statistics.median(r["step_s"]) for r in rs)
+            tokens_per_s = rs[-1]["tokens_per_step"] / step
             peak = peaks["bf16" if name.startswith("bf16") else "fp32"]["flops_per_s"]
-            lever["speedup_vs_baseline"] = lever["tokens_per_s"] / base
-            lever["mfu"] = lever["tokens_per_s"] * lever["model_flops_per_token"] / peak
+            levers["levers"][name] = {
+                "what": rs[-1]["what"], "step_s": step, "step_s_per_round": [statistics.median(r["step_s"]) for r in rs],
+                "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * rs[-1]["model_flops_per_token"] / peak,
+                "peak_cpu_rss_mb": max(r["peak_cpu_rss_mb"] for r in rs), "runs": rs,
+            }
+        base = levers["levers"]["baseline"]["tokens_per_s"]
+        for row in levers["levers"].values():
+            row["speedup_vs_baseline"] = row["tokens_per_s"] / base
         if not info["bf16_native"]:
             levers["bf16_autocast"] = f"not measured: no native bf16 matrix product here (bf16 peak {peaks['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s)"
 
@@ -383,12 +411,12 @@ def print_table(report) -> None:
     s = report["settings"]
     print(f"sequence {s['max_length']}, batch {s['micro_batch_size']} (defaults case: each side's own), "
           f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps, {s['rounds']} rounds\n")
-    print(f"{'case':<15}{'side':<10}{'tokens/s':>10}{'step s':>9}{'MFU':>7}{'peak RSS MB':>13}{'whole-run tok/s':>17}{'ratio':>7}")
+    print(f"{'case':<26}{'side':<10}{'tokens/s':>10}{'step s':>9}{'MFU':>7}{'peak RSS MB':>13}{'whole-run tok/s':>17}{'ratio':>7}")
     for case, row in report["training"].items():
         for side in ("train.py", "Trainer"):
             r = row[side]
             ratio = f"{row['ratio']:.2f}" if side == "train.py" else ""
-            print(f"{case if side == 'train.py' else '':<15}{side:<10}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.2f}"
+            print(f"{case if side == 'train.py' else '':<26}{side:<10}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.2f}"
                   f"{100 * r['mfu']:>6.1f}%{r['peak_cpu_rss_mb']:>13.0f}{r['whole_run_tokens_per_s']:>17.0f}{ratio:>7}")
     ev = report["evaluation"]
     print()

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, assert_same_log, run_script
+from conftest import ROOT, assert_same_log, read_log, run_script
 from tunebench.methods import apply_method, count_params
 from tunebench.models import load_model, load_tokenizer
 from tunebench.recipe import load_recipe
@@ -32,10 +31,6 @@ def common(assets, out, model="gpt2", steps=12):
         "train.warmup_ratio=0",
         f"output_dir={out}",
     ]
-
-
-def log(run):
-    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
 
 
 def train(recipe, *args):
@@ -85,7 +80,7 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
     args = common(assets, run) + extra
     train(recipe_name, *args)
 
-    val_losses = [r["val_loss"] for r in log(run) if "val_loss" in r]
+    val_losses = [r["val_loss"] for r in read_log(run) if "val_loss" in r]
     assert val_losses[-1] < val_losses[0]
 
     summary = json.loads((run / "summary.json").read_text())
@@ -161,6 +156,18 @@ def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name):
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
 
 
+def test_fast_allocator_trains_as_exact_one(assets, tmp_path):
+    """By default train.py has glibc keep freed blocks for the next step (reused memory holds old
+    data); train.exact_cpu_rss returns every block of 1 MB or more at once (fresh pages are zero).
+    With logits of 4 MB per micro-batch the two differ in where every large tensor lives; the
+    losses must not."""
+    fast, exact = tmp_path / "fast", tmp_path / "exact"
+    big = ["data.max_length=128", "train.micro_batch_size=16", "train.lr=3e-3"]
+    train("full", *common(assets, fast, model="gpt2_nodropout", steps=4), *big)
+    train("full", *common(assets, exact, model="gpt2_nodropout", steps=4), *big, "train.exact_cpu_rss=true")
+    assert_same_log(fast, exact, rel=1e-6)
+
+
 def test_finished_run_is_not_trained_again(assets, tmp_path):
     run = tmp_path / "done"
     train("lora_r4", *common(assets, run, steps=4))
@@ -185,4 +192,4 @@ def test_two_processes_match_one(assets, tmp_path):
     assert summary["hardware"]["num_processes"] == 2
     assert summary["global_batch"] == 4
     assert_same_log(one, two)
-    assert log(one)[-1]["tokens"] == log(two)[-1]["tokens"]
+    assert read_log(one)[-1]["tokens"] == read_log(two)[-1]["tokens"]
