@@ -194,6 +194,7 @@ def main(argv=None):
 
     def fail(message):
         """A run that cannot go on (not bad input): one line, exit status 1, the run directory kept."""
+        bar.close()  # the progress bar would otherwise print after the message
         if main_process:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
@@ -351,7 +352,6 @@ def main(argv=None):
                 progress["tokens"] += int(accelerator.reduce(tokens_seen, "sum").item())
                 loss_sum.zero_(), loss_count.zero_(), tokens_seen.zero_()
                 if not math.isfinite(mean_loss):
-                    bar.close()
                     accelerator.end_training()
                     fail(
                         f"training loss became {mean_loss} by step {progress['step']}; stopped. The last checkpoint is "

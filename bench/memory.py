@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import tiny  # noqa: E402  (the test suite's tokenizer and prose, for a data set that is always there)
+from tunebench import measure  # noqa: E402
 
 SHAPES = {"small": dict(n_embd=768, n_layer=12, n_head=12), "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
 SEQ = 512
@@ -144,8 +145,7 @@ def main():
             (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")  # kept if a later run fails
     gpu = torch.cuda.is_available()
     # bf16 autocast on a CPU without bf16 instructions is emulated: hours for these two steps.
-    cpu_bf16 = not gpu and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if "medium" in shapes and (gpu or cpu_bf16):  # the 6 GB target's settings
+    if "medium" in shapes and measure.bf16_native():  # the 6 GB target's settings
         for micro_batch in (1, 4) if gpu else (1,):
             rows.append(train(f"medium-full-adamw_8bit-ckpt-bf16-mb{micro_batch}", "full", folders["medium"], data, out,
                               "adamw_8bit", True, micro_batch=micro_batch, grad_accum=8 // micro_batch if gpu else 1,
@@ -153,7 +153,7 @@ def main():
             print(table(rows[-1:]).splitlines()[-1], flush=True)
 
     report = [table(rows), ""]
-    if "medium" in shapes and not (gpu or cpu_bf16):
+    if "medium" in shapes and not measure.bf16_native():
         report.append("the 6 GB target's bf16 row is not run: no GPU and no bf16 instructions in this CPU; "
                       "medium-full-adamw_8bit-ckpt is the same settings in float32")
     per_param = {r["optimizer"]: r["optimizer_bytes_per_param"] for r in rows

@@ -64,13 +64,6 @@ LEVERS = ["baseline", "heap_allocator", "fused_adamw", "foreach_adamw", "shift_l
 BF16_LEVERS = ["bf16_autocast"]
 
 
-def bf16_native(device) -> bool:
-    """Whether the hardware multiplies bf16 matrices natively (AVX512-BF16 / AMX on a CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def matmul_peak(dtype, device) -> dict:
     """FLOP/s of the best square matrix product in dtype: the size doubles from 256 until one product
     takes 0.2 s (at most 8192), then the best of five; `a @ b` and F.linear (the layers' kernel) both."""
@@ -97,7 +90,7 @@ def matmul_peak(dtype, device) -> dict:
     return {"flops_per_s": max(best.values()), "n": n, "by_kernel": best}
 
 
-def machine(device) -> dict:
+def machine() -> dict:
     flags = set()
     if Path("/proc/cpuinfo").exists():
         flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags") for f in line.split()}
@@ -107,7 +100,7 @@ def machine(device) -> dict:
         "cpu_bf16_flags": sorted(f for f in flags if "bf16" in f or f.startswith("amx")),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
-        "bf16_native": bf16_native(device),
+        "bf16_native": measure.bf16_native(),
         "load_average_at_start": os.getloadavg(),
     }
 
@@ -267,7 +260,7 @@ def main():
             setattr(args, key, preset[key])
     args.max_length = preset["max_length"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = machine(device)
+    info = machine()
     if args.cases:
         cases = args.cases.split(",")
         unknown = [c for c in cases if c not in CASES]

@@ -47,6 +47,16 @@ def run_script(script: str, *args, cwd=None, env=None, timeout=600):
     )
 
 
+def assert_one_clear_line(result, phrase):
+    """Bad input: exit status 2 and one `error:` line, the last thing printed, that names the problem."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert phrase in errors[0], errors[0]
+
+
 def read_log(run) -> list:
     return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
 

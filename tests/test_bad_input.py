@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_one_clear_line, run_script
 
 RECIPE = ROOT / "recipes" / "lora_r16.yaml"
 
@@ -84,15 +84,6 @@ def command(assets, tmp_path, build):
     extra = [str(x) for x in build(assets, tmp_path)]
     recipe = [] if "--recipe" in extra else ["--recipe", str(RECIPE)]
     return recipe + base_args(assets, tmp_path / "new_run") + extra
-
-
-def assert_one_clear_line(result, phrase):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == errors[0]
-    assert phrase in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("case,build,phrase", CASES, ids=[c[0] for c in CASES])

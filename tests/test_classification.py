@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import assert_one_clear_line, run_script
 from peft import PeftModel
 
 from tiny import EOS, write_jsonl
@@ -111,3 +111,8 @@ def test_classification_trains_above_chance_through_train_py(assets, toy, tmp_pa
     with torch.no_grad():
         predicted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
     assert (predicted == batch["labels"]).float().mean().item() == pytest.approx(summary["best_val_acc"])
+
+    # evaluate.py scores language models: a classification run gets one line, exit 2, nothing written.
+    refused = run_script("evaluate.py", "--run", run)
+    assert_one_clear_line(refused, "is a classification run: its accuracy is best_val_acc in summary.json")
+    assert not (run / "eval.json").exists()

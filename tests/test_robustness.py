@@ -119,6 +119,36 @@ def test_sigterm_saves_and_exits_cleanly(assets, tmp_path, straight):
     assert_same_as_straight(run, straight)
 
 
+# train.py with a disk that fills up once checkpoint step-5 is written: from then on nothing is free.
+FULL_DISK_AFTER_STEP_5 = """
+import sys
+from pathlib import Path
+import tunebench.rundir as rundir
+real_free_mb = rundir.free_mb
+rundir.free_mb = lambda path: 0.0 if (Path(path) / "checkpoints" / "step-5").is_dir() else real_free_mb(path)
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+train.main()
+"""
+
+
+def test_full_disk_stops_with_a_message_and_resumes(assets, tmp_path, straight):
+    run = tmp_path / "run"
+    full = subprocess.run([sys.executable, "-c", FULL_DISK_AFTER_STEP_5, *args(assets, run)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 1, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot save the checkpoint of step 6 to {run} (about "), last
+    assert f"0 MB free); stopped. The last good checkpoint is {run / 'checkpoints' / 'step-5'}" in last
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-5"]  # nothing half-written
+    assert not (run / "summary.json").exists()
+
+    result = run_script("train.py", *args(assets, run))  # space freed: the same command resumes
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming {run} from step-5" in result.stdout
+    assert_same_as_straight(run, straight)
+
+
 def test_divergence_stops_with_a_message_and_keeps_final(assets, tmp_path):
     run = tmp_path / "run"
     result = run_script("train.py", *args(assets, run), "train.lr=1e30", "train.max_grad_norm=0")

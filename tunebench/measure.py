@@ -69,6 +69,14 @@ def optimizer_state_mb(optimizer) -> float:
     return total / 2**20
 
 
+def bf16_native() -> bool:
+    """Whether this machine multiplies bf16 matrices natively: a GPU that supports bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated, far slower than float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
