@@ -326,11 +326,12 @@ def main():
                 print(f"round {rnd + 1}/{args.lever_reps}  lever {name:<16} {statistics.median(lever_runs[name][-1]['step_s']):7.3f} s/step", flush=True)
         levers = {"levers": {}}
         for name, rs in lever_runs.items():
-            step = statistics.median(statistics.median(r["step_s"]) for r in rs)
+            per_round = [statistics.median(r["step_s"]) for r in rs]
+            step = statistics.median(per_round)
             tokens_per_s = rs[-1]["tokens_per_step"] / step
             peak = peaks["bf16" if name.startswith("bf16") else "fp32"]["flops_per_s"]
             levers["levers"][name] = {
-                "what": rs[-1]["what"], "step_s": step, "step_s_per_round": [statistics.median(r["step_s"]) for r in rs],
+                "what": rs[-1]["what"], "step_s": step, "step_s_per_round": per_round,
                 "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * rs[-1]["model_flops_per_token"] / peak,
                 "peak_cpu_rss_mb": max(r["peak_cpu_rss_mb"] for r in rs), "runs": rs,
             }

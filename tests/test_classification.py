@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from conftest import assert_one_clear_line, run_script
+from conftest import assert_one_clear_line, read_log, run_script
 from peft import PeftModel
 
 from tiny import EOS, write_jsonl
@@ -95,8 +95,7 @@ def test_classification_trains_above_chance_through_train_py(assets, toy, tmp_pa
     result = run_script("train.py", "--recipe", toy / "recipe.yaml", f"output_dir={run}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    accuracies = [r["val_acc"] for r in log if "val_acc" in r]
+    accuracies = [r["val_acc"] for r in read_log(run) if "val_acc" in r]
     assert summary["task"] == "classification" and summary["label_names"] == ["neg", "pos"]
     assert summary["best_val_acc"] == max(accuracies) and summary["best_step"] > 0
     assert summary["best_val_acc"] >= 0.75 > accuracies[0]  # chance is 0.5; 48 of 64 right is 4 sigma above it

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_same_log, run_script
+from conftest import ROOT, assert_same_log, read_log, run_script
 from tunebench.distributed import check_deepspeed
 from tunebench.errors import UserError
 from tunebench.models import load_model
@@ -40,10 +40,6 @@ def launch(config, recipe, args):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def log(run):
-    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
-
-
 def summary(run):
     return json.loads((Path(run) / "summary.json").read_text())
 
@@ -54,7 +50,7 @@ def assert_same_training(one, two):
     assert summary(two)["hardware"]["distributed_type"] == "DEEPSPEED"
     assert summary(two)["global_batch"] == summary(one)["global_batch"] == 4
     assert_same_log(one, two)
-    assert log(one)[-1]["val_loss"] < log(one)[0]["val_loss"]
+    assert read_log(one)[-1]["val_loss"] < read_log(one)[0]["val_loss"]
 
 
 @pytest.fixture(scope="module")

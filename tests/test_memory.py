@@ -2,14 +2,13 @@
 and the settings train.py refuses. (DeepSpeed ZeRO: tests/test_deepspeed.py.)"""
 import json
 import re
-from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import GPT2Config
 
-from conftest import ROOT, run_script
+from conftest import ROOT, read_log, run_script
 from tunebench.methods import apply_method
 from tunebench.metrics import causal_nll
 from tunebench.models import enable_gradient_checkpointing, load_model, load_tokenizer
@@ -32,10 +31,6 @@ def train(recipe, *args):
     return result
 
 
-def log(run):
-    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
-
-
 def one_line_refusal(result):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
@@ -48,7 +43,7 @@ def one_line_refusal(result):
 def test_adamw_8bit_trains_and_keeps_8bit_state(assets, tmp_path):
     run = tmp_path / "full_8bit"
     train("full_8bit", *overrides(assets, run), "train.lr=3e-3")
-    records = log(run)
+    records = read_log(run)
     train_losses = [r["train_loss"] for r in records if r["train_loss"] is not None]
     assert train_losses[-1] < train_losses[0] - 0.05
     assert records[-1]["val_loss"] < records[0]["val_loss"]
@@ -144,7 +139,7 @@ def test_gradient_checkpointing_in_train_py_gives_the_same_losses(assets, tmp_pa
         runs[checkpointing] = tmp_path / f"lora_{checkpointing}"
         train("lora_r16", *overrides(assets, runs[checkpointing], steps=4), "train.lr=1e-2",
               f"model.gradient_checkpointing={checkpointing}")
-    plain, checkpointed = log(runs["false"]), log(runs["true"])
+    plain, checkpointed = read_log(runs["false"]), read_log(runs["true"])
     assert [r["step"] for r in plain] == [r["step"] for r in checkpointed]
     for a, b in zip(plain, checkpointed):
         for key in ("train_loss", "val_loss"):

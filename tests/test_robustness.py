@@ -1,5 +1,4 @@
 """Nothing lost: kills at any moment, kills during a save, SIGTERM, divergence."""
-import json
 import os
 import random
 import re
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, read_log, run_script
 
 RECIPE = ROOT / "recipes" / "lora_r16.yaml"
 
@@ -36,8 +35,7 @@ def start(cmd_args):
 
 
 def losses(run):
-    records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in records]
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_log(run)]
 
 
 def wait_for(predicate, process, timeout=900):
