@@ -21,9 +21,10 @@ import argparse
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-from tunebench.errors import UserError, exit_with
+from tunebench.errors import ArgumentParser, UserError, command
 
 TASKS = {
     "wikitext2": "perplexity on the WikiText-2 (raw) test split",
@@ -51,11 +52,6 @@ DEFAULT_DATA = {"instruction": "alpaca", "summarization": "cnn_dailymail"}
 STOP = {"instruction": "###"}  # Alpaca's next section: a model that goes on past its response starts one
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        exit_with(UserError(f"{message} (usage: evaluate.py --run RUN_DIR | --model NAME [--tasks a,b] ...)"))
-
-
 def positive(text):
     try:
         value = int(text)
@@ -67,7 +63,8 @@ def positive(text):
 
 
 def parse_args(argv=None):
-    parser = _Parser(description=__doc__.splitlines()[0], epilog="tasks: " + "; ".join(f"{k}: {v}" for k, v in TASKS.items()))
+    parser = ArgumentParser(description=__doc__.splitlines()[0], epilog="tasks: " + "; ".join(f"{k}: {v}" for k, v in TASKS.items()),
+                            usage_hint="evaluate.py --run RUN_DIR | --model NAME [--tasks a,b] ...")
     parser.add_argument("--run", help="a run directory with final/ (its recipe gives the base model and eval.tasks)")
     parser.add_argument("--model", help="hub id, local folder or .gguf file, evaluated as it is")
     parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
@@ -89,317 +86,415 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["report"]:
-        try:
-            from tunebench import report
-        except ModuleNotFoundError as e:
-            if e.name != "tunebench.report":
-                raise
-            exit_with(UserError("'evaluate.py report' needs tunebench/report.py, which this checkout does not have"))
-        return report.main(argv[1:])
-    args = parse_args(argv)
 
-    # ---- every check on the arguments before anything heavy is loaded ----------------------------
-    try:
-        if bool(args.run) == bool(args.model):
-            raise UserError("give either --run RUN_DIR (a trained run) or --model NAME_OR_PATH (a model as it is)")
-        if args.run and args.out:
-            raise UserError("--out is for --model; a run's results go to RUN_DIR/eval.json")
-        run_dir = Path(args.run) if args.run else None
-        if run_dir is not None:
-            if not (run_dir / "recipe.yaml").is_file():
-                raise UserError(f"'{run_dir}' is not a run directory (no recipe.yaml); give runs/NAME of a train.py run")
-            if not (run_dir / "final").is_dir():
-                raise UserError(f"run '{run_dir}' has no final/ model yet; train it first (python train.py --recipe {run_dir}/recipe.yaml)")
-        from tunebench import rundir
-        from tunebench.recipe import defaults, load_recipe
+# ---- the request: every check on the arguments before a model loads --------------------------------
 
-        recipe = load_recipe(run_dir / "recipe.yaml") if run_dir else None
-        if recipe and recipe["task"] != "causal_lm":
-            raise UserError(f"run '{run_dir}' is a {recipe['task']} run: its accuracy is best_val_acc in summary.json; "
-                            "evaluate.py scores causal language models")
-        if args.tasks:
-            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        elif recipe and recipe["eval"]["tasks"]:
-            tasks = recipe["eval"]["tasks"]
-        else:
-            where = f"the recipe of '{run_dir}' has empty eval.tasks" if recipe else "--model has no default tasks"
-            raise UserError(f"no tasks: {where}; give --tasks, e.g. --tasks wikitext2,lambada")
-        for task in tasks:
-            if task not in TASKS:
-                raise UserError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
-        if args.data_file:
-            if not Path(args.data_file).is_file():
-                raise UserError(f"--data-file '{args.data_file}' does not exist")
-            if not any(t in DATA_FILE_TASKS for t in tasks):
-                raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
-        if "ppl" in tasks and not args.data_file:
-            raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
-        if args.stride and args.max_length and args.stride > args.max_length:
-            raise UserError(f"--stride {args.stride} is larger than --max-length {args.max_length}: tokens between windows "
-                            "would never be scored; use a stride of at most the window length")
-        out_dir = run_dir or (Path(args.out) if args.out else None)
-        name = str(run_dir) if run_dir else args.model  # whose results eval.json holds
-        if args.out and (out_dir / "summary.json").is_file() and rundir.read_json(out_dir / "summary.json").get("method") != "baseline":
-            raise UserError(f"--out '{out_dir}' holds a training run; give a new folder for the baseline")
-        earlier = rundir.read_json(out_dir / "eval.json") if out_dir and (out_dir / "eval.json").is_file() else {}
-        if args.out and earlier and earlier.get("model") != name:
-            raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
-    except UserError as e:
-        exit_with(e)
+@dataclass
+class Request:
+    run_dir: Path | None  # a trained run, or None for --model
+    recipe: dict | None  # the run's recipe
+    tasks: list
+    out_dir: Path | None  # where eval.json goes (None: printed only)
+    name: str  # whose results eval.json holds
+    earlier: dict  # the eval.json an earlier evaluation of the same model wrote
 
-    # Heavy imports after argument checks, so `--help` and usage errors answer at once.
+
+def check_request(args) -> Request:
+    from tunebench import rundir
+    from tunebench.recipe import load_recipe
+
+    if bool(args.run) == bool(args.model):
+        raise UserError("give either --run RUN_DIR (a trained run) or --model NAME_OR_PATH (a model as it is)")
+    if args.run and args.out:
+        raise UserError("--out is for --model; a run's results go to RUN_DIR/eval.json")
+    run_dir = Path(args.run) if args.run else None
+    if run_dir is not None:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise UserError(f"'{run_dir}' is not a run directory (no recipe.yaml); give runs/NAME of a train.py run")
+        if not (run_dir / "final").is_dir():
+            raise UserError(f"run '{run_dir}' has no final/ model yet; train it first (python train.py --recipe {run_dir}/recipe.yaml)")
+    recipe = load_recipe(run_dir / "recipe.yaml") if run_dir else None
+    if recipe and recipe["task"] != "causal_lm":
+        raise UserError(f"run '{run_dir}' is a {recipe['task']} run: its accuracy is best_val_acc in summary.json; "
+                        "evaluate.py scores causal language models")
+    tasks = requested_tasks(args, recipe, run_dir)
+    if args.data_file:
+        if not Path(args.data_file).is_file():
+            raise UserError(f"--data-file '{args.data_file}' does not exist")
+        if not any(t in DATA_FILE_TASKS for t in tasks):
+            raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
+    if "ppl" in tasks and not args.data_file:
+        raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
+    out_dir = run_dir or (Path(args.out) if args.out else None)
+    name = str(run_dir) if run_dir else args.model
+    if args.out and (out_dir / "summary.json").is_file() and rundir.read_json(out_dir / "summary.json").get("method") != "baseline":
+        raise UserError(f"--out '{out_dir}' holds a training run; give a new folder for the baseline")
+    earlier = rundir.read_json(out_dir / "eval.json") if out_dir and (out_dir / "eval.json").is_file() else {}
+    if args.out and earlier and earlier.get("model") != name:
+        raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
+    return Request(run_dir, recipe, tasks, out_dir, name, earlier)
+
+
+def requested_tasks(args, recipe, run_dir) -> list:
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    elif recipe and recipe["eval"]["tasks"]:
+        tasks = recipe["eval"]["tasks"]
+    else:
+        where = f"the recipe of '{run_dir}' has empty eval.tasks" if recipe else "--model has no default tasks"
+        raise UserError(f"no tasks: {where}; give --tasks, e.g. --tasks wikitext2,lambada")
+    for task in tasks:
+        if task not in TASKS:
+            raise UserError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+    return tasks
+
+
+# ---- the model and how every task runs it ----------------------------------------------------------
+
+@dataclass
+class Scorer:
+    """The model under evaluation and the settings every task runs it with."""
+    model: object
+    tokenizer: object
+    device: object
+    precision: str  # fp32, bf16 or fp16 (autocast)
+    max_length: int  # perplexity window; prompt + generated tokens
+    stride: int  # perplexity window step
+    virtual_tokens: int  # a soft prompt's, which take positions of the context
+
+    def autocast(self):
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    @property
+    def start_id(self) -> int:
+        """What the first token is predicted from: BOS, or end-of-text without one."""
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def window(args, context, virtual_tokens: int) -> tuple:
+    """(--max-length, --stride) with their defaults, checked against the model's context."""
+    room = f" minus {virtual_tokens} virtual tokens of the soft prompt" if virtual_tokens else ""
+    if context is None and not args.max_length:
+        raise UserError("the model's context length is unknown; give --max-length")
+    if args.max_length and context and args.max_length + virtual_tokens > context:
+        raise UserError(f"--max-length {args.max_length} is beyond the model's context of {context} positions{room}; "
+                        f"use {context - virtual_tokens} or less")
+    max_length = args.max_length or context - virtual_tokens
+    stride = args.stride or max(1, max_length // 2)
+    if stride > max_length:
+        limit = f"--max-length {max_length}" if args.max_length else f"the window of {max_length} tokens (the model's context{room})"
+        raise UserError(f"--stride {stride} is larger than {limit}: tokens between windows would never be scored; "
+                        "use a stride of at most the window length")
+    return max_length, stride
+
+
+def load_scorer(args, request: Request) -> Scorer:
+    """A run's full model, its adapter or soft prompt on the recipe's base model, or a model as it is."""
     import torch
     from peft import PeftConfig, PeftModel
-    from transformers import set_seed
 
-    from tunebench import data, measure, metrics
-    from tunebench.methods import count_params
     from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench.recipe import defaults
 
-    # ---- model: a run's full model, its adapter on the base model, or a model as it is -----------
-    measure.set_cpu_allocator(exact_rss=False)
-    started = time.perf_counter()
-    try:
-        if run_dir:
-            final = run_dir / "final"
-            adapter = (final / "adapter_config.json").is_file()
-            final_cfg = {**recipe["model"], "name": str(final), "gguf_file": None, "revision": None}
-            model_cfg = dict(recipe["model"]) if adapter else final_cfg
-            peft_config = PeftConfig.from_pretrained(str(final)) if adapter else None
-            if not (run_dir / "summary.json").is_file():
-                print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
-        else:
-            model_cfg = {**defaults()["model"], "name": args.model}
-            peft_config = None
-        # A soft prompt's virtual tokens take positions of the context: the text gets the rest.
-        virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
-        context = context_length(load_config(model_cfg))
-        room = f" minus {virtual_tokens} virtual tokens of the soft prompt" if virtual_tokens else ""
-        if context is None and not args.max_length:
-            raise UserError("the model's context length is unknown; give --max-length")
-        if args.max_length and context and args.max_length + virtual_tokens > context:
-            raise UserError(f"--max-length {args.max_length} is beyond the model's context of {context} positions{room}; "
-                            f"use {context - virtual_tokens} or less")
-        max_length = args.max_length or context - virtual_tokens
-        stride = args.stride or max(1, max_length // 2)
-        if stride > max_length:
-            raise UserError(f"--stride {stride} is larger than the window of {max_length} tokens (the model's context{room}); "
-                            "use a stride of at most the window length")
-        tokenizer = load_tokenizer(final_cfg if run_dir else model_cfg)  # train.py saves it beside the model or adapter
-        model = load_model(model_cfg)
-        if peft_config is not None:
-            model = PeftModel.from_pretrained(model, str(final))
-    except UserError as e:
-        exit_with(e)
+    run_dir, recipe = request.run_dir, request.recipe
+    if run_dir:
+        final = run_dir / "final"
+        adapter = (final / "adapter_config.json").is_file()
+        final_cfg = {**recipe["model"], "name": str(final), "gguf_file": None, "revision": None}
+        model_cfg = dict(recipe["model"]) if adapter else final_cfg
+        tokenizer_cfg = final_cfg  # train.py saves the tokenizer beside the model or adapter
+        peft_config = PeftConfig.from_pretrained(str(final)) if adapter else None
+        if not (run_dir / "summary.json").is_file():
+            print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
+    else:
+        model_cfg = tokenizer_cfg = {**defaults()["model"], "name": args.model}
+        peft_config = None
+    # A soft prompt's virtual tokens take positions of the context: the text gets the rest.
+    virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
+    max_length, stride = window(args, context_length(load_config(model_cfg)), virtual_tokens)
+    tokenizer = load_tokenizer(tokenizer_cfg)
+    model = load_model(model_cfg)
+    if peft_config is not None:
+        model = PeftModel.from_pretrained(model, str(run_dir / "final"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    load_time = time.perf_counter() - started
-
-    if args.precision == "auto":
+    precision = args.precision
+    if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    return Scorer(model, tokenizer, device, precision, max_length, stride, virtual_tokens)
+
+
+# ---- where a task's rows come from -----------------------------------------------------------------
+
+def section(dataset: str, **keys) -> dict:
+    """A recipe data section that reads `dataset` with tunebench.data."""
+    from tunebench.recipe import defaults
+
+    return {**defaults()["data"], "dataset": dataset, **keys}
+
+
+def test_rows(data_cfg: dict) -> tuple:
+    """(rows, where they come from): all rows of a local file (--data-file), or a registered or hub
+    data set's test split."""
+    from tunebench import data
+
+    raw, _ = data.load_raw(data_cfg)
+    if Path(data_cfg["dataset"]).is_file():
+        return raw["train"], data_cfg["dataset"]
+    if "test" not in raw:
+        raise UserError(f"data set '{data_cfg['dataset']}' has no test split; it has {', '.join(raw)}")
+    return raw["test"], f"{data_cfg['dataset']} test"
+
+
+def held_out_rows(data_cfg: dict, seed: int, data_file) -> tuple:
+    """Rows no run trained on: --data-file's, the data set's test split, or else the validation
+    split train.py holds out of its training data (the same rows for the same recipe and seed)."""
+    from tunebench import data
+
+    raw, spec = data.load_raw(data_cfg)
+    if data_file or "test" in raw:
+        return test_rows(data_cfg)
+    _, validation = data.split_train_validation(raw, data_cfg, spec, seed)
+    return validation, f"{data_cfg['dataset']} validation (share {data_cfg['validation_share']}, seed {seed})"
+
+
+def column(rows, name: str, source: str) -> list:
+    if name not in rows.column_names:
+        raise UserError(f"'{source}' has no field '{name}'; its fields are {', '.join(rows.column_names)}")
+    return rows[name]
+
+
+# ---- the tasks: one function each, (scorer, args) -> the task's results ----------------------------
+
+def perplexity_task(task: str, scorer: Scorer, args) -> dict:
+    """wikitext2, wikitext103, imdb, ppl: the text read as one string, every token scored once."""
+    from tunebench import data, metrics
+
+    if task == "ppl" and Path(args.data_file).suffix.lower() in (".txt", ".text"):
+        source = args.data_file
+        try:
+            text = Path(source).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--data-file '{source}' is not UTF-8 text") from None
     else:
-        precision = args.precision
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id
+        # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
+        rows, source = test_rows(section(args.data_file if task == "ppl" else task))
+        field = "text" if task == "ppl" else data.REGISTRY[task]["text_field"]
+        text = "\n\n".join(column(rows, field, source))
+    tokenizer = scorer.tokenizer
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast, verbose=False)
+    ids = encoding["input_ids"]
+    if not ids:
+        raise UserError(f"'{source}' holds no text to score")
+    if args.max_tokens and args.max_tokens < len(ids):
+        ids = ids[: args.max_tokens]
+        text = text[: encoding["offset_mapping"][len(ids) - 1][1]] if tokenizer.is_fast else tokenizer.decode(ids)
+    batch_size = args.batch_size or max(1, TOKENS_PER_BATCH[scorer.device.type] // scorer.max_length)
+    scoring = time.perf_counter()
+    with scorer.autocast():
+        result = metrics.perplexity(scorer.model, ids, scorer.start_id, scorer.max_length, scorer.stride, batch_size,
+                                    tokenizer.pad_token_id, desc=task)
+    return {
+        **metrics.text_perplexities(result["nll"], result["tokens"], text),
+        "max_length": scorer.max_length, "stride": scorer.stride, "windows": result["windows"],
+        "tokens_per_s": len(ids) / (time.perf_counter() - scoring),
+        "batch_size": batch_size, "precision": scorer.precision, "data": source,
+    }
 
-    def encode(text):
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def section(dataset, **keys):
-        """A recipe data section that reads `dataset` with tunebench.data."""
-        return {**defaults()["data"], "dataset": dataset, **keys}
+def lambada_task(scorer: Scorer, args) -> dict:
+    """lm-evaluation-harness's lambada_openai: context up to the last space, target " " + the last
+    word, the target's tokens being those the whole text has beyond the context's."""
+    from tunebench import metrics
 
-    def test_rows(data_cfg):
-        """All rows of a local file (--data-file), or a registered or hub data set's test split."""
-        raw, _ = data.load_raw(data_cfg)
-        if Path(data_cfg["dataset"]).is_file():
-            return raw["train"], data_cfg["dataset"]
-        if "test" not in raw:
-            raise UserError(f"data set '{data_cfg['dataset']}' has no test split; it has {', '.join(raw)}")
-        return raw["test"], f"{data_cfg['dataset']} test"
+    rows, source = test_rows(section(args.data_file or "lambada"))
+    texts = [t.strip() for t in column(rows, "text", source) if t and t.strip()]
+    examples = []
+    for text in texts[: args.limit]:
+        context_ids = scorer.encode(text.rpartition(" ")[0])
+        examples.append((context_ids or [scorer.start_id], scorer.encode(text)[len(context_ids) :]))
+    batch_size = args.batch_size or 8
+    with scorer.autocast():
+        result = metrics.last_word(scorer.model, examples, scorer.max_length, batch_size, scorer.tokenizer.pad_token_id,
+                                   desc="lambada")
+    return {**result, "batch_size": batch_size, "precision": scorer.precision, "data": source}
 
-    def held_out_rows(data_cfg, seed):
-        """Rows no run trained on: --data-file's, the data set's test split, or else the validation
-        split train.py holds out of its training data (the same rows for the same recipe and seed)."""
-        raw, spec = data.load_raw(data_cfg)
-        if args.data_file or "test" in raw:
-            return test_rows(data_cfg)
-        _, validation = data.split_train_validation(raw, data_cfg, spec, seed)
-        return validation, f"{data_cfg['dataset']} validation (share {data_cfg['validation_share']}, seed {seed})"
 
-    def column(rows, name, source):
-        if name not in rows.column_names:
-            raise UserError(f"'{source}' has no field '{name}'; its fields are {', '.join(rows.column_names)}")
-        return rows[name]
+def continuation_examples(scorer: Scorer, args, room: int) -> tuple:
+    """A text's first --prompt-tokens tokens, and its next --max-new-tokens tokens as the reference."""
+    if args.prompt_tokens > room:
+        raise UserError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
+                        f"exceed the {scorer.max_length} tokens of --max-length")
+    rows, source = test_rows(section(args.data_file or "wikitext2"))
+    examples = []
+    for text in column(rows, "text", source):
+        ids = scorer.encode(text.strip()) if text else []
+        if len(ids) >= args.prompt_tokens + args.max_new_tokens:
+            reference = scorer.tokenizer.decode(ids[args.prompt_tokens : args.prompt_tokens + args.max_new_tokens])
+            examples.append((ids[: args.prompt_tokens], reference))
+        if len(examples) == args.limit:
+            break
+    if not examples:
+        raise UserError(f"'{source}' has no text of at least {args.prompt_tokens + args.max_new_tokens} tokens "
+                        "(--prompt-tokens + --max-new-tokens)")
+    return examples, source
 
-    def first(rows):
-        return rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
 
-    # ---- tasks ---------------------------------------------------------------------------------------
-    def perplexity_task(task):
-        if task == "ppl" and Path(args.data_file).suffix.lower() in (".txt", ".text"):
-            source = args.data_file
-            try:
-                text = Path(source).read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"--data-file '{source}' is not UTF-8 text") from None
-        else:
-            # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
-            rows, source = test_rows(section(args.data_file if task == "ppl" else task))
-            field = "text" if task == "ppl" else data.REGISTRY[task]["text_field"]
-            text = "\n\n".join(column(rows, field, source))
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast, verbose=False)
-        ids = encoding["input_ids"]
-        if not ids:
-            raise UserError(f"'{source}' holds no text to score")
-        if args.max_tokens and args.max_tokens < len(ids):
-            ids = ids[: args.max_tokens]
-            text = text[: encoding["offset_mapping"][len(ids) - 1][1]] if tokenizer.is_fast else tokenizer.decode(ids)
-        batch_size = args.batch_size or max(1, TOKENS_PER_BATCH[device.type] // max_length)
-        scoring = time.perf_counter()
-        with autocast:
-            result = metrics.perplexity(model, ids, start_id, max_length, stride, batch_size, pad_id, desc=task)
-        return {
-            **metrics.text_perplexities(result["nll"], result["tokens"], text),
-            "max_length": max_length, "stride": stride, "windows": result["windows"],
-            "tokens_per_s": len(ids) / (time.perf_counter() - scoring),
-            "batch_size": batch_size, "precision": precision, "data": source,
-        }
+def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int) -> tuple:
+    """Instruction or summarization prompts through the template training uses (tunebench.data):
+    a run trained in this format brings its own data set, fields and template, and is scored on
+    the rows it did not train on; otherwise the registered set with the format's defaults. The
+    prompt side is built as training builds it (data.fit_prompt_side) in the room the generated
+    tokens leave; if the template and input alone are too long, the side keeps its end."""
+    from tunebench import data
 
-    def lambada_task():
-        rows, source = test_rows(section(args.data_file or "lambada"))
-        texts = [t.strip() for t in column(rows, "text", source) if t and t.strip()]
-        examples = []
-        for text in texts[: args.limit]:
-            # lm-evaluation-harness: context up to the last space, target " " + last word, the target's
-            # tokens being those the whole text has beyond the context's.
-            context_ids = encode(text.rpartition(" ")[0])
-            examples.append((context_ids or [start_id], encode(text)[len(context_ids) :]))
-        batch_size = args.batch_size or 8
-        with autocast:
-            result = metrics.last_word(model, examples, max_length, batch_size, pad_id, desc="lambada")
-        return {**result, "batch_size": batch_size, "precision": precision, "data": source}
+    run_format = None
+    if recipe:
+        run_format, run_fields = data.resolve_format(recipe["data"], recipe["task"], data.REGISTRY.get(recipe["data"]["dataset"], {}))
+    if run_format == task:
+        data_cfg, fields, seed = recipe["data"], run_fields, recipe["train"]["seed"]
+    else:
+        data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data.FORMAT_DEFAULTS[task]), args.seed
+    if args.data_file:
+        data_cfg = section(args.data_file)
+    rows, source = held_out_rows(data_cfg, seed, args.data_file)
+    rows = data.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
+    limit = data_cfg["max_response_chars"]
+    rows = rows.filter(lambda row: bool(row["response"] and row["response"].strip())
+                       and (limit is None or len(row["response"]) <= limit))
+    if args.limit:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    variants = data.template_variants(fields["template"])
+    examples = []
+    for row in rows:
+        pieces = data.render(variants[bool(row.get("input"))], row["prompt"], "", row.get("input") or "")
+        head, prompt, middle, _ = (scorer.encode(piece) for piece in pieces)
+        examples.append((data.fit_prompt_side(head, prompt, middle, room)[-room:], row["response"]))
+    return examples, f"{source}, template {fields['template']!r}"
 
-    def continuation_examples(room):
-        """A text's first --prompt-tokens tokens, and its next --max-new-tokens tokens as the reference."""
-        if args.prompt_tokens > room:
-            raise UserError(f"--prompt-tokens {args.prompt_tokens} + --max-new-tokens {args.max_new_tokens} "
-                            f"exceed the {max_length} tokens of --max-length")
-        rows, source = test_rows(section(args.data_file or "wikitext2"))
-        examples = []
-        for text in column(rows, "text", source):
-            ids = encode(text.strip()) if text else []
-            if len(ids) >= args.prompt_tokens + args.max_new_tokens:
-                reference = tokenizer.decode(ids[args.prompt_tokens : args.prompt_tokens + args.max_new_tokens])
-                examples.append((ids[: args.prompt_tokens], reference))
-            if len(examples) == args.limit:
-                break
-        if not examples:
-            raise UserError(f"'{source}' has no text of at least {args.prompt_tokens + args.max_new_tokens} tokens "
-                            "(--prompt-tokens + --max-new-tokens)")
-        return examples, source
 
-    def prompt_response_examples(task, room):
-        """Instruction or summarization prompts through the template training uses (tunebench.data):
-        a run trained in this format brings its own data set, fields and template, and is scored on
-        the rows it did not train on; otherwise the registered set with the format's defaults. The
-        prompt (instruction or article) is cut at its end so that the prompt side leaves room for the
-        generated tokens (and if the template and input alone are too long, the side keeps its end)."""
-        run_format = None
-        if recipe:
-            run_format, run_fields = data.resolve_format(recipe["data"], recipe["task"], data.REGISTRY.get(recipe["data"]["dataset"], {}))
-        if run_format == task:
-            data_cfg, fields, seed = recipe["data"], run_fields, recipe["train"]["seed"]
-        else:
-            data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data.FORMAT_DEFAULTS[task]), args.seed
-        if args.data_file:
-            data_cfg = section(args.data_file)
-        rows, source = held_out_rows(data_cfg, seed)
-        rows = data.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
-        limit = data_cfg["max_response_chars"]
-        rows = first(rows.filter(lambda row: bool(row["response"] and row["response"].strip())
-                                 and (limit is None or len(row["response"]) <= limit)))
-        variants = data.template_variants(fields["template"])
-        examples = []
-        for row in rows:
-            head, prompt, middle, _ = (encode(piece) for piece in data.render(variants[bool(row.get("input"))], row["prompt"],
-                                                                              "", row.get("input") or ""))
-            prompt_side = head + prompt[: max(0, room - len(head) - len(middle))] + middle
-            examples.append((prompt_side[-room:], row["response"]))  # a long input: keep the side's end
-        return examples, f"{source}, template {fields['template']!r}"
+def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
+    """continuation, summarization, instruction: batched generation scored against the references."""
+    from transformers import set_seed
 
-    def generation_task(task):
-        room = max_length - args.max_new_tokens
-        if room <= 0:
-            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {max_length} tokens")
-        examples, source = continuation_examples(room) if task == "continuation" else prompt_response_examples(task, room)
-        if not examples:
-            raise UserError(f"'{source}' has no example for task {task}")
-        set_seed(args.seed)
-        batch_size = args.batch_size or 8
-        with autocast:
-            generated = metrics.generate(model, [p for p, _ in examples], batch_size, args.max_new_tokens, args.num_beams,
-                                         pad_id, tokenizer.eos_token_id, desc=task)
-        hypotheses = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        if task in STOP:
-            hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
-        scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
-        return {
-            **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
-            "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": precision, "data": source,
-            **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
-        }
+    from tunebench import metrics
 
-    results, times = {}, {"load_model": round(load_time, 3)}
-    try:
-        for task in tasks:
-            started = time.perf_counter()
-            if task in PERPLEXITY_TASKS:
-                results[task] = perplexity_task(task)
-            elif task == "lambada":
-                results[task] = lambada_task()
-            else:
-                results[task] = generation_task(task)
-            times[task] = round(time.perf_counter() - started, 3)
-    except UserError as e:
-        exit_with(e)
+    room = scorer.max_length - args.max_new_tokens
+    if room <= 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {scorer.max_length} tokens")
+    if task == "continuation":
+        examples, source = continuation_examples(scorer, args, room)
+    else:
+        examples, source = prompt_response_examples(task, scorer, args, recipe, room)
+    if not examples:
+        raise UserError(f"'{source}' has no example for task {task}")
+    set_seed(args.seed)
+    batch_size = args.batch_size or 8
+    tokenizer = scorer.tokenizer
+    with scorer.autocast():
+        generated = metrics.generate(scorer.model, [p for p, _ in examples], batch_size, args.max_new_tokens, args.num_beams,
+                                     tokenizer.pad_token_id, tokenizer.eos_token_id, desc=task)
+    hypotheses = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    if task in STOP:
+        hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
+    scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
+    return {
+        **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
+        "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": scorer.precision, "data": source,
+        **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
+    }
 
-    # ---- eval.json (merged with the tasks an earlier evaluation of the same model wrote) and a table --
-    evaluation = {
-        "model": name,
+
+def run_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
+    if task in PERPLEXITY_TASKS:
+        return perplexity_task(task, scorer, args)
+    if task == "lambada":
+        return lambada_task(scorer, args)
+    return generation_task(task, scorer, args, recipe)
+
+
+# ---- eval.json and the table -----------------------------------------------------------------------
+
+def evaluation_record(args, request: Request, scorer: Scorer, results: dict, times: dict) -> dict:
+    from tunebench import measure
+
+    recipe = request.recipe
+    return {
+        "model": request.name,
         "base_model": recipe["model"]["name"] if recipe else args.model,
         "method": recipe["method"]["type"] if recipe else "baseline",
         "tasks": results,
-        "settings": {"device": str(device), "precision": precision, "model_dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed, "max_length": max_length,
-                     "stride": stride, "max_tokens": args.max_tokens, "limit": args.limit, "num_beams": args.num_beams,
-                     "max_new_tokens": args.max_new_tokens, "data_file": args.data_file,
-                     "context_token": tokenizer.convert_ids_to_tokens(start_id), "virtual_tokens": virtual_tokens},
+        "settings": {"device": str(scorer.device), "precision": scorer.precision,
+                     "model_dtype": str(scorer.model.dtype).removeprefix("torch."), "seed": args.seed,
+                     "max_length": scorer.max_length, "stride": scorer.stride, "max_tokens": args.max_tokens,
+                     "limit": args.limit, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                     "data_file": args.data_file, "context_token": scorer.tokenizer.convert_ids_to_tokens(scorer.start_id),
+                     "virtual_tokens": scorer.virtual_tokens},
         "time_s": times,
         "hardware": measure.hardware(),
         "versions": measure.versions(),
     }
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        evaluation["tasks"] = {**earlier.get("tasks", {}), **results}
-        evaluation["time_s"] = {**earlier.get("time_s", {}), **times}
-        rundir.write_json(out_dir / "eval.json", evaluation)
-        if args.model:
-            _, total = count_params(model)
-            rundir.write_json(out_dir / "summary.json", {"name": out_dir.name, "method": "baseline", "model": args.model,
-                                                         "trainable_params": 0, "total_params": total})
-    print(f"\n{name} ({precision} on {device})")
+
+
+def write_results(evaluation: dict, request: Request, args, model) -> None:
+    """eval.json, merged with the tasks an earlier evaluation of the same model wrote; for --model
+    also a baseline summary.json."""
+    from tunebench import rundir
+    from tunebench.methods import count_params
+
+    out_dir = request.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluation["tasks"] = {**request.earlier.get("tasks", {}), **evaluation["tasks"]}
+    evaluation["time_s"] = {**request.earlier.get("time_s", {}), **evaluation["time_s"]}
+    rundir.write_json(out_dir / "eval.json", evaluation)
+    if args.model:
+        _, total = count_params(model)
+        rundir.write_json(out_dir / "summary.json", {"name": out_dir.name, "method": "baseline", "model": args.model,
+                                                     "trainable_params": 0, "total_params": total})
+
+
+def print_table(name: str, scorer: Scorer, results: dict) -> None:
+    print(f"\n{name} ({scorer.precision} on {scorer.device})")
     print(f"{'task':<14} {'metric':<20} value")
     for task, values in results.items():
         for i, (metric, value) in enumerate(values.items()):
             shown = f"{value:.4f}" if isinstance(value, float) else "null" if value is None else str(value)
             print(f"{task if i == 0 else '':<14} {metric:<20} {shown}")
-    if out_dir is not None:
-        print(f"\nwritten: {out_dir / 'eval.json'}")
+
+
+@command
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        from tunebench import report
+
+        return report.main(argv[1:])
+    args = parse_args(argv)
+    request = check_request(args)
+
+    from tunebench import measure
+
+    measure.set_cpu_allocator(exact_rss=False)
+    started = time.perf_counter()
+    scorer = load_scorer(args, request)
+    results, times = {}, {"load_model": round(time.perf_counter() - started, 3)}
+    for task in request.tasks:
+        started = time.perf_counter()
+        results[task] = run_task(task, scorer, args, request.recipe)
+        times[task] = round(time.perf_counter() - started, 3)
+
+    evaluation = evaluation_record(args, request, scorer, results, times)
+    if request.out_dir is not None:
+        write_results(evaluation, request, args, scorer.model)
+    print_table(request.name, scorer, results)
+    if request.out_dir is not None:
+        print(f"\nwritten: {request.out_dir / 'eval.json'}")
 
 
 if __name__ == "__main__":

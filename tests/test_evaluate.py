@@ -189,7 +189,7 @@ def test_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):
         (["--model", gpt2, "--tasks", "ppl", "--data-file", valid, "--max-length", 32, "--stride", 64], "--stride 64"),
         (["--model", gpt2, "--tasks", "ppl", "--data-file", valid, "--stride", 0], "--stride", "positive"),
     ]
-    for args, *words in cases:  # caught before anything heavy is imported: as a user runs it
+    for args, *words in cases:  # caught before a model loads (the stride once the model's context is known): as a user runs it
         result = run_script("evaluate.py", *args)
         assert_user_error(result.stderr, result.returncode, *words)
     out = tmp_path / "never"

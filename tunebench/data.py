@@ -331,6 +331,13 @@ def render(template: str, prompt: str, response: str, input_text: str = "") -> t
     return head_end, head[len(head_end):] + prompt, middle_end, middle[len(middle_end):] + response + after
 
 
+def fit_prompt_side(head: list, prompt: list, middle: list, room: int) -> list:
+    """The prompt side of a row (token ids of the template's head, the prompt, the template's text
+    before the response) in `room` tokens: the prompt is cut at its end to fit. Training and
+    evaluate.py build it with this one function."""
+    return head + prompt[: max(0, room - len(head) - len(middle))] + middle
+
+
 def conversation_pairs(ds) -> datasets.Dataset:
     """OpenAssistant message rows -> (prompt, response): each assistant reply with the prompter
     message it answers (its parent in the message tree)."""
@@ -388,15 +395,13 @@ def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: boo
         for head, prompt, middle, target in zip(*(encode(column) for column in zip(*pieces))):
             target = target + [eos]
             over = len(head) + len(prompt) + len(middle) + len(target) - max_length
-            if over > 0 and cut_prompt:
-                if over >= len(prompt):
-                    continue
-                prompt = prompt[: len(prompt) - over]
-            elif over > 0:
+            if over > 0 and cut_prompt and over >= len(prompt):
+                continue
+            if over > 0 and not cut_prompt:
                 if over >= len(target):
                     continue
                 target = target[: len(target) - over]
-            prompt_side = head + prompt + middle
+            prompt_side = fit_prompt_side(head, prompt, middle, max_length - len(target))
             out["input_ids"].append(prompt_side + target)
             out["labels"].append(prompt_side + target if train_on_prompt else [IGNORE_INDEX] * len(prompt_side) + target)
             out["cut"].append(over > 0)
