@@ -23,7 +23,6 @@ again, an interrupted one resumes from its checkpoints (train.py does both), an 
 (eval.json with every task) is not evaluated again. A step that fails leaves error.txt (the last
 lines of its output) in the run folder; the suite goes on and the report shows the run as failed.
 """
-import argparse
 import collections
 import json
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from tunebench import rundir
-from tunebench.errors import UserError, exit_with
+from tunebench.errors import ArgumentParser, UserError, exit_with
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir"}
@@ -206,13 +205,8 @@ def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
     return True
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        exit_with(UserError(f"{message} (usage: python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml])"))
-
-
 def main(argv=None):
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(usage_hint="python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml]", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
     parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
     args = parser.parse_args(argv)

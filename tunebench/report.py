@@ -8,7 +8,6 @@ standard deviation (mean ± std). A run without summary.json did not finish: it 
 with its error (error.txt, written by the compare driver, or the last step of its log), and the
 other runs still report. Numbers are copied from summary.json and eval.json, never recomputed.
 """
-import argparse
 import csv
 import io
 import json
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tunebench.errors import UserError, exit_with
+from tunebench.errors import ArgumentParser, UserError, exit_with
 from tunebench.rundir import write_atomic, write_json
 
 SEED_SUFFIX = re.compile(r"-seed\d+$")
@@ -469,13 +468,8 @@ def write_report(run_dirs: list, out: Path) -> Path:
     return out / "report.md"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        exit_with(UserError(f"{message} (usage: evaluate.py report RUN_DIR [RUN_DIR ...] --out reports/NAME)"))
-
-
 def main(argv=None):
-    parser = _Parser(prog="evaluate.py report", description="Aggregate run folders into one report.")
+    parser = ArgumentParser(usage_hint="evaluate.py report RUN_DIR [RUN_DIR ...] --out reports/NAME", prog="evaluate.py report", description="Aggregate run folders into one report.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/full runs/lora_r16")
     parser.add_argument("--out", required=True, help="folder for report.md, report.csv, report.json and the plots")
     args = parser.parse_args(argv)
