@@ -45,21 +45,24 @@ def _hub_call(what: str, name: str, load):
         ) from None
 
 
-def load_config(model_cfg: dict):
+def _source(model_cfg: dict) -> tuple:
+    """(hub id or folder, from_pretrained keywords every load shares: revision, remote code, GGUF file)."""
     source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
     kwargs = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
     if gguf:
         kwargs["gguf_file"] = gguf
+    return source, kwargs
+
+
+def load_config(model_cfg: dict):
+    source, kwargs = _source(model_cfg)
     return _hub_call("model", model_cfg["name"], lambda: AutoConfig.from_pretrained(source, **kwargs))
 
 
 def load_tokenizer(model_cfg: dict):
     """The model's tokenizer. A model without a pad token (GPT-2) pads with its end-of-text token;
     nothing is added to the vocabulary, and padded positions are masked from every loss."""
-    source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
-    kwargs = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
-    if gguf:
-        kwargs["gguf_file"] = gguf
+    source, kwargs = _source(model_cfg)
     tokenizer = _hub_call("tokenizer", model_cfg["name"], lambda: AutoTokenizer.from_pretrained(source, **kwargs))
     if tokenizer.eos_token is None:
         raise UserError(f"tokenizer of '{model_cfg['name']}' has no end-of-text token; tunebench needs one")
@@ -72,22 +75,15 @@ def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = No
     """The causal LM; with label_names, the model with a new classification head of that many
     classes instead of its LM head. A classifier reads each row at its last token that is not
     pad_token_id (the id the collator pads with), so that id is set on its config."""
-    source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
-    kwargs = dict(
-        revision=model_cfg.get("revision"),
-        trust_remote_code=model_cfg.get("trust_remote_code", False),
-        dtype=DTYPES[model_cfg.get("dtype", "float32")],
-        attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
-    )
-    if gguf:
-        kwargs["gguf_file"] = gguf
+    source, kwargs = _source(model_cfg)
+    kwargs.update(dtype=DTYPES[model_cfg.get("dtype", "float32")], attn_implementation=model_cfg.get("attn_implementation", "sdpa"))
     auto = AutoModelForCausalLM
     if label_names:
         auto = AutoModelForSequenceClassification
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})
     model = _hub_call("model", model_cfg["name"], lambda: auto.from_pretrained(source, **kwargs))
-    if gguf:
+    if "gguf_file" in kwargs:
         # GGUF weights are de-quantized to plain tensors on load, yet the model stays marked as
         # quantized, which would make save_pretrained refuse it and PEFT treat it as k-bit.
         model.hf_quantizer.remove_quantization_config(model)
@@ -128,10 +124,13 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def check_context(config, recipe: dict) -> None:
-    """Refuse a data.max_length (plus a soft prompt's virtual tokens) longer than the model's context."""
+    """Refuse a data.max_length (plus the positions the method takes: a soft prompt's virtual tokens)
+    longer than the model's context."""
     limit = context_length(config)
     max_length = recipe["data"]["max_length"]
-    extra = recipe["method"]["num_virtual_tokens"] if recipe["method"]["type"] == "prompt_tuning" else 0
+    from tunebench.methods import context_tokens
+
+    extra = context_tokens(recipe["method"])
     if limit and max_length + extra > limit:
         room = f" minus {extra} virtual tokens" if extra else ""
         raise UserError(

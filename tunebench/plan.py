@@ -161,7 +161,7 @@ def _meta_model(recipe: dict, config, dtype, checkpointing: bool):
 def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
-    from tunebench.methods import apply_method
+    from tunebench.methods import METHODS, apply_method
     from tunebench.models import enable_gradient_checkpointing
 
     with torch.device("meta"):
@@ -171,9 +171,7 @@ def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
         )
     if checkpointing:
         enable_gradient_checkpointing(model)
-    method = dict(recipe["method"])
-    if method["type"] == "prompt_tuning":
-        method["init_text"] = None  # the soft prompt's size does not depend on its first values
+    method = {**recipe["method"], **METHODS[recipe["method"]["type"]].plan_keys}
     return apply_method(model, method, None)  # peft puts the new (small) weights where the base weights are
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from tunebench.errors import UserError
+from tunebench.methods import METHODS
 
 # key: (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
 # A default of None means "not set"; such keys also accept null.
@@ -32,20 +33,10 @@ SCHEMA = {
         "gradient_checkpointing": (False, bool, None),
         "attn_implementation": ("sdpa", str, ("sdpa", "eager", "flash_attention_2")),
     },
+    # method.type and each method's own keys: one entry per method in tunebench/methods.py.
     "method": {
-        "type": ("full", str, ("full", "lora", "partial", "prompt_tuning")),
-        # lora
-        "r": (16, int, "positive"),
-        "alpha": (32.0, float, "positive"),
-        "dropout": (0.0, float, "fraction"),
-        "targets": (["attn"], list, None),
-        # partial
-        "top_blocks": (0, int, "non-negative"),
-        "lm_head": (False, bool, None),
-        "layer_norms": (False, bool, None),
-        # prompt_tuning
-        "num_virtual_tokens": (20, int, "positive"),
-        "init_text": (None, str, None),
+        "type": ("full", str, tuple(METHODS)),
+        **{key: spec for method in METHODS.values() for key, spec in method.keys.items()},
     },
     "data": {
         "dataset": (None, str, None),
@@ -97,12 +88,7 @@ SCHEMA = {
     },
 }
 
-METHOD_KEYS = {
-    "full": set(),
-    "lora": {"r", "alpha", "dropout", "targets"},
-    "partial": {"top_blocks", "lm_head", "layer_norms"},
-    "prompt_tuning": {"num_virtual_tokens", "init_text"},
-}
+METHOD_KEYS = {name: set(method.keys) for name, method in METHODS.items()}
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -258,18 +244,8 @@ def _check(recipe: dict, explicit: set) -> None:
         raise UserError(f"recipe key 'name' is {recipe['name']!r}; use letters, digits, '.', '_' and '-' (it names runs/NAME)")
     if not recipe["output_dir"]:
         recipe["output_dir"] = f"runs/{recipe['name']}"
-    if method == "lora" and not recipe["method"]["targets"]:
-        raise UserError("recipe key 'method.targets' is empty; name groups (attn, attn_proj, mlp, lm_head) or modules")
-    classification = recipe["task"] == "classification"
-    if method == "partial" and classification and recipe["method"]["lm_head"]:
-        raise UserError(
-            "method.lm_head applies to task causal_lm; with task classification the classification head always trains"
-        )
-    if method == "partial" and not classification:  # a classifier's partial may train its head alone
-        m = recipe["method"]
-        if not (m["top_blocks"] or m["lm_head"] or m["layer_norms"]):
-            raise UserError("method.type partial trains nothing; set method.top_blocks, method.lm_head or method.layer_norms")
-    if classification and recipe["data"]["format"]:
+    METHODS[method].check(recipe)
+    if recipe["task"] == "classification" and recipe["data"]["format"]:
         raise UserError(
             "recipe key 'data.format' applies to task causal_lm; task classification reads data.text_field and data.label_field"
         )
