@@ -43,8 +43,7 @@ PERPLEXITY_TASKS = ("wikitext2", "wikitext103", "imdb", "ppl")
 GENERATION_TASKS = ("continuation", "summarization", "instruction")
 DATA_FILE_TASKS = ("ppl", "lambada", "continuation", "summarization", "instruction")
 # Default perplexity batch: as many windows as make this many tokens. A CPU gains nothing from
-# larger batches (GPT-2 small, 2 cores: 505 tokens/s at 2,048 tokens, 465 at 8,192, 6.6 GB of RSS
-# instead of 2.4 for the logits) while a GPU needs them to be busy.
+# larger batches (measured: bench/README.md) while a GPU needs them to be busy.
 TOKENS_PER_BATCH = {"cuda": 8192, "cpu": 2048}
 
 # Where instruction and summarization read when neither a run's recipe nor --data-file names the data.

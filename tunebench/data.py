@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from tunebench.errors import UserError
+from tunebench.metrics import IGNORE_INDEX  # the label no loss scores
 
 # name -> where it lives on the hub, its splits, and how its rows are read. Fields and templates
 # here are the defaults of the data set's format; recipe keys override them.
@@ -93,7 +94,6 @@ PLACEHOLDERS = ("prompt", "input", "response")
 LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
-IGNORE_INDEX = -100
 
 
 def _local_builder(path: Path) -> str:

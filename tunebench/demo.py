@@ -12,13 +12,12 @@
 Each output is written under a temporary name and moved into place, so an interrupted run leaves
 nothing half-made and the next run makes it again.
 """
-import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
-from tunebench.errors import UserError, exit_with
+from tunebench import rundir
+from tunebench.errors import ArgumentParser, UserError, command
 
 TEST, VALIDATION = 3, 7  # positions modulo 10 in the sorted topic names
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +36,7 @@ def split_topics() -> dict:
 def write_data(folder: Path) -> None:
     if (folder / "test.txt").is_file():
         return
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = rundir.temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "lm").mkdir(parents=True)
     splits = split_topics()
@@ -45,8 +44,7 @@ def write_data(folder: Path) -> None:
         rows = "".join(json.dumps({"text": text}) + "\n" for text in splits[split])
         (tmp / "lm" / f"{split}.jsonl").write_text(rows, encoding="utf-8")
     (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    rundir.publish(tmp, folder)
 
 
 def smollm2_gguf():
@@ -72,24 +70,22 @@ def convert_model(folder: Path) -> None:
     gguf = {"name": str(gguf_file)}
     print(f"converting {gguf['name']} to {folder} (once)")
     model = load_model(gguf)
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = rundir.temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     load_tokenizer(gguf).save_pretrained(tmp)
-    os.replace(tmp, folder)
+    rundir.publish(tmp, folder)
 
 
+@command
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0], usage_hint="python -m tunebench.demo [--dir DIR]")
     parser.add_argument("--dir", default=".cache/demo", help="where the model and data go (default .cache/demo)")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     write_data(root / "data")
-    try:
-        convert_model(root / "smollm2-135m")
-    except UserError as e:
-        exit_with(e)
+    convert_model(root / "smollm2-135m")
     print(f"demo assets ready: {root / 'smollm2-135m'}, {root / 'data'}")
 
 

@@ -21,12 +21,10 @@ def set_cpu_allocator(exact_rss: bool) -> None:
 
     By default glibc maps every block over its threshold (at most 32 MB) fresh from the system and
     unmaps it when freed, so each step's logits and activations cost new pages that the kernel must
-    zero: GPT-2 small, sequence 512, micro-batch 4, 2 CPU cores, a plain training loop spends about
-    a fifth of its time in page faults (17.0 s per step). Fast (the default): every block comes from
-    the heap and freed memory stays there for the next step (13.2 s per step); the peak RSS then
-    includes freed but kept blocks (about 15% over the tensors). exact_rss: every block of 1 MB or more
-    is returned at once, so that peak RSS follows the tensors, for memory measurements (slowest).
-    Does nothing without glibc."""
+    zero. Fast (the default): every block comes from the heap and freed memory stays there for the
+    next step; the peak RSS then includes freed but kept blocks. exact_rss: every block of 1 MB or
+    more is returned at once, so that peak RSS follows the tensors, for memory measurements
+    (slowest). Measured step times and peaks: bench/README.md. Does nothing without glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         if exact_rss:

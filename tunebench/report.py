@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from tunebench.errors import ArgumentParser, UserError, exit_with
-from tunebench.rundir import write_atomic, write_json
+from tunebench.rundir import read_json, write_atomic, write_json
 
 SEED_SUFFIX = re.compile(r"-seed\d+$")
 
@@ -43,13 +43,6 @@ EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", 
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
 
 def _read_log(path: Path) -> list:
     records = []
@@ -79,8 +72,8 @@ def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
 
 def load_run(run_dir) -> dict:
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    evaluation = _read_json(run_dir / "eval.json") or {}
+    summary = read_json(run_dir / "summary.json", None)
+    evaluation = read_json(run_dir / "eval.json", None) or {}
     try:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):

@@ -31,8 +31,17 @@ def write_json(path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+_REQUIRED = object()
+
+
+def read_json(path, default=_REQUIRED):
+    """The file's JSON; with a default, that default when the file is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        if default is _REQUIRED:
+            raise
+        return default
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
