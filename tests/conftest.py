@@ -47,6 +47,24 @@ def run_script(script: str, *args, cwd=None, env=None, timeout=600):
     )
 
 
+def tiny_run(assets, out, *extra, model="gpt2", steps=12):
+    """A tiny run's overrides: the tiny model, the prose files, 64-token blocks, micro-batch 4,
+    `steps` steps validated and checkpointed every 6, logged every 2. Extra overrides come last and win."""
+    return [
+        f"model.name={assets / model}", f"data.dataset={assets / 'train.txt'}",
+        f"data.validation_file={assets / 'valid.txt'}", "data.max_length=64", "train.micro_batch_size=4",
+        f"train.max_steps={steps}", "train.eval_every=6", "train.log_every=2", "train.save_every=6",
+        "train.warmup_ratio=0", f"output_dir={out}", *extra,
+    ]
+
+
+def train(recipe, *args):
+    """train.py with recipes/RECIPE.yaml and these arguments, which must succeed."""
+    result = run_script("train.py", "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def assert_one_clear_line(result, phrase):
     """Bad input: exit status 2 and one `error:` line, the last thing printed, that names the problem."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny
 from conftest import ROOT, run_script
 from test_metrics import plain_loop_nll
+from tunebench import data
 from tunebench.methods import apply_method, count_params
 from tunebench.recipe import load_recipe, to_yaml
 
@@ -164,7 +165,7 @@ def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_pa
     run = tmp_path / "sft"
     recipe = load_recipe(None, [f"model.name={assets / 'gpt2'}", f"data.dataset={tiny.write_jsonl(tmp_path / 'qa.jsonl', rows)}",
                                 "data.prompt_field=question", "data.response_field=answer", "data.template=plain",
-                                "data.validation_share=0.3", f"output_dir={run}"])
+                                "data.validation_share=0.3", "train.seed=7", f"output_dir={run}"])
     (run / "final").mkdir(parents=True)
     (run / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
     AutoModelForCausalLM.from_pretrained(assets / "gpt2").save_pretrained(run / "final")  # a "full" run's model
@@ -172,7 +173,17 @@ def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_pa
     evaluate("--run", run, "--tasks", "instruction", "--max-new-tokens", 8)
     scores = read(run / "eval.json")["tasks"]["instruction"]
     assert scores["examples"] == 3  # the validation share train.py holds out: 30 % of 10 rows
-    assert "validation" in scores["data"] and "seed 42" in scores["data"] and "'plain'" in scores["data"]
+    assert "validation" in scores["data"] and "seed 7" in scores["data"] and "'plain'" in scores["data"]
+
+    # The rows scored are the ones train.py held out with the recipe's seed (7), not --seed's default (42).
+    scorer = evaluate_script.Scorer(None, AutoTokenizer.from_pretrained(assets / "tokenizer"), torch.device("cpu"),
+                                    "fp32", 128, 64, 0)
+    args = evaluate_script.parse_args(["--run", str(run), "--tasks", "instruction", "--max-new-tokens", "8"])
+    examples, _ = evaluate_script.prompt_response_examples("instruction", scorer, args, recipe, 120)
+    raw, spec = data.load_raw(recipe["data"])
+    held_out = {seed: data.split_train_validation(raw, recipe["data"], spec, seed)[1]["answer"] for seed in (7, 42)}
+    assert held_out[7] != held_out[42]  # the two seeds hold out different rows: the wrong one would fail here
+    assert [response for _, response in examples] == held_out[7]
 
 
 def test_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from conftest import ROOT, read_log, run_script
+from conftest import ROOT, assert_one_clear_line, read_log, run_script, tiny_run, train
 from tunebench.methods import apply_method
 from tunebench.metrics import causal_nll
 from tunebench.models import enable_gradient_checkpointing, load_model, load_tokenizer
@@ -17,25 +17,7 @@ from tunebench.recipe import load_recipe
 
 
 def overrides(assets, out, model="gpt2", steps=12):
-    return [
-        f"model.name={assets / model}", f"data.dataset={assets / 'train.txt'}",
-        f"data.validation_file={assets / 'valid.txt'}", "data.max_length=64", "train.micro_batch_size=4",
-        f"train.max_steps={steps}", "train.eval_every=6", "train.eval_max_batches=4", "train.log_every=2", "train.save_every=6",
-        "train.warmup_ratio=0", f"output_dir={out}",
-    ]
-
-
-def train(recipe, *args):
-    result = run_script("train.py", "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def one_line_refusal(result):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return tiny_run(assets, out, "train.eval_max_batches=4", model=model, steps=steps)
 
 
 # ---- 8-bit AdamW ---------------------------------------------------------------------------------
@@ -222,11 +204,11 @@ def test_paged_optimizer_without_a_gpu_is_refused(assets, tmp_path):
     out = tmp_path / "paged"
     result = run_script("train.py", "--recipe", ROOT / "recipes/full_8bit.yaml", *overrides(assets, out),
                         "train.optimizer=paged_adamw_8bit")
-    assert "use adamw_8bit on a CPU" in one_line_refusal(result)
+    assert_one_clear_line(result, "use adamw_8bit on a CPU")
     assert not out.exists()
 
 
 def test_budget_without_plan_is_refused(assets, tmp_path):
     result = run_script("train.py", "--recipe", ROOT / "recipes/full.yaml", *overrides(assets, tmp_path / "x"),
                         "--budget-gb", "4")
-    assert "go with --plan" in one_line_refusal(result)
+    assert_one_clear_line(result, "go with --plan")

@@ -11,32 +11,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, assert_same_log, read_log, run_script
+from conftest import ROOT, assert_same_log, read_log, tiny_run, train
 from tunebench.methods import apply_method, count_params
 from tunebench.models import load_model, load_tokenizer
 from tunebench.recipe import load_recipe
-
-
-def common(assets, out, model="gpt2", steps=12):
-    return [
-        f"model.name={assets / model}",
-        f"data.dataset={assets / 'train.txt'}",
-        f"data.validation_file={assets / 'valid.txt'}",
-        "data.max_length=64",
-        "train.micro_batch_size=4",
-        f"train.max_steps={steps}",
-        "train.eval_every=6",
-        "train.log_every=2",
-        "train.save_every=6",
-        "train.warmup_ratio=0",
-        f"output_dir={out}",
-    ]
-
-
-def train(recipe, *args):
-    result = run_script("train.py", "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 # (recipe, extra overrides, trainable-parameter formula for the tiny GPT-2: n_layer 2, n_embd 32)
@@ -77,7 +55,7 @@ def end_of_training_model(run, recipe):
 @pytest.mark.parametrize("recipe_name,extra,formula", METHODS, ids=[m[0] for m in METHODS])
 def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name, extra, formula):
     run = tmp_path / recipe_name
-    args = common(assets, run) + extra
+    args = tiny_run(assets, run) + extra
     train(recipe_name, *args)
 
     val_losses = [r["val_loss"] for r in read_log(run) if "val_loss" in r]
@@ -143,11 +121,11 @@ def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name):
     # fraction 0.03 makes an epoch about 14 steps: the stop at 5 is mid-epoch, the run crosses an epoch end.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["data.fraction=0.03", "train.lr=3e-3", "train.save_every=4"]
-    train(recipe_name, *common(assets, straight, steps=20), *extra)
-    first = train(recipe_name, *common(assets, resumed, steps=20), *extra, "--stop-after-steps", "5")
+    train(recipe_name, *tiny_run(assets, straight, steps=20), *extra)
+    first = train(recipe_name, *tiny_run(assets, resumed, steps=20), *extra, "--stop-after-steps", "5")
     assert "Resume with the same command" in first.stdout + first.stderr
     assert not (resumed / "summary.json").exists()
-    train(recipe_name, *common(assets, resumed, steps=20), *extra)
+    train(recipe_name, *tiny_run(assets, resumed, steps=20), *extra)
 
     assert_same_log(straight, resumed, keys=("train_loss", "val_loss", "tokens", "lr"), rel=1e-6)
     sa = load_file(next((straight / "final").glob("*.safetensors")))
@@ -163,16 +141,16 @@ def test_fast_allocator_trains_as_exact_one(assets, tmp_path):
     losses must not."""
     fast, exact = tmp_path / "fast", tmp_path / "exact"
     big = ["data.max_length=128", "train.micro_batch_size=16", "train.lr=3e-3"]
-    train("full", *common(assets, fast, model="gpt2_nodropout", steps=4), *big)
-    train("full", *common(assets, exact, model="gpt2_nodropout", steps=4), *big, "train.exact_cpu_rss=true")
+    train("full", *tiny_run(assets, fast, model="gpt2_nodropout", steps=4), *big)
+    train("full", *tiny_run(assets, exact, model="gpt2_nodropout", steps=4), *big, "train.exact_cpu_rss=true")
     assert_same_log(fast, exact, rel=1e-6)
 
 
 def test_finished_run_is_not_trained_again(assets, tmp_path):
     run = tmp_path / "done"
-    train("lora_r4", *common(assets, run, steps=4))
+    train("lora_r4", *tiny_run(assets, run, steps=4))
     before = (run / "summary.json").read_text()
-    again = train("lora_r4", *common(assets, run, steps=4))
+    again = train("lora_r4", *tiny_run(assets, run, steps=4))
     assert "already finished" in again.stdout
     assert (run / "summary.json").read_text() == before
 
@@ -180,11 +158,11 @@ def test_finished_run_is_not_trained_again(assets, tmp_path):
 def test_two_processes_match_one(assets, tmp_path):
     """Two CPU processes (torchrun, gloo) with the same global batch as one process give the same losses."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = common(assets, one, model="gpt2_nodropout", steps=6)
+    args = tiny_run(assets, one, model="gpt2_nodropout", steps=6)
     train("full", *args, "train.lr=3e-3")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "train.py")]
-    overrides = common(assets, two, model="gpt2_nodropout", steps=6) + ["train.lr=3e-3", "train.micro_batch_size=2"]
+    overrides = tiny_run(assets, two, model="gpt2_nodropout", steps=6) + ["train.lr=3e-3", "train.micro_batch_size=2"]
     result = subprocess.run(torchrun + ["--recipe", str(ROOT / "recipes/full.yaml"), *overrides],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
