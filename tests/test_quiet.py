@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tiny_run, train
 from tunebench.quiet import NOISE
 
 IMPORTS = "import tunebench, accelerate, peft, transformers, bitsandbytes, deepspeed"
@@ -50,3 +50,12 @@ def test_only_the_named_messages_are_dropped():
         finally:
             logger.removeHandler(handler)
     assert seen == ["something true about the run"] * len(NOISE)
+
+
+def test_a_training_run_prints_its_own_lines_only(assets, tmp_path):
+    # 8-bit AdamW imports bitsandbytes; final/ is saved three times (steps 0, 6, 12).
+    result = train("lora_r16", *tiny_run(assets, tmp_path / "run", "train.optimizer=adamw_8bit"))
+    output = result.stdout + result.stderr
+    for notice in [prefix for _, prefix in NOISE] + ["Writing model shards", "Loading weights", "FutureWarning"]:
+        assert notice not in output
+    assert result.stdout.strip().splitlines()[-1].startswith("done: ")

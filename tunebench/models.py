@@ -6,7 +6,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tunebench.errors import UserError
+from tunebench.quiet import no_model_file_bars
 
+no_model_file_bars()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 

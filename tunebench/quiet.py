@@ -48,3 +48,15 @@ def silence_third_party_noise() -> None:
             logger.addFilter(_DropMessages(prefixes))
     for category, message in DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def no_model_file_bars() -> None:
+    """transformers 5 draws a bar for each file a model loads or saves, so every save of final/ cut
+    into the training bar. Downloads from the hub keep theirs: a long download tells something."""
+    if os.environ.get("TUNEBENCH_VERBOSE") == "1":
+        return
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.enable_progress_bars()
