@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from tunebench.errors import UserError, exit_with
+from tunebench.inputs import positive, seed
 
 TASKS = {
     "wikitext2": "perplexity on the WikiText-2 (raw) test split",
@@ -56,16 +57,6 @@ class _Parser(argparse.ArgumentParser):
         exit_with(UserError(f"{message} (usage: evaluate.py --run RUN_DIR | --model NAME [--tasks a,b] ...)"))
 
 
-def positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
-    return value
-
-
 def parse_args(argv=None):
     parser = _Parser(description=__doc__.splitlines()[0], epilog="tasks: " + "; ".join(f"{k}: {v}" for k, v in TASKS.items()))
     parser.add_argument("--run", help="a run directory with final/ (its recipe gives the base model and eval.tasks)")
@@ -82,7 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-beams", type=positive, default=1, help="1: greedy decoding (default); more: beam search")
     parser.add_argument("--max-new-tokens", type=positive, default=64, help="generation length limit (default 64)")
     parser.add_argument("--prompt-tokens", type=positive, default=64, help="continuation: prompt length in tokens (default 64)")
-    parser.add_argument("--seed", type=int, default=42, help="generation seed; without a run's recipe, also the seed of "
+    parser.add_argument("--seed", type=seed, default=42, help="generation seed; without a run's recipe, also the seed of "
                         "the held-out share of a data set that has no test split (train.seed's default, 42)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
@@ -113,7 +104,7 @@ def main(argv=None):
                 raise UserError(f"'{run_dir}' is not a run directory (no recipe.yaml); give runs/NAME of a train.py run")
             if not (run_dir / "final").is_dir():
                 raise UserError(f"run '{run_dir}' has no final/ model yet; train it first (python train.py --recipe {run_dir}/recipe.yaml)")
-        from tunebench import rundir
+        from tunebench import inputs, rundir
         from tunebench.recipe import defaults, load_recipe
 
         recipe = load_recipe(run_dir / "recipe.yaml") if run_dir else None
@@ -131,8 +122,7 @@ def main(argv=None):
             if task not in TASKS:
                 raise UserError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
         if args.data_file:
-            if not Path(args.data_file).is_file():
-                raise UserError(f"--data-file '{args.data_file}' does not exist")
+            inputs.existing_file(args.data_file, "--data-file")
             if not any(t in DATA_FILE_TASKS for t in tasks):
                 raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
         if "ppl" in tasks and not args.data_file:
@@ -140,11 +130,12 @@ def main(argv=None):
         if args.stride and args.max_length and args.stride > args.max_length:
             raise UserError(f"--stride {args.stride} is larger than --max-length {args.max_length}: tokens between windows "
                             "would never be scored; use a stride of at most the window length")
-        out_dir = run_dir or (Path(args.out) if args.out else None)
+        out_dir = run_dir or (inputs.writable_folder(args.out, "--out") if args.out else None)
         name = str(run_dir) if run_dir else args.model  # whose results eval.json holds
-        if args.out and (out_dir / "summary.json").is_file() and rundir.read_json(out_dir / "summary.json").get("method") != "baseline":
+        damaged = "; delete it to evaluate again"
+        if args.out and (out_dir / "summary.json").is_file() and inputs.read_json_object(out_dir / "summary.json", advice=damaged).get("method") != "baseline":
             raise UserError(f"--out '{out_dir}' holds a training run; give a new folder for the baseline")
-        earlier = rundir.read_json(out_dir / "eval.json") if out_dir and (out_dir / "eval.json").is_file() else {}
+        earlier = inputs.read_json_object(out_dir / "eval.json", advice=damaged) if out_dir and (out_dir / "eval.json").is_file() else {}
         if args.out and earlier and earlier.get("model") != name:
             raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
     except UserError as e:
@@ -152,12 +143,11 @@ def main(argv=None):
 
     # Heavy imports after argument checks, so `--help` and usage errors answer at once.
     import torch
-    from peft import PeftConfig, PeftModel
     from transformers import set_seed
 
     from tunebench import data, measure, metrics
     from tunebench.methods import count_params
-    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench.models import context_length, load_adapter, load_adapter_config, load_config, load_model, load_tokenizer
 
     # ---- model: a run's full model, its adapter on the base model, or a model as it is -----------
     measure.set_cpu_allocator(exact_rss=False)
@@ -168,7 +158,7 @@ def main(argv=None):
             adapter = (final / "adapter_config.json").is_file()
             final_cfg = {**recipe["model"], "name": str(final), "gguf_file": None, "revision": None}
             model_cfg = dict(recipe["model"]) if adapter else final_cfg
-            peft_config = PeftConfig.from_pretrained(str(final)) if adapter else None
+            peft_config = load_adapter_config(final) if adapter else None
             if not (run_dir / "summary.json").is_file():
                 print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
         else:
@@ -191,7 +181,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(final_cfg if run_dir else model_cfg)  # train.py saves it beside the model or adapter
         model = load_model(model_cfg)
         if peft_config is not None:
-            model = PeftModel.from_pretrained(model, str(final))
+            model = load_adapter(model, final)
     except UserError as e:
         exit_with(e)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

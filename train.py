@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tunebench.errors import UserError, exit_with
+from tunebench.inputs import positive, positive_number
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,11 +27,11 @@ def parse_args(argv=None):
     parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/lora_r16.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. train.max_steps=50 data.max_length=128")
-    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-steps", type=positive, default=None, metavar="N",
                         help="save a checkpoint and stop after N optimizer steps (resume by running the same command)")
     parser.add_argument("--plan", action="store_true",
                         help="print the predicted peak memory of this run (per process) and train nothing")
-    parser.add_argument("--budget-gb", type=float, default=None, metavar="G",
+    parser.add_argument("--budget-gb", type=positive_number, default=None, metavar="G",
                         help="with --plan: also list the cheapest settings whose predicted peak fits in G GB")
     parser.add_argument("--config-file", default=None, metavar="ACCEL",
                         help="with --plan: the accelerate config the run will use (default: one process on this machine)")
@@ -178,6 +179,7 @@ def main(argv=None):
     if state == rundir.RESUME:
         if main_process:
             rundir.recover(run_dir)
+            rundir.set_aside_damaged(run_dir)  # resume from the newest intact checkpoint
         accelerator.wait_for_everyone()
         checkpoint = rundir.latest_checkpoint(run_dir)
         accelerator.load_state(str(checkpoint), **({"strict": False} if frozen else {}))
@@ -249,7 +251,7 @@ def main(argv=None):
                 accelerator.save_state(str(tmp))
                 accelerator.wait_for_everyone()  # every process writes its own files (random states, ZeRO shards)
                 if main_process:
-                    rundir.write_json(tmp / rundir.STATE_FILE, {**progress, "scheduler": scheduler.state_dict()})
+                    rundir.seal(tmp, {**progress, "scheduler": scheduler.state_dict()})
                     rundir.publish(tmp, tmp.with_name(f"step-{progress['step']}"))
                     rundir.prune(run_dir, t["keep_checkpoints"])
             except OSError as e:
