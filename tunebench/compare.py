@@ -152,7 +152,8 @@ def check_reachable(runs: list) -> None:
             load_config(m)
             data.load_raw(d)
         except UserError as e:
-            hint = "" if "make demo" in str(e) else "; `make demo` runs a comparison fully offline"
+            offline = "hub cannot be reached" in str(e) and "make demo" not in str(e)
+            hint = "; `make demo` runs a comparison fully offline" if offline else ""
             raise UserError(f"{e}{hint}") from None
 
 

@@ -19,12 +19,15 @@ from tunebench.errors import UserError
 # ---- paths ---------------------------------------------------------------------------------------------
 
 def existing_file(path, what: str) -> Path:
-    """The path of a file that exists: a UserError for a missing path or a folder."""
+    """The path of a file that exists and holds something: a UserError for a missing path, a folder
+    or an empty file."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a folder; give a file")
     if not path.is_file():
         raise UserError(f"{what} '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} '{path}' is empty")
     return path
 
 
