@@ -137,6 +137,8 @@ def test_unreachable_hub_says_so_in_one_line(tmp_path):
     ({"recipes": ["recipes/full.yaml"], "seeds": [1, 2**40]}, "'train.seed' must be a seed from 0 to 4294967295"),
     ({"recipes": ["recipes/full.yaml"], "runs_dir": "README.md/runs"}, "lies beneath 'README.md', which is a file"),
     ({"recipes": ["recipes/full.yaml"], "name": "../escape"}, "'name' is '../escape'"),
+    ({"recipes": ["recipes/full.yaml"], "overrides": {"eval.tasks": ["wikitext2"]}, "eval_args": ["--max-tokens", -5]},
+     "eval_args ['--max-tokens', '-5']: argument --max-tokens: expected a positive whole number"),
 ])
 def test_bad_suite_is_one_line_and_exit_2(tmp_path, content, expected):
     suite = tmp_path / "bad.yaml"

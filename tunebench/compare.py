@@ -102,6 +102,25 @@ def load_suite(path) -> dict:
     }
 
 
+def check_eval_args(suite: dict, tasks: list) -> None:
+    """evaluate.py's own parser reads the suite's eval_args now, so that a bad number fails the suite
+    before any training instead of every evaluation after it."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("tunebench_evaluate_cli", ROOT / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            cli.parse_args(["--model", "m", "--tasks", ",".join(tasks), *suite["eval_args"]])
+    except SystemExit:
+        message = said.getvalue().strip().splitlines()[-1].removeprefix("error: ")
+        raise UserError(f"suite '{suite['name']}': eval_args {suite['eval_args']}: {message}") from None
+
+
 def plan(suite: dict) -> list:
     """Every training run of the suite: its name, recipe file, overrides and resolved recipe."""
     from tunebench.recipe import load_recipe
@@ -233,6 +252,7 @@ def main(argv=None):
         if args.accel and not Path(args.accel).is_file():
             raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
         runs = plan(suite)
+        check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
         # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
         offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
         if offline:
