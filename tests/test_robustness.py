@@ -169,7 +169,7 @@ def truncate(path):
 CHECKPOINT_DAMAGE = {
     "truncated weights": (lambda c: truncate(c / "model.safetensors"), "model.safetensors has "),
     "missing optimizer state": (lambda c: (c / "optimizer.bin").unlink(), "optimizer.bin is missing"),
-    "corrupt trainer state": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is damaged"),
+    "corrupt trainer state": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
     "truncated weights, no manifest": (
         lambda c: ((c / "manifest.json").unlink(), truncate(c / "model.safetensors")), "model.safetensors is truncated"),
 }

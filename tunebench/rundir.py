@@ -131,14 +131,16 @@ def damage(checkpoint) -> str:
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
             return f"{STATE_FILE} lacks {', '.join(missing)}"
-    except (OSError, ValueError) as e:
-        return f"{STATE_FILE} is damaged ({type(e).__name__})"
+    except OSError as e:
+        return f"{STATE_FILE} cannot be read ({e.strerror or e})"
+    except ValueError:  # not JSON, or not UTF-8
+        return f"{STATE_FILE} is not valid JSON"
     manifest = checkpoint / MANIFEST
     if manifest.is_file():  # checkpoints written before manifests existed get the other checks only
         try:
             files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            return f"{MANIFEST} is damaged ({type(e).__name__})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is not the JSON train.py wrote"
         for name, size in files.items():
             path = checkpoint / name
             if not path.is_file():
