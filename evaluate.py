@@ -17,7 +17,6 @@ Tasks (--tasks; a run's default is its recipe's eval.tasks):
 A run's final/ is a full model, or an adapter / soft prompt loaded on the recipe's base model. Results go to
 eval.json (merged with the other tasks an earlier evaluation of the same model wrote) and print as a table.
 """
-import argparse
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunebench.errors import ArgumentParser, UserError, command
+from tunebench.inputs import positive, seed
 
 TASKS = {
     "wikitext2": "perplexity on the WikiText-2 (raw) test split",
@@ -51,16 +51,6 @@ DEFAULT_DATA = {"instruction": "alpaca", "summarization": "cnn_dailymail"}
 STOP = {"instruction": "###"}  # Alpaca's next section: a model that goes on past its response starts one
 
 
-def positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got '{text}'")
-    return value
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0], epilog="tasks: " + "; ".join(f"{k}: {v}" for k, v in TASKS.items()),
                             usage_hint="evaluate.py --run RUN_DIR | --model NAME [--tasks a,b] ...")
@@ -78,7 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-beams", type=positive, default=1, help="1: greedy decoding (default); more: beam search")
     parser.add_argument("--max-new-tokens", type=positive, default=64, help="generation length limit (default 64)")
     parser.add_argument("--prompt-tokens", type=positive, default=64, help="continuation: prompt length in tokens (default 64)")
-    parser.add_argument("--seed", type=int, default=42, help="generation seed; without a run's recipe, also the seed of "
+    parser.add_argument("--seed", type=seed, default=42, help="generation seed; without a run's recipe, also the seed of "
                         "the held-out share of a data set that has no test split (train.seed's default, 42)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
@@ -99,7 +89,7 @@ class Request:
 
 
 def check_request(args) -> Request:
-    from tunebench import rundir
+    from tunebench import inputs
     from tunebench.recipe import load_recipe
 
     if bool(args.run) == bool(args.model):
@@ -118,17 +108,17 @@ def check_request(args) -> Request:
                         "evaluate.py scores causal language models")
     tasks = requested_tasks(args, recipe, run_dir)
     if args.data_file:
-        if not Path(args.data_file).is_file():
-            raise UserError(f"--data-file '{args.data_file}' does not exist")
+        inputs.existing_file(args.data_file, "--data-file")
         if not any(t in DATA_FILE_TASKS for t in tasks):
             raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
     if "ppl" in tasks and not args.data_file:
         raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
-    out_dir = run_dir or (Path(args.out) if args.out else None)
+    out_dir = run_dir or (inputs.writable_folder(args.out, "--out") if args.out else None)
     name = str(run_dir) if run_dir else args.model
-    if args.out and (out_dir / "summary.json").is_file() and rundir.read_json(out_dir / "summary.json").get("method") != "baseline":
+    damaged = "; delete it to evaluate again"
+    if args.out and (out_dir / "summary.json").is_file() and inputs.read_json_object(out_dir / "summary.json", advice=damaged).get("method") != "baseline":
         raise UserError(f"--out '{out_dir}' holds a training run; give a new folder for the baseline")
-    earlier = rundir.read_json(out_dir / "eval.json") if out_dir and (out_dir / "eval.json").is_file() else {}
+    earlier = inputs.read_json_object(out_dir / "eval.json", advice=damaged) if out_dir and (out_dir / "eval.json").is_file() else {}
     if args.out and earlier and earlier.get("model") != name:
         raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
     return Request(run_dir, recipe, tasks, out_dir, name, earlier)
@@ -196,9 +186,8 @@ def window(args, context, virtual_tokens: int) -> tuple:
 def load_scorer(args, request: Request) -> Scorer:
     """A run's full model, its adapter or soft prompt on the recipe's base model, or a model as it is."""
     import torch
-    from peft import PeftConfig, PeftModel
 
-    from tunebench.models import context_length, load_config, load_model, load_tokenizer
+    from tunebench.models import context_length, load_adapter, load_adapter_config, load_config, load_model, load_tokenizer
     from tunebench.recipe import defaults
 
     run_dir, recipe = request.run_dir, request.recipe
@@ -208,7 +197,7 @@ def load_scorer(args, request: Request) -> Scorer:
         final_cfg = {**recipe["model"], "name": str(final), "gguf_file": None, "revision": None}
         model_cfg = dict(recipe["model"]) if adapter else final_cfg
         tokenizer_cfg = final_cfg  # train.py saves the tokenizer beside the model or adapter
-        peft_config = PeftConfig.from_pretrained(str(final)) if adapter else None
+        peft_config = load_adapter_config(final) if adapter else None
         if not (run_dir / "summary.json").is_file():
             print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
     else:
@@ -220,7 +209,7 @@ def load_scorer(args, request: Request) -> Scorer:
     tokenizer = load_tokenizer(tokenizer_cfg)
     model = load_model(model_cfg)
     if peft_config is not None:
-        model = PeftModel.from_pretrained(model, str(run_dir / "final"))
+        model = load_adapter(model, run_dir / "final")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     precision = args.precision

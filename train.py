@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tunebench import rundir
 from tunebench.errors import ArgumentParser, UserError, command
+from tunebench.inputs import positive, positive_number
 
 
 def parse_args(argv=None):
@@ -28,11 +29,11 @@ def parse_args(argv=None):
                             usage_hint="train.py --recipe RECIPE.yaml [KEY=VALUE ...]")
     parser.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/lora_r16.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. train.max_steps=50 data.max_length=128")
-    parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+    parser.add_argument("--stop-after-steps", type=positive, default=None, metavar="N",
                         help="save a checkpoint and stop after N optimizer steps (resume by running the same command)")
     parser.add_argument("--plan", action="store_true",
                         help="print the predicted peak memory of this run (per process) and train nothing")
-    parser.add_argument("--budget-gb", type=float, default=None, metavar="G",
+    parser.add_argument("--budget-gb", type=positive_number, default=None, metavar="G",
                         help="with --plan: also list the cheapest settings whose predicted peak fits in G GB")
     parser.add_argument("--config-file", default=None, metavar="ACCEL",
                         help="with --plan: the accelerate config the run will use (default: one process on this machine)")
@@ -203,6 +204,7 @@ def resume(run_dir: Path, accelerator, scheduler, frozen: set) -> tuple:
     """Load the latest checkpoint: (Progress, the loss totals since its last log line or None)."""
     if accelerator.is_main_process:
         rundir.recover(run_dir)
+        rundir.set_aside_damaged(run_dir)  # resume from the newest intact checkpoint
     accelerator.wait_for_everyone()
     checkpoint = rundir.latest_checkpoint(run_dir)
     accelerator.load_state(str(checkpoint), **({"strict": False} if frozen else {}))
@@ -369,7 +371,7 @@ def save_checkpoint(progress: Progress, pending: dict, model, scheduler, acceler
             accelerator.wait_for_everyone()  # every process writes its own files (random states, ZeRO shards)
             if accelerator.is_main_process:
                 state = {**asdict(progress), "pending": pending, "scheduler": scheduler.state_dict()}
-                rundir.write_json(tmp / rundir.STATE_FILE, state)
+                rundir.seal(tmp, state)
                 rundir.publish(tmp, tmp.with_name(f"step-{progress.step}"))
                 rundir.prune(run_dir, keep_checkpoints)
         except OSError as e:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -73,6 +74,11 @@ def assert_one_clear_line(result, phrase):
     assert len(errors) == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert phrase in errors[0], errors[0]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under a folder with its SHA-256: equal snapshots mean nothing was touched."""
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*") if p.is_file()}
 
 
 def read_log(run) -> list:

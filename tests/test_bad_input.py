@@ -1,16 +1,9 @@
 """Bad input to train.py: one clear line on stderr, exit status 2, no traceback, no run touched."""
-import hashlib
-from pathlib import Path
-
 import pytest
 
-from conftest import ROOT, assert_one_clear_line, run_script
+from conftest import ROOT, assert_one_clear_line, run_script, snapshot
 
 RECIPE = ROOT / "recipes" / "lora_r16.yaml"
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +28,12 @@ def base_args(assets, out):
 def write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
+    return path
+
+
+def write_bytes(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
     return path
 
 
@@ -77,6 +76,19 @@ CASES = [
     ("name escaping runs/", lambda a, t: ["name=../../etc", "output_dir=null"], "recipe key 'name' is '../../etc'"),
     ("unknown flag", lambda a, t: ["--fast"], "unrecognized arguments"),
     ("paged optimizer on cpu", lambda a, t: ["train.optimizer=paged_adamw_8bit"], "use adamw_8bit on a CPU"),
+    # numbers: non-finite, out of range, non-positive
+    ("infinite lr", lambda a, t: ["train.lr=.inf"], "'train.lr' must be a finite number, got inf"),
+    ("nan in recipe file", lambda a, t: ["--recipe", write(t, "nan.yaml", "name: x\ntrain:\n  weight_decay: .nan\n")], "'train.weight_decay' must be a finite number"),
+    ("seed out of range", lambda a, t: ["train.seed=-1"], "'train.seed' must be a seed from 0 to 4294967295"),
+    ("integer beyond 64 bits", lambda a, t: ["train.max_steps=99999999999999999999999"], "beyond what a 64-bit integer holds"),
+    ("stop after zero steps", lambda a, t: ["--stop-after-steps", "0"], "--stop-after-steps: expected a positive whole number, got '0'"),
+    ("stop after negative steps", lambda a, t: ["--stop-after-steps=-2"], "expected a positive whole number, got '-2'"),
+    ("budget not a number", lambda a, t: ["--plan", "--budget-gb", "nan"], "--budget-gb: expected a positive number"),
+    # paths: a folder for a file, a file for a folder, a file that is not text
+    ("recipe is a folder", lambda a, t: ["--recipe", t], "is a folder; give a YAML file"),
+    ("recipe not UTF-8", lambda a, t: ["--recipe", write_bytes(t, "bin.yaml", b"\xff\xfe\x00name: x")], "is not valid YAML"),
+    ("output_dir is a file", lambda a, t: [f"output_dir={write(t, 'f.txt', 'x')}"], "f.txt' is a file; give a folder"),
+    ("output_dir beneath a file", lambda a, t: [f"output_dir={write(t, 'f.txt', 'x') / 'run'}"], "f.txt', which is a file"),
 ]
 
 

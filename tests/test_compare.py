@@ -133,9 +133,23 @@ def test_unreachable_hub_says_so_in_one_line(tmp_path):
     ({"recipes": ["recipes/nowhere.yaml"]}, "recipe file 'recipes/nowhere.yaml' does not exist"),
     ({"recipes": ["recipes/full.yaml"], "seed": [1]}, "unknown key 'seed'"),
     ({"recipes": ["recipes/full.yaml"], "overrides": {"train.max_step": 5}}, "did you mean 'train.max_steps'"),
+    ({"recipes": ["recipes/full.yaml"], "overrides": {"train.lr": float("nan")}}, "'train.lr' must be a finite number"),
+    ({"recipes": ["recipes/full.yaml"], "seeds": [1, 2**40]}, "'train.seed' must be a seed from 0 to 4294967295"),
+    ({"recipes": ["recipes/full.yaml"], "runs_dir": "README.md/runs"}, "lies beneath 'README.md', which is a file"),
+    ({"recipes": ["recipes/full.yaml"], "name": "../escape"}, "'name' is '../escape'"),
+    ({"recipes": ["recipes/full.yaml"], "overrides": {"eval.tasks": ["wikitext2"]}, "eval_args": ["--max-tokens", -5]},
+     "eval_args ['--max-tokens', '-5']: argument --max-tokens: expected a positive whole number"),
 ])
 def test_bad_suite_is_one_line_and_exit_2(tmp_path, content, expected):
     suite = tmp_path / "bad.yaml"
     suite.write_text(yaml.safe_dump(content))
     result = compare(suite, ROOT)
     assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_suite_file_not_utf8_or_a_folder(tmp_path):
+    binary = tmp_path / "bad.yaml"
+    binary.write_bytes(b"\xff\xfe\x00recipes: []")
+    for suite, expected in ((binary, "is not valid YAML"), (tmp_path, "is a folder; give a YAML file")):
+        result = compare(suite, ROOT)
+        assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_log, run_script
+from conftest import ROOT, assert_one_clear_line, read_log, run_script, snapshot
 
 RECIPE = ROOT / "recipes" / "lora_r16.yaml"
 
@@ -158,3 +159,60 @@ def test_divergence_stops_with_a_message_and_keeps_final(assets, tmp_path):
     assert max(step for step, _, _ in losses(run)) < int(diverged_at[2])  # the diverged step is not logged
     assert (run / "final").is_dir()  # the best model so far (step 0) stays
     assert not (run / "summary.json").exists()
+
+
+def truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+# (kind of damage done to a checkpoint folder, what the skip line says)
+CHECKPOINT_DAMAGE = {
+    "truncated weights": (lambda c: truncate(c / "model.safetensors"), "model.safetensors has "),
+    "missing optimizer state": (lambda c: (c / "optimizer.bin").unlink(), "optimizer.bin is missing"),
+    "corrupt trainer state": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json is not valid JSON"),
+    "truncated weights, no manifest": (
+        lambda c: ((c / "manifest.json").unlink(), truncate(c / "model.safetensors")), "model.safetensors is truncated"),
+}
+
+
+def copy_run(source, run):
+    """A copy of a stopped run, moved: its recipe's output_dir follows it."""
+    shutil.copytree(source, run)
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace(f"output_dir: {source}", f"output_dir: {run}"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def stopped_at_8(assets, tmp_path_factory):
+    """A run stopped after step 8 of 12, checkpoints step-7 and step-8 kept."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    result = run_script("train.py", *args(assets, run), "--stop-after-steps", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-7", "step-8"]
+    return run
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_DAMAGE)
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(assets, tmp_path, stopped_at_8, straight, kind):
+    damage, why = CHECKPOINT_DAMAGE[kind]
+    run = copy_run(stopped_at_8, tmp_path / "run")
+    damage(run / "checkpoints" / "step-8")
+    result = run_script("train.py", *args(assets, run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = [line for line in result.stdout.splitlines() if line.startswith("checkpoint step-8 is damaged")]
+    assert len(said) == 1 and why in said[0], result.stdout[-2000:]
+    assert f"kept as {run / 'checkpoints' / 'damaged-step-8'}" in said[0]
+    assert f"resuming {run} from step-7" in result.stdout
+    assert_same_as_straight(run, straight)  # resuming from the older checkpoint is still exact
+
+
+def test_no_intact_checkpoint_is_one_line_and_nothing_changes(assets, tmp_path, stopped_at_8):
+    run = copy_run(stopped_at_8, tmp_path / "run")
+    (run / "checkpoints" / "step-8" / "optimizer.bin").unlink()
+    truncate(run / "checkpoints" / "step-7" / "model.safetensors")
+    before = snapshot(run)
+    result = run_script("train.py", *args(assets, run))
+    assert_one_clear_line(result, f"run '{run}' cannot resume: every checkpoint is damaged (step-8: optimizer.bin is missing; step-7: model.safetensors has ")
+    assert "add overwrite=true" in result.stderr
+    assert snapshot(run) == before

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from tunebench import rundir
+from tunebench import inputs, rundir
 from tunebench.errors import ArgumentParser, UserError, exit_with
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,12 +56,16 @@ def override_text(key: str, value) -> str:
 
 def load_suite(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"suite file '{path}' is a folder; give a YAML file, e.g. recipes/suites/demo.yaml")
     if not path.is_file():
         raise UserError(f"suite file '{path}' does not exist; pick one under recipes/suites/, e.g. recipes/suites/demo.yaml")
     try:
         suite = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"suite file '{path}' is not valid YAML: {getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise UserError(f"suite file '{path}' cannot be read: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"suite file '{path}' is not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(suite, dict):
         raise UserError(f"suite file '{path}' must hold a mapping with at least 'recipes'")
     unknown = sorted(set(suite) - SUITE_KEYS)
@@ -80,15 +84,40 @@ def load_suite(path) -> dict:
     if not isinstance(eval_args, list):
         raise UserError(f"suite file '{path}': 'eval_args' must be a list of evaluate.py arguments, e.g. [--max-tokens, 40000]")
     name = str(suite.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"suite file '{path}': 'name' is {name!r}; use letters, digits, '.', '_' and '-' (it names runs/NAME)")
+    folders = {"runs_dir": f"runs/{name}", "report_dir": f"reports/{name}"}
+    for key in folders:
+        if suite.get(key) is not None and not isinstance(suite[key], str):
+            raise UserError(f"suite file '{path}': '{key}' must be a folder path, got {suite[key]!r}")
+        folders[key] = inputs.writable_folder(suite.get(key) or folders[key], f"suite file '{path}': {key}")
     return {
         "name": name,
         "recipes": recipes,
         "overrides": [override_text(k, v) for k, v in overrides.items()],
         "seeds": seeds,
         "eval_args": [str(a) for a in eval_args],
-        "runs_dir": Path(suite.get("runs_dir") or f"runs/{name}"),
-        "report_dir": Path(suite.get("report_dir") or f"reports/{name}"),
+        **folders,
     }
+
+
+def check_eval_args(suite: dict, tasks: list) -> None:
+    """evaluate.py's own parser reads the suite's eval_args now, so that a bad number fails the suite
+    before any training instead of every evaluation after it."""
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location("tunebench_evaluate_cli", ROOT / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            cli.parse_args(["--model", "m", "--tasks", ",".join(tasks), *suite["eval_args"]])
+    except SystemExit:
+        message = said.getvalue().strip().splitlines()[-1].removeprefix("error: ")
+        raise UserError(f"suite '{suite['name']}': eval_args {suite['eval_args']}: {message}") from None
 
 
 def plan(suite: dict) -> list:
@@ -141,7 +170,8 @@ def check_reachable(runs: list) -> None:
             load_config(m)
             data.load_raw(d)
         except UserError as e:
-            hint = "" if "make demo" in str(e) else "; `make demo` runs a comparison fully offline"
+            offline = "hub cannot be reached" in str(e) and "make demo" not in str(e)
+            hint = "; `make demo` runs a comparison fully offline" if offline else ""
             raise UserError(f"{e}{hint}") from None
 
 
@@ -216,6 +246,7 @@ def main(argv=None):
         if args.accel and not Path(args.accel).is_file():
             raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
         runs = plan(suite)
+        check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
         # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
         offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
         if offline:
@@ -269,7 +300,10 @@ def main(argv=None):
 
     from tunebench.report import write_report
 
-    report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"])
+    try:
+        report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"])
+    except UserError as e:
+        exit_with(e)
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"\nsuite {suite['name']}: {len(runs)} trained run(s) + baseline in {minutes} min {seconds} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import torch
 
+from tunebench import inputs
 from tunebench.errors import UserError
 from tunebench.metrics import IGNORE_INDEX  # the label no loss scores
 
@@ -123,11 +124,19 @@ def _load_local(files_by_split: dict) -> datasets.DatasetDict:
     builders = {_local_builder(p) for ps in files_by_split.values() for p in ps}
     if len(builders) > 1:
         raise UserError(f"data files mix types ({', '.join(sorted(builders))}); use one file type per data set")
+    for path in (p for ps in files_by_split.values() for p in ps):
+        if path.stat().st_size == 0:
+            raise UserError(f"data file '{path}' is empty")
     data_files = {split: [str(p) for p in ps] for split, ps in files_by_split.items()}
     try:
         return datasets.load_dataset(builders.pop(), data_files=data_files)
-    except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        raise UserError(f"cannot read data files {sum(data_files.values(), [])}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # an untrusted file: whatever the reader met, name the file and, if it can, the line
+        for path in (p for ps in files_by_split.values() for p in ps):
+            problem = inputs.data_file_problem(path)
+            if problem:
+                raise UserError(f"data file '{path}', {problem}") from None
+        files = ", ".join(sum(data_files.values(), []))
+        raise UserError(f"cannot read data file(s) {files}: {inputs.first_line(e, innermost=True)}") from None
 
 
 def _load_hub(hub_id: str, config: str, name: str) -> datasets.DatasetDict:
@@ -179,9 +188,7 @@ def load_raw(data_cfg: dict) -> tuple:
             f"data set '{name}' is neither registered ({', '.join(REGISTRY)}), a hub id (owner/name) nor an existing file"
         )
     if data_cfg["validation_file"]:
-        vpath = Path(data_cfg["validation_file"])
-        if not vpath.is_file():
-            raise UserError(f"data.validation_file '{vpath}' does not exist")
+        vpath = inputs.existing_file(data_cfg["validation_file"], "data.validation_file")
         raw["validation"] = _load_local({"train": [vpath]})["train"]
     return raw, spec
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from tunebench import inputs
 from tunebench.errors import UserError
 from tunebench.quiet import no_model_file_bars
 
@@ -18,6 +19,7 @@ def resolve_source(name: str, gguf_file: str = None) -> tuple:
         path = Path(name)
         if not path.is_file():
             raise UserError(f"model file '{name}' does not exist; give an existing .gguf file, a folder or a hub id")
+        inputs.check_gguf(path)
         return str(path.parent), path.name
     path = Path(name)
     if path.exists():
@@ -26,6 +28,7 @@ def resolve_source(name: str, gguf_file: str = None) -> tuple:
         if gguf_file:
             if not (path / gguf_file).is_file():
                 raise UserError(f"model.gguf_file '{gguf_file}' is not in folder '{name}'")
+            inputs.check_gguf(path / gguf_file)
         elif not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UserError(f"model folder '{name}' has no config.json; save a model there with save_pretrained")
         return str(path), gguf_file
@@ -34,10 +37,16 @@ def resolve_source(name: str, gguf_file: str = None) -> tuple:
     return name, gguf_file
 
 
-def _hub_call(what: str, name: str, load):
+def _hub_call(what: str, name: str, load, local: bool = False):
+    """load(), its failure one line: a local folder or file is untrusted, so whatever its reader
+    raises names it; for a hub id, an OSError means not cached and out of reach."""
     try:
         return load()
-    except OSError as e:
+    except Exception as e:
+        if local:
+            raise UserError(f"{what} '{name}' cannot be loaded: {inputs.first_line(e)}") from None
+        if not isinstance(e, OSError):
+            raise
         if "does not appear to have a file" in str(e) or "is not a valid" in str(e):
             raise UserError(f"{what} '{name}' cannot be loaded: {str(e).splitlines()[0]}") from None
         raise UserError(
@@ -45,6 +54,10 @@ def _hub_call(what: str, name: str, load):
             "run once with network access to cache it, or point model.name at a local folder or .gguf file "
             "(make demo runs fully offline)"
         ) from None
+
+
+def is_local(source: str) -> bool:
+    return Path(source).is_dir()
 
 
 def _source(model_cfg: dict) -> tuple:
@@ -57,15 +70,20 @@ def _source(model_cfg: dict) -> tuple:
 
 
 def load_config(model_cfg: dict):
+    """The model's config; a local folder's files are checked first (config, shard index, whole weights
+    files), so a damaged copy fails here, before any data is read."""
     source, kwargs = _source(model_cfg)
-    return _hub_call("model", model_cfg["name"], lambda: AutoConfig.from_pretrained(source, **kwargs))
+    if "gguf_file" not in kwargs and is_local(source):
+        inputs.check_model_folder(source, model_cfg["name"])
+    return _hub_call("model", model_cfg["name"], lambda: AutoConfig.from_pretrained(source, **kwargs), is_local(source))
 
 
 def load_tokenizer(model_cfg: dict):
     """The model's tokenizer. A model without a pad token (GPT-2) pads with its end-of-text token;
     nothing is added to the vocabulary, and padded positions are masked from every loss."""
     source, kwargs = _source(model_cfg)
-    tokenizer = _hub_call("tokenizer", model_cfg["name"], lambda: AutoTokenizer.from_pretrained(source, **kwargs))
+    tokenizer = _hub_call("tokenizer", model_cfg["name"], lambda: AutoTokenizer.from_pretrained(source, **kwargs),
+                          is_local(source))
     if tokenizer.eos_token is None:
         raise UserError(f"tokenizer of '{model_cfg['name']}' has no end-of-text token; tunebench needs one")
     if tokenizer.pad_token is None:
@@ -84,7 +102,7 @@ def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = No
         auto = AutoModelForSequenceClassification
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})
-    model = _hub_call("model", model_cfg["name"], lambda: auto.from_pretrained(source, **kwargs))
+    model = _hub_call("model", model_cfg["name"], lambda: auto.from_pretrained(source, **kwargs), is_local(source))
     if "gguf_file" in kwargs:
         # GGUF weights are de-quantized to plain tensors on load, yet the model stays marked as
         # quantized, which would make save_pretrained refuse it and PEFT treat it as k-bit.
@@ -94,6 +112,20 @@ def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = No
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def load_adapter_config(folder):
+    """The PEFT config of an adapter folder (a run's final/), its failure one line."""
+    from peft import PeftConfig
+
+    inputs.check_model_folder(folder, str(folder))
+    return _hub_call("adapter", str(folder), lambda: PeftConfig.from_pretrained(str(folder)), local=True)
+
+
+def load_adapter(model, folder):
+    from peft import PeftModel
+
+    return _hub_call("adapter", str(folder), lambda: PeftModel.from_pretrained(model, str(folder)), local=True)
 
 
 def is_classifier(model) -> bool:

@@ -96,10 +96,15 @@ def setup_from_config_file(path) -> Setup:
         raise UserError(f"accelerate config '{path}' does not exist; pick one under accelerate_configs/")
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"accelerate config '{path}' is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"accelerate config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"accelerate config '{path}' must hold a mapping of keys, got {type(cfg).__name__}")
+    processes = cfg.get("num_processes") or 1
+    if type(processes) is not int or processes < 1:
+        raise UserError(f"accelerate config '{path}': num_processes must be a positive whole number, got {processes!r}")
     fields = dict(device="cpu" if cfg.get("use_cpu") else _this_device(),
-                  processes=int(cfg.get("num_processes") or 1),
+                  processes=processes,
                   mixed_precision=str(cfg.get("mixed_precision") or "no"))
     if cfg.get("distributed_type") == "DEEPSPEED":
         ds = cfg.get("deepspeed_config") or {}

@@ -6,6 +6,7 @@ be right; nothing is ever silently ignored.
 """
 import copy
 import difflib
+import math
 import re
 from pathlib import Path
 
@@ -73,7 +74,7 @@ SCHEMA = {
         "scheduler": ("linear", str, ("linear", "cosine", "constant")),
         "warmup_steps": (0, int, "non-negative"),
         "warmup_ratio": (0.0, float, "fraction"),
-        "seed": (42, int, None),
+        "seed": (42, int, "seed"),
         "eval_every": (50, int, "non-negative"),
         "eval_max_batches": (None, int, "positive"),
         "save_every": (100, int, "positive"),
@@ -146,6 +147,10 @@ def _coerce(dotted: str, value, field: tuple, where: str):
         raise UserError(
             f"recipe key '{dotted}' must be {kind.__name__}, got {type(value).__name__} {value!r}{where}"
         )
+    if kind is float and not math.isfinite(value):
+        raise UserError(f"recipe key '{dotted}' must be a finite number, got {value!r}{where}")
+    if kind is int and not -(2**63) < value < 2**63:
+        raise UserError(f"recipe key '{dotted}' is {value}, beyond what a 64-bit integer holds{where}")
     if isinstance(allowed, tuple) and value not in allowed:
         raise UserError(f"recipe key '{dotted}' is {value!r}{where}; choose one of {', '.join(allowed)}")
     if allowed == "positive" and not value > 0:
@@ -154,6 +159,8 @@ def _coerce(dotted: str, value, field: tuple, where: str):
         raise UserError(f"recipe key '{dotted}' must be zero or more, got {value!r}{where}")
     if allowed == "fraction" and not 0 <= value <= 1:
         raise UserError(f"recipe key '{dotted}' must lie between 0 and 1, got {value!r}{where}")
+    if allowed == "seed" and not 0 <= value < 2**32:
+        raise UserError(f"recipe key '{dotted}' must be a seed from 0 to {2**32 - 1}, got {value!r}{where}")
     return value
 
 
@@ -202,10 +209,14 @@ def load_recipe(path, overrides=()) -> dict:
     explicit = set()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"recipe file '{path}' is a folder; give a YAML file, e.g. recipes/lora_r16.yaml")
         if not path.is_file():
             raise UserError(f"recipe file '{path}' does not exist; pick one under recipes/, e.g. recipes/lora_r16.yaml")
         try:
             given = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"recipe file '{path}' cannot be read: {e.strerror or e}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from tunebench import inputs
 from tunebench.errors import ArgumentParser, UserError, exit_with
-from tunebench.rundir import read_json, write_atomic, write_json
+from tunebench.rundir import write_atomic, write_json
 
 SEED_SUFFIX = re.compile(r"-seed\d+$")
 
@@ -43,6 +44,11 @@ EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", 
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
+
+def _read_json(path: Path, advice: str):
+    """A run's JSON file, None when absent; a damaged one is an error naming it (never read as missing)."""
+    return inputs.read_json_object(path, advice=advice) if path.is_file() else None
+
 
 def _read_log(path: Path) -> list:
     records = []
@@ -72,8 +78,8 @@ def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
 
 def load_run(run_dir) -> dict:
     run_dir = Path(run_dir)
-    summary = read_json(run_dir / "summary.json", None)
-    evaluation = read_json(run_dir / "eval.json", None) or {}
+    summary = _read_json(run_dir / "summary.json", "; delete it and run the command that wrote it again")
+    evaluation = _read_json(run_dir / "eval.json", "; delete it and evaluate the run again") or {}
     try:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -475,12 +481,10 @@ def main(argv=None):
                 raise UserError(f"'{run}' is not a run folder (no summary.json, recipe.yaml, log.jsonl or error.txt)")
         if len({Path(r).name for r in args.runs}) < len(args.runs):
             raise UserError("two run folders have the same name; the report names rows by folder name")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out '{out}' is a file; give a folder")
+        out = inputs.writable_folder(args.out, "--out")
+        path = write_report(args.runs, out)  # reads every run before it writes
     except UserError as e:
         exit_with(e)
-    path = write_report(args.runs, out)
     print(path)
     return path
 

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import yaml
 
+from tunebench import inputs
 from tunebench.errors import UserError
 from tunebench.recipe import to_yaml
 
 NEW, RESUME, FINISHED = "new", "resume", "finished"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"  # a checkpoint's files and their sizes, written last: damage shows against it
+STATE_KEYS = ("step", "epoch", "batches_in_epoch", "tokens", "train_time_s", "scheduler")
 
 
 def write_atomic(path, text: str) -> None:
@@ -31,17 +34,10 @@ def write_json(path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-_REQUIRED = object()
 
 
-def read_json(path, default=_REQUIRED):
-    """The file's JSON; with a default, that default when the file is missing or not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        if default is _REQUIRED:
-            raise
-        return default
+def read_json(path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list:
@@ -57,15 +53,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
 
 def status(run_dir, recipe: dict) -> str:
     """NEW, RESUME or FINISHED for this recipe; a UserError if the folder holds something else."""
-    run_dir = Path(run_dir)
+    run_dir = inputs.writable_folder(run_dir, "output_dir")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return NEW
-    if run_dir.is_file():
-        raise UserError(f"output_dir '{run_dir}' is a file; give a folder path")
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise UserError(f"output_dir '{run_dir}' holds files that are not a tunebench run; choose another output_dir")
-    old = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+    try:
+        old = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping of keys")
+    except (ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        if recipe.get("overwrite"):
+            return NEW
+        raise UserError(
+            f"output_dir '{run_dir}' holds a run whose recipe.yaml is damaged ({str(e).splitlines()[0][:120]}); "
+            "add overwrite=true to replace the run, or choose another output_dir"
+        ) from None
     changed = _differences(old, recipe)
     if changed:
         if recipe.get("overwrite"):
@@ -78,7 +82,14 @@ def status(run_dir, recipe: dict) -> str:
         return NEW
     if (run_dir / "summary.json").is_file():
         return FINISHED
-    return RESUME if latest_checkpoint(run_dir) else NEW
+    found = checkpoints(run_dir)
+    if found and all(damage(c) for c in found):
+        raise UserError(
+            f"run '{run_dir}' cannot resume: every checkpoint is damaged ("
+            + "; ".join(f"{c.name}: {damage(c)}" for c in reversed(found[-3:]))
+            + "); add overwrite=true to train it again from the start"
+        )
+    return RESUME if found else NEW
 
 
 def start(run_dir, recipe: dict) -> None:
@@ -102,6 +113,63 @@ def checkpoints(run_dir) -> list:
 def latest_checkpoint(run_dir):
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def seal(checkpoint, state: dict) -> None:
+    """Finish a checkpoint folder: its trainer state, then the manifest of every file's size."""
+    checkpoint = Path(checkpoint)
+    write_json(checkpoint / STATE_FILE, state)
+    files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    write_json(checkpoint / MANIFEST, {"files": files})
+
+
+def damage(checkpoint) -> str:
+    """Why a checkpoint cannot be resumed from (None when it is intact): a file of its manifest missing
+    or of another size (a copy cut short, a disk error), weights whose header does not match their
+    size, or a trainer state that is not the JSON train.py wrote."""
+    checkpoint = Path(checkpoint)
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            return f"{STATE_FILE} lacks {', '.join(missing)}"
+    except OSError as e:
+        return f"{STATE_FILE} cannot be read ({e.strerror or e})"
+    except ValueError:  # not JSON, or not UTF-8
+        return f"{STATE_FILE} is not valid JSON"
+    manifest = checkpoint / MANIFEST
+    if manifest.is_file():  # checkpoints written before manifests existed get the other checks only
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is not the JSON train.py wrote"
+        for name, size in files.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size:,} bytes, {size:,} when saved"
+    elif not any(checkpoint.glob("optimizer*.bin")) and not any(checkpoint.glob("pytorch_model*")):
+        return "the optimizer state is missing"
+    for weights in sorted(checkpoint.glob("*")):
+        if weights.is_file() and weights.suffix in (".safetensors", ".bin"):
+            problem = inputs.weights_problem(weights)
+            if problem:
+                return problem
+    return None
+
+
+def set_aside_damaged(run_dir, say=print) -> None:
+    """Move damaged checkpoints newer than the newest intact one to checkpoints/damaged-step-N, saying
+    so, so that resuming, saving and pruning see only intact ones. Nothing is deleted."""
+    for checkpoint in reversed(checkpoints(run_dir)):
+        why = damage(checkpoint)
+        if not why:
+            return
+        aside = checkpoint.with_name(f"damaged-{checkpoint.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(checkpoint, aside)
+        say(f"checkpoint {checkpoint.name} is damaged ({why}): skipped, kept as {aside}")
 
 
 def temporary(path) -> Path:
