@@ -183,19 +183,46 @@ def test_generate_equals_a_plain_greedy_loop(tiny, assets, soft_prompt):
         assert generated == expected
 
 
-def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
-    model, tokenizer, ids = tiny
-    prompt = ids[:12]
-    greedy, beam = (metrics.generate(model, [prompt], 1, 6, beams, tokenizer.eos_token_id, tokenizer.eos_token_id)[0]
-                    for beams in (1, 4))
+def plain_beam_search(model, prompt, max_new_tokens, num_beams, eos_id):
+    """Beam search the long way: every step, each beam's whole sequence through the model, and the
+    num_beams likeliest continuations of all beams kept; returns (new tokens, summed log-probability).
+    Checked to be a run that never meets the end token among the 2 * num_beams candidates transformers
+    ranks, so that both keep the same beams and end on the likeliest."""
+    beams = [([], 0.0)]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            candidates = []
+            for new, score in beams:
+                log_probs = torch.log_softmax(model(torch.tensor([prompt + new])).logits[0, -1].double(), -1)
+                candidates += [(score + lp, new + [token]) for token, lp in enumerate(log_probs.tolist())]
+            candidates.sort(key=lambda c: -c[0])
+            assert all(new[-1] != eos_id for _, new in candidates[: 2 * num_beams])
+            beams = [(new, score) for score, new in candidates[:num_beams]]
+    return beams[0]
 
-    def log_prob(new):
+
+def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
+    """generate with 4 beams is a plain beam search of 4 beams, and where it differs from greedy
+    decoding it found a likelier continuation."""
+    model, tokenizer, ids = tiny
+    prompts = [ids[i : i + 12] for i in (0, 30, 60, 90, 120)]
+    beam = metrics.generate(model, prompts, 1, 6, 4, tokenizer.eos_token_id, tokenizer.eos_token_id)
+    greedy = metrics.generate(model, prompts, 1, 6, 1, tokenizer.eos_token_id, tokenizer.eos_token_id)
+
+    def log_prob(prompt, new):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1 : -1]
         return torch.log_softmax(logits.double(), -1)[range(len(new)), new].sum().item()
 
-    assert len(beam) == len(greedy) == 6
-    assert log_prob(beam) >= log_prob(greedy) - 1e-6
+    differs = 0
+    for prompt, found, greedy_found in zip(prompts, beam, greedy):
+        expected, score = plain_beam_search(model, prompt, 6, 4, tokenizer.eos_token_id)
+        assert found == expected
+        assert log_prob(prompt, found) == pytest.approx(score, abs=1e-6)
+        if found != greedy_found:
+            differs += 1
+            assert log_prob(prompt, found) > log_prob(prompt, greedy_found)
+    assert differs >= 1  # on these prompts 4 beams find what greedy decoding misses: num_beams is used
 
 
 def test_bleu_is_nltks_corpus_bleu_on_13a_tokens():
