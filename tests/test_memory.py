@@ -198,16 +198,6 @@ def test_accelerate_configs_describe_their_setups(monkeypatch):
 
 # ---- refused -----------------------------------------------------------------------------------------
 
-def test_paged_optimizer_without_a_gpu_is_refused(assets, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: paged_adamw_8bit is allowed")
-    out = tmp_path / "paged"
-    result = run_script("train.py", "--recipe", ROOT / "recipes/full_8bit.yaml", *overrides(assets, out),
-                        "train.optimizer=paged_adamw_8bit")
-    assert_one_clear_line(result, "use adamw_8bit on a CPU")
-    assert not out.exists()
-
-
 def test_budget_without_plan_is_refused(assets, tmp_path):
     result = run_script("train.py", "--recipe", ROOT / "recipes/full.yaml", *overrides(assets, tmp_path / "x"),
                         "--budget-gb", "4")
