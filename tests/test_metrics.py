@@ -160,6 +160,42 @@ def test_meteor_is_a_number_or_null_with_the_reason():
         assert scores["meteor"] > 0.99 and "meteor_reason" not in scores
 
 
+def write_tiny_wordnet(nltk_data):
+    """NLTK's WordNet corpus in WordNet 3.0's own file format, holding one synset {car, auto,
+    automobile} (as in WordNet's car.n.01). The real data cannot be had offline here."""
+    root = nltk_data / "corpora" / "wordnet"
+    root.mkdir(parents=True)
+    lexnames = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact"]
+    (root / "lexnames").write_text("".join(f"{i:02d}\t{name}\t{1 if name.startswith('noun') else 3}\n"
+                                           for i, name in enumerate(lexnames)))
+    (root / "data.noun").write_text("00000000 06 n 03 car 0 auto 0 automobile 0 000 | a motor vehicle  \n")
+    words = ("auto", "automobile", "car")
+    (root / "index.noun").write_text("".join(f"{w} n 1 0 1 0 00000000  \n" for w in words))
+    (root / "index.sense").write_text("".join(f"{w}%1:06:00:: 00000000 1 0\n" for w in words))
+    for pos in ("verb", "adj", "adv"):
+        (root / f"data.{pos}").write_text("")
+        (root / f"index.{pos}").write_text("")
+    for pos in ("noun", "verb", "adj", "adv"):
+        (root / f"{pos}.exc").write_text("")
+
+
+def test_meteor_scores_exact_and_synonym_matches(tmp_path, monkeypatch):
+    """METEOR's scoring path, on a WordNet that has car and auto as synonyms: a synonym counts as a
+    match, a word of no shared synset does not; the figures are METEOR's formula worked by hand."""
+    import nltk
+
+    write_tiny_wordnet(tmp_path / "nltk_data")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")] + nltk.data.path)
+    references = ["the auto sat on the mat", "the auto sat on the mat"]
+    scores = metrics.generation_scores(["the car sat on the mat", "the truck sat on the mat"], references)
+    assert "meteor_reason" not in scores
+    # all 6 words match in one chunk: F = 1, penalty 0.5 * (1/6)^3
+    synonym = 1 - 0.5 * (1 / 6) ** 3
+    # 5 of 6 words match (P = R = 5/6, so F = 5/6) in 2 chunks: penalty 0.5 * (2/5)^3
+    no_match = 5 / 6 * (1 - 0.5 * (2 / 5) ** 3)
+    assert scores["meteor"] == pytest.approx((synonym + no_match) / 2)
+
+
 def plain_greedy(model, prompt, max_new_tokens, eos_id):
     """Greedy decoding the long way: the whole sequence through the model for every new token."""
     sequence = list(prompt)
