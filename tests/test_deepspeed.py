@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_same_log, read_log, run_script
+from conftest import ROOT, assert_same_log, read_log, run_script, tiny_run
 from tunebench.distributed import check_deepspeed
 from tunebench.errors import UserError
 from tunebench.models import load_model
@@ -23,12 +23,10 @@ pytest.importorskip("deepspeed")
 
 
 def overrides(assets, out, micro_batch, lr, lora=False):
-    return (["method.dropout=0"] if lora else []) + [  # no randomness: each process draws its own
-        f"model.name={assets / 'gpt2_nodropout'}", f"data.dataset={assets / 'train.txt'}",
-        f"data.validation_file={assets / 'valid.txt'}", "data.max_length=64", f"train.micro_batch_size={micro_batch}",
-        "train.max_steps=6", "train.eval_every=3", "train.eval_max_batches=4", "train.log_every=1",
-        "train.warmup_ratio=0", f"train.lr={lr}", f"output_dir={out}",
-    ]
+    # no dropout: each process would draw its own masks
+    return tiny_run(assets, out, f"train.micro_batch_size={micro_batch}", "train.eval_every=3", "train.eval_max_batches=4",
+                    "train.log_every=1", f"train.lr={lr}", *(["method.dropout=0"] if lora else []),
+                    model="gpt2_nodropout", steps=6)
 
 
 def launch(config, recipe, args):

@@ -52,8 +52,10 @@ def test_perplexity_equals_a_plain_loop(tiny, max_length, stride, batch_size):
     model, tokenizer, ids = tiny
     result = metrics.perplexity(model, ids, tokenizer.eos_token_id, max_length, stride, batch_size, tokenizer.eos_token_id)
     nll, scored = plain_loop_nll(model, ids, tokenizer.eos_token_id, max_length, stride)
-    assert result["tokens"] == scored == len(ids)
+    assert scored == len(ids)  # the plain loop scored every token once: the same sum is every token once
     assert result["nll"] == pytest.approx(nll, rel=1e-5)
+    # no window more than needed: windows start every stride until one reaches the end of the text
+    assert result["windows"] == 1 + math.ceil(max(0, len(ids) - max_length) / stride)
 
 
 def test_batch_size_and_padding_change_nothing(tiny):
@@ -81,7 +83,7 @@ def test_soft_prompt_is_context_and_never_scored(tiny, assets):
         model.prompt_encoder["default"].embedding.weight.copy_(torch.randn(6, base.config.n_embd, generator=torch.Generator().manual_seed(0)) * 5)
     result = metrics.perplexity(model, ids, tokenizer.eos_token_id, 64, 32, 3, tokenizer.eos_token_id)
     nll, scored = plain_loop_nll(model, ids, tokenizer.eos_token_id, 64, 32)
-    assert result["tokens"] == scored == len(ids)
+    assert scored == len(ids)
     assert result["nll"] == pytest.approx(nll, rel=1e-5)
     plain = metrics.perplexity(base, ids, tokenizer.eos_token_id, 64, 32, 3, tokenizer.eos_token_id)
     # a random tiny model hardly uses context: the change is small but ten times above float32 rounding
@@ -158,6 +160,42 @@ def test_meteor_is_a_number_or_null_with_the_reason():
         assert scores["meteor"] > 0.99 and "meteor_reason" not in scores
 
 
+def write_tiny_wordnet(nltk_data):
+    """NLTK's WordNet corpus in WordNet 3.0's own file format, holding one synset {car, auto,
+    automobile} (as in WordNet's car.n.01). The real data cannot be had offline here."""
+    root = nltk_data / "corpora" / "wordnet"
+    root.mkdir(parents=True)
+    lexnames = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact"]
+    (root / "lexnames").write_text("".join(f"{i:02d}\t{name}\t{1 if name.startswith('noun') else 3}\n"
+                                           for i, name in enumerate(lexnames)))
+    (root / "data.noun").write_text("00000000 06 n 03 car 0 auto 0 automobile 0 000 | a motor vehicle  \n")
+    words = ("auto", "automobile", "car")
+    (root / "index.noun").write_text("".join(f"{w} n 1 0 1 0 00000000  \n" for w in words))
+    (root / "index.sense").write_text("".join(f"{w}%1:06:00:: 00000000 1 0\n" for w in words))
+    for pos in ("verb", "adj", "adv"):
+        (root / f"data.{pos}").write_text("")
+        (root / f"index.{pos}").write_text("")
+    for pos in ("noun", "verb", "adj", "adv"):
+        (root / f"{pos}.exc").write_text("")
+
+
+def test_meteor_scores_exact_and_synonym_matches(tmp_path, monkeypatch):
+    """METEOR's scoring path, on a WordNet that has car and auto as synonyms: a synonym counts as a
+    match, a word of no shared synset does not; the figures are METEOR's formula worked by hand."""
+    import nltk
+
+    write_tiny_wordnet(tmp_path / "nltk_data")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")] + nltk.data.path)
+    references = ["the auto sat on the mat", "the auto sat on the mat"]
+    scores = metrics.generation_scores(["the car sat on the mat", "the truck sat on the mat"], references)
+    assert "meteor_reason" not in scores
+    # all 6 words match in one chunk: F = 1, penalty 0.5 * (1/6)^3
+    synonym = 1 - 0.5 * (1 / 6) ** 3
+    # 5 of 6 words match (P = R = 5/6, so F = 5/6) in 2 chunks: penalty 0.5 * (2/5)^3
+    no_match = 5 / 6 * (1 - 0.5 * (2 / 5) ** 3)
+    assert scores["meteor"] == pytest.approx((synonym + no_match) / 2)
+
+
 def plain_greedy(model, prompt, max_new_tokens, eos_id):
     """Greedy decoding the long way: the whole sequence through the model for every new token."""
     sequence = list(prompt)
@@ -183,19 +221,46 @@ def test_generate_equals_a_plain_greedy_loop(tiny, assets, soft_prompt):
         assert generated == expected
 
 
-def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
-    model, tokenizer, ids = tiny
-    prompt = ids[:12]
-    greedy, beam = (metrics.generate(model, [prompt], 1, 6, beams, tokenizer.eos_token_id, tokenizer.eos_token_id)[0]
-                    for beams in (1, 4))
+def plain_beam_search(model, prompt, max_new_tokens, num_beams, eos_id):
+    """Beam search the long way: every step, each beam's whole sequence through the model, and the
+    num_beams likeliest continuations of all beams kept; returns (new tokens, summed log-probability).
+    Checked to be a run that never meets the end token among the 2 * num_beams candidates transformers
+    ranks, so that both keep the same beams and end on the likeliest."""
+    beams = [([], 0.0)]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            candidates = []
+            for new, score in beams:
+                log_probs = torch.log_softmax(model(torch.tensor([prompt + new])).logits[0, -1].double(), -1)
+                candidates += [(score + lp, new + [token]) for token, lp in enumerate(log_probs.tolist())]
+            candidates.sort(key=lambda c: -c[0])
+            assert all(new[-1] != eos_id for _, new in candidates[: 2 * num_beams])
+            beams = [(new, score) for score, new in candidates[:num_beams]]
+    return beams[0]
 
-    def log_prob(new):
+
+def test_beam_search_keeps_the_likeliest_of_its_beams(tiny):
+    """generate with 4 beams is a plain beam search of 4 beams, and where it differs from greedy
+    decoding it found a likelier continuation."""
+    model, tokenizer, ids = tiny
+    prompts = [ids[i : i + 12] for i in (0, 30, 60, 90, 120)]
+    beam = metrics.generate(model, prompts, 1, 6, 4, tokenizer.eos_token_id, tokenizer.eos_token_id)
+    greedy = metrics.generate(model, prompts, 1, 6, 1, tokenizer.eos_token_id, tokenizer.eos_token_id)
+
+    def log_prob(prompt, new):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1 : -1]
         return torch.log_softmax(logits.double(), -1)[range(len(new)), new].sum().item()
 
-    assert len(beam) == len(greedy) == 6
-    assert log_prob(beam) >= log_prob(greedy) - 1e-6
+    differs = 0
+    for prompt, found, greedy_found in zip(prompts, beam, greedy):
+        expected, score = plain_beam_search(model, prompt, 6, 4, tokenizer.eos_token_id)
+        assert found == expected
+        assert log_prob(prompt, found) == pytest.approx(score, abs=1e-6)
+        if found != greedy_found:
+            differs += 1
+            assert log_prob(prompt, found) > log_prob(prompt, greedy_found)
+    assert differs >= 1  # on these prompts 4 beams find what greedy decoding misses: num_beams is used
 
 
 def test_bleu_is_nltks_corpus_bleu_on_13a_tokens():

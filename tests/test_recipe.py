@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from conftest import ROOT
 from tunebench.errors import UserError
-from tunebench.recipe import flatten, load_recipe, parse_override
+from tunebench.methods import METHODS
+from tunebench.recipe import SCHEMA, flatten, load_recipe, parse_override
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 RECIPES = [p for p in RECIPES if "suites" not in p.parts]
@@ -56,9 +57,51 @@ def test_unknown_key_suggests_the_right_one():
         load_recipe(ROOT / "recipes/full.yaml", ["train.max_step=3"])
 
 
+def another_value(dotted: str, field: tuple):
+    """A valid value of a schema key that is not its default."""
+    default, kind, allowed = field
+    if dotted == "train.trackers":
+        return ["tensorboard"]
+    if isinstance(allowed, tuple):
+        return next(v for v in allowed if v != default)
+    if kind is bool:
+        return not default
+    if kind is int:
+        return (default or 0) + 3
+    if kind is float:
+        return 0.25 if default != 0.25 else 0.5
+    return ["attn", "mlp"] if kind is list else "set-by-test"
+
+
+def as_override(dotted: str, value) -> str:
+    text = f"[{', '.join(value)}]" if isinstance(value, list) else str(value).lower() if isinstance(value, bool) else str(value)
+    return f"{dotted}={text}"
+
+
+def schema_keys(schema, prefix=""):
+    for key, value in schema.items():
+        if isinstance(value, dict):
+            yield from schema_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def test_every_schema_key_is_settable():
-    recipe = load_recipe(ROOT / "recipes/full.yaml")
-    assert "train.optimizer" in flatten(recipe) and "data.max_length" in flatten(recipe)
+    """Each key of the schema, set alone by an override to a value other than its default, comes back
+    with that value, and nothing else in the resolved recipe changes (method keys under their method)."""
+    required = ["name=base", "output_dir=runs/base", "model.name=some-model", "data.dataset=some-data"]
+    settings = [(key, field, []) for key, field in schema_keys({k: v for k, v in SCHEMA.items() if k != "method"})]
+    for method_type, method in METHODS.items():
+        as_method = [f"method.type={method_type}"] + (["method.top_blocks=1"] if method_type == "partial" else [])
+        assert load_recipe(None, required + as_method)["method"]["type"] == method_type
+        settings += [(f"method.{key}", field, as_method) for key, field in method.keys.items()]
+    assert {key for key, _, _ in settings} == {key for key, _ in schema_keys(SCHEMA)} - {"method.type"}
+    for dotted, field, as_method in settings:
+        value = another_value(dotted, field)
+        before = flatten(load_recipe(None, required + as_method))
+        assert before[dotted] != value
+        after = flatten(load_recipe(None, required + as_method + [as_override(dotted, value)]))
+        assert after == {**before, dotted: value}, dotted
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20))

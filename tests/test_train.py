@@ -11,10 +11,51 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import ROOT, assert_same_log, read_log, tiny_run, train
+from accelerate.utils import set_seed
+
+from conftest import ROOT, assert_same_log, read_log, run_script, tiny_run, train
+from tunebench import data
 from tunebench.methods import apply_method, count_params
+from tunebench.metrics import causal_nll
 from tunebench.models import load_model, load_tokenizer
 from tunebench.recipe import load_recipe
+
+
+# train.py in a process that also notes what its switches act on, at every tensor autograd keeps for
+# the backward pass: the bytes kept (gradient checkpointing keeps fewer) and glibc's bytes in mmapped
+# blocks (train.exact_cpu_rss maps blocks of 1 MB or more; the default allocator setting maps none).
+OBSERVER = """
+import ctypes, json, sys
+import torch
+import train
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept, mmapped = [0], []
+
+def pack(tensor):
+    kept[0] += tensor.numel() * tensor.element_size()
+    mmapped.append(libc.mallinfo2().hblkhd)
+    return tensor
+
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    train.main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"kept_for_backward_bytes": kept[0], "mmapped_bytes": mmapped}, f)
+"""
+
+
+def train_observed(tmp_path, recipe, *args) -> dict:
+    """train() of recipes/RECIPE.yaml, observed as OBSERVER says (a helper for conftest)."""
+    script, notes = tmp_path / "observed_train.py", tmp_path / f"notes_{len(list(tmp_path.glob('notes_*')))}.json"
+    script.write_text(OBSERVER)
+    result = run_script(script, notes, "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(notes.read_text())
 
 
 # (recipe, extra overrides, trainable-parameter formula for the tiny GPT-2: n_layer 2, n_embd 32)
@@ -52,6 +93,37 @@ def end_of_training_model(run, recipe):
     return model.eval()
 
 
+def initial_model(recipe):
+    """The model train.py starts from: the base, then the method applied right after set_seed(train.seed)."""
+    model = load_model(recipe["model"])
+    set_seed(recipe["train"]["seed"])
+    return apply_method(model, recipe["method"], load_tokenizer(recipe["model"]))
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the base model's own file: peft's prefixes and wrappers taken off."""
+    for prefix in ("base_model.model.", "base_model."):
+        name = name.removeprefix(prefix)
+    name = name.replace(".base_layer.", ".")
+    # GPT-2 ties lm_head to the token embeddings (saved once); a soft prompt keeps a reference to them too
+    return {"lm_head.weight": "transformer.wte.weight", "word_embeddings.weight": "transformer.wte.weight"}.get(name, name)
+
+
+def validation_loss(model, recipe) -> float:
+    """The mean validation loss over the recipe's validation blocks, computed the plain way."""
+    tokenizer = load_tokenizer(recipe["model"])
+    _, val_set = data.build(recipe["data"], tokenizer, recipe["train"]["seed"], recipe["task"])
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe["train"]["micro_batch_size"],
+                                         collate_fn=data.collate(tokenizer.pad_token_id))
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            nll, n = causal_nll(model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits,
+                                batch["labels"])
+            nll_sum, count = nll_sum + nll.double().item(), count + n.item()
+    return nll_sum / count
+
+
 @pytest.mark.parametrize("recipe_name,extra,formula", METHODS, ids=[m[0] for m in METHODS])
 def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name, extra, formula):
     run = tmp_path / recipe_name
@@ -63,7 +135,7 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
 
     summary = json.loads((run / "summary.json").read_text())
     recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml", args)
-    initial = apply_method(load_model(recipe["model"]), recipe["method"], load_tokenizer(recipe["model"]))
+    initial = initial_model(recipe)
     trainable, total = count_params(initial)
     assert (summary["trainable_params"], summary["total_params"]) == (trainable, total)
     if formula is not None:
@@ -83,17 +155,31 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
     with torch.no_grad():
         torch.testing.assert_close(final(input_ids=ids).logits, end_of_training_model(run, recipe)(input_ids=ids).logits)
 
-    # In final/, frozen weights are bitwise unchanged and every trained tensor changed.
-    end_params = dict(final.named_parameters())
-    changed = frozen_changed = 0
-    for name, before in initial.named_parameters():
-        same = torch.equal(before, end_params[name])
-        if before.requires_grad:
-            changed += not same
-        else:
-            frozen_changed += not same
-    assert frozen_changed == 0
-    assert changed == sum(p.requires_grad for p in initial.parameters())
+    # final/ as a user reloads it is the model train.py validated last (and best): so no weight moved
+    # in training without being saved, frozen ones included.
+    assert validation_loss(final, recipe) == pytest.approx(summary["best_val_loss"], rel=1e-6)
+
+    # Frozen weights are bitwise the base model's file; every trained tensor moved from where train.py
+    # started it (the seeded initial adapter or soft prompt; for full and partial, the base's file).
+    on_disk = load_file(assets / "gpt2" / "model.safetensors")
+    end_params = dict(final.named_parameters(remove_duplicate=False))
+    trained = {name for name, p in initial.named_parameters(remove_duplicate=False) if p.requires_grad}
+    assert trained and trained <= end_params.keys()
+    frozen_changed = [n for n, p in end_params.items() if n not in trained and not torch.equal(p, on_disk[base_name(n)])]
+    assert frozen_changed == []
+    start = dict(initial.named_parameters(remove_duplicate=False))
+    for name in trained:
+        if base_name(name) in on_disk:
+            assert torch.equal(start[name], on_disk[base_name(name)]), name
+    unchanged = [name for name in trained if torch.equal(start[name], end_params[name])]
+    assert unchanged == []
+    if (run / "final" / "adapter_config.json").is_file():
+        # The adapter holds every trained tensor, and base weights only as the base's file has them (peft
+        # saves a LoRA-wrapped lm_head's base weight too, which then replaces the base's on reload).
+        adapter = load_file(run / "final" / "adapter_model.safetensors")
+        of_base = {k for k in adapter if base_name(k) in on_disk}
+        assert len(adapter) - len(of_base) == len(trained)
+        assert [k for k in of_base if not torch.equal(adapter[k], on_disk[base_name(k)])] == []
 
     for key in ("artifact_mb", "train_time_s", "train_tokens", "tokens_per_s", "peak_cpu_rss_mb", "optimizer_state_mb"):
         assert summary[key] > 0, key
@@ -141,9 +227,14 @@ def test_fast_allocator_trains_as_exact_one(assets, tmp_path):
     losses must not."""
     fast, exact = tmp_path / "fast", tmp_path / "exact"
     big = ["data.max_length=128", "train.micro_batch_size=16", "train.lr=3e-3"]
-    train("full", *tiny_run(assets, fast, model="gpt2_nodropout", steps=4), *big)
-    train("full", *tiny_run(assets, exact, model="gpt2_nodropout", steps=4), *big, "train.exact_cpu_rss=true")
+    fast_notes = train_observed(tmp_path, "full", *tiny_run(assets, fast, model="gpt2_nodropout", steps=4), *big)
+    exact_notes = train_observed(tmp_path, "full", *tiny_run(assets, exact, model="gpt2_nodropout", steps=4), *big,
+                                 "train.exact_cpu_rss=true")
     assert_same_log(fast, exact, rel=1e-6)
+    # The switch took effect: only the exact run's large tensors live in blocks mapped for them alone.
+    growth = {name: max(notes["mmapped_bytes"]) - notes["mmapped_bytes"][0]
+              for name, notes in (("fast", fast_notes), ("exact", exact_notes))}
+    assert growth["fast"] <= 0 and growth["exact"] >= 4 * 2**20, growth  # a logits tensor is 4 MB
 
 
 def test_finished_run_is_not_trained_again(assets, tmp_path):
