@@ -93,3 +93,40 @@ def assert_same_log(one, two, keys=("train_loss", "val_loss"), rel=1e-4):
         for key in keys:
             if ra.get(key) is not None:
                 assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-9), (ra["step"], key)
+
+
+# train.py in a process that also notes what its switches act on, at every tensor autograd keeps for
+# the backward pass: the bytes kept (gradient checkpointing keeps fewer) and glibc's bytes in mmapped
+# blocks (train.exact_cpu_rss maps blocks of 1 MB or more; the default allocator setting maps none).
+OBSERVER = """
+import ctypes, json, sys
+import torch
+import train
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept, mmapped = [0], []
+
+def pack(tensor):
+    kept[0] += tensor.numel() * tensor.element_size()
+    mmapped.append(libc.mallinfo2().hblkhd)
+    return tensor
+
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    train.main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"kept_for_backward_bytes": kept[0], "mmapped_bytes": mmapped}, f)
+"""
+
+
+def train_observed(tmp_path, recipe, *args) -> dict:
+    """train() of recipes/RECIPE.yaml, observed as OBSERVER says."""
+    script, notes = tmp_path / "observed_train.py", tmp_path / f"notes_{len(list(tmp_path.glob('notes_*')))}.json"
+    script.write_text(OBSERVER)
+    result = run_script(script, notes, "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(notes.read_text())

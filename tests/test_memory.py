@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from conftest import ROOT, assert_one_clear_line, read_log, run_script, tiny_run, train
-from test_train import train_observed
+from conftest import ROOT, assert_one_clear_line, read_log, run_script, tiny_run, train, train_observed
 from tunebench.methods import apply_method
 from tunebench.metrics import causal_nll
 from tunebench.models import enable_gradient_checkpointing, load_model, load_tokenizer
