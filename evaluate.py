@@ -73,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
     parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--data-file", help=f"local text/jsonl file for the tasks {', '.join(DATA_FILE_TASKS)}")
+    parser.add_argument("--save-as", metavar="NAME", help="store the one task's results in eval.json under NAME, e.g. "
+                        "--tasks ppl --data-file general.txt --save-as general beside the ppl of another text")
     parser.add_argument("--max-length", type=positive, help="window / prompt+generation length (default: model context)")
     parser.add_argument("--stride", type=positive, help="perplexity window step (default: half of --max-length)")
     parser.add_argument("--max-tokens", type=positive, help="perplexity over the first N tokens of the text only")
@@ -135,6 +137,8 @@ def main(argv=None):
                 raise UserError(f"--data-file '{args.data_file}' does not exist")
             if not any(t in DATA_FILE_TASKS for t in tasks):
                 raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
+        if args.save_as and (len(tasks) != 1 or args.save_as in TASKS and args.save_as != tasks[0]):
+            raise UserError(f"--save-as names the results of one task (and not another task's name); got --tasks {','.join(tasks)} --save-as {args.save_as}")
         if "ppl" in tasks and not args.data_file:
             raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
         if args.stride and args.max_length and args.stride > args.max_length:
@@ -359,13 +363,14 @@ def main(argv=None):
     try:
         for task in tasks:
             started = time.perf_counter()
+            key = args.save_as or task
             if task in PERPLEXITY_TASKS:
-                results[task] = perplexity_task(task)
+                results[key] = perplexity_task(task)
             elif task == "lambada":
-                results[task] = lambada_task()
+                results[key] = lambada_task()
             else:
-                results[task] = generation_task(task)
-            times[task] = round(time.perf_counter() - started, 3)
+                results[key] = generation_task(task)
+            times[key] = round(time.perf_counter() - started, 3)
     except UserError as e:
         exit_with(e)
 

@@ -13,6 +13,9 @@ A suite file (recipes/suites/NAME.yaml):
       eval.tasks: [wikitext2]
     seeds: [1, 2, 3]              # optional: each recipe once per seed, runs named RECIPE-seedN
     eval_args: [--max-tokens, "40000"]   # optional: extra evaluate.py arguments, the same for every model
+    search: {rates: 3, ...}       # optional: tune each recipe's learning rate first (tunebench/search.py)
+    grid: {method.r: [4, 16]}     # optional: every recipe once per combination of these recipe keys
+    forgetting: {data_file: general.txt}   # optional: also score every model on a general text
 
 Every recipe keeps its own method and learning rate; everything in `overrides` is the same for all,
 so all methods see the same tokens in the same order and are evaluated identically. The model as
@@ -41,7 +44,9 @@ from tunebench import rundir
 from tunebench.errors import UserError, exit_with
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir"}
+SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
+FORGETTING_KEYS = {"data_file", "eval_args"}
+GENERAL = "general"  # the eval.json task under which the forgetting text's perplexity is stored
 ERROR_LINES = 20
 PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
 # train.py exits 128 + SIGINT / SIGTERM after saving a checkpoint; a Python killed by them gives -2 / -15.
@@ -81,37 +86,124 @@ def load_suite(path) -> dict:
     if not isinstance(eval_args, list):
         raise UserError(f"suite file '{path}': 'eval_args' must be a list of evaluate.py arguments, e.g. [--max-tokens, 40000]")
     name = str(suite.get("name") or path.stem)
+    grid = suite.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise UserError(f"suite file '{path}': 'grid' must map dotted recipe keys to lists of values, e.g. method.r: [4, 16]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"suite file '{path}': grid key '{key}' has an empty range; list its values, e.g. {key}: [a, b]")
+        if key in ("name", "output_dir", "train.seed"):
+            raise UserError(f"suite file '{path}': grid key '{key}' is set by the suite itself (use 'seeds' for seeds)")
+        if key == "train.lr" and suite.get("search") is not None:
+            raise UserError(f"suite file '{path}': a grid over train.lr and a search both set the rate; keep one")
+    forgetting = suite.get("forgetting")
+    if forgetting is not None:
+        if not isinstance(forgetting, dict) or not forgetting.get("data_file"):
+            raise UserError(f"suite file '{path}': 'forgetting' needs data_file, a general-domain text, e.g. {{data_file: general.txt}}")
+        unknown = sorted(set(forgetting) - FORGETTING_KEYS)
+        if unknown:
+            raise UserError(f"suite file '{path}': unknown forgetting key '{unknown[0]}'; the keys are {', '.join(sorted(FORGETTING_KEYS))}")
+        if not isinstance(forgetting.get("eval_args", []), list):
+            raise UserError(f"suite file '{path}': forgetting 'eval_args' must be a list of evaluate.py arguments")
     return {
         "name": name,
+        "path": path,
         "recipes": recipes,
         "overrides": [override_text(k, v) for k, v in overrides.items()],
         "seeds": seeds,
         "eval_args": [str(a) for a in eval_args],
         "runs_dir": Path(suite.get("runs_dir") or f"runs/{name}"),
         "report_dir": Path(suite.get("report_dir") or f"reports/{name}"),
+        "search_section": suite.get("search"),
+        "grid": grid,
+        "forgetting": forgetting,
+        "search": None,  # the search plan, made by plan() once the recipes are resolved
     }
 
 
+def grid_points(suite: dict, recipe_path: str) -> list:
+    """[(name suffix, overrides)] of every grid combination that applies to this recipe ([("", [])] without a grid).
+    A method key (method.r) applies to the recipes whose method has it; any other key to every recipe."""
+    from tunebench.recipe import METHOD_KEYS, load_recipe
+
+    method = load_recipe(recipe_path, suite["overrides"])["method"]["type"]
+    axes = []
+    for key, values in suite["grid"].items():
+        section, _, leaf = key.partition(".")
+        if section == "method" and leaf != "type" and leaf not in METHOD_KEYS[method]:
+            continue
+        axes.append([(key, value) for value in values])
+    points = [[]]
+    for axis in axes:
+        points = [point + [pair] for point in points for pair in axis]
+    return [("".join(f"-{key.rpartition('.')[2]}{value_text(value)}" for key, value in point),
+             [override_text(key, value) for key, value in point]) for point in points]
+
+
+def value_text(value) -> str:
+    """A grid value as it appears in a run name (letters, digits, '.', '_')."""
+    text = "_".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9._]", "_", text)
+
+
 def plan(suite: dict) -> list:
-    """Every training run of the suite: its name, recipe file, overrides and resolved recipe."""
+    """Every training run of the suite (its name, recipe file, method, overrides and resolved recipe); also
+    makes suite["search"], the search plan, when the suite asks for one."""
+    from tunebench import search
     from tunebench.recipe import load_recipe
 
+    # Validating every recipe first: a typo fails the suite now, not after hours of training.
+    bases = [(path, load_recipe(path, suite["overrides"] + [f"name={Path(path).stem}"])) for path in suite["recipes"]]
+    applies = {key: [path for path, _ in bases if any(o.startswith(key + "=") for _, overrides in grid_points(suite, path)
+                                                      for o in overrides)] for key in suite["grid"]}
+    for key, paths in applies.items():
+        if not paths:
+            raise UserError(f"suite grid key '{key}' applies to no recipe of the suite (a method key needs a recipe of that method)")
     runs = []
-    for recipe_path in suite["recipes"]:
-        for seed in suite["seeds"] or [None]:
-            name = Path(recipe_path).stem + (f"-seed{seed}" if seed is not None else "")
-            run_dir = suite["runs_dir"] / name
-            overrides = suite["overrides"] + [f"name={name}", f"output_dir={run_dir}"]
-            if seed is not None:
-                overrides.append(f"train.seed={seed}")
-            # Validating every recipe first: a typo fails the suite now, not after hours of training.
-            recipe = load_recipe(recipe_path, overrides)
-            runs.append({"name": name, "recipe_path": recipe_path, "overrides": overrides, "recipe": recipe, "dir": run_dir})
+    for recipe_path, _ in bases:
+        for suffix, grid_overrides in grid_points(suite, recipe_path):
+            for seed in suite["seeds"] or [None]:
+                name = Path(recipe_path).stem + suffix + (f"-seed{seed}" if seed is not None else "")
+                run_dir = suite["runs_dir"] / name
+                overrides = suite["overrides"] + grid_overrides + [f"name={name}", f"output_dir={run_dir}"]
+                if seed is not None:
+                    overrides.append(f"train.seed={seed}")
+                try:
+                    recipe = load_recipe(recipe_path, overrides)
+                except UserError as e:
+                    raise UserError(f"{e} (suite grid point {Path(recipe_path).stem}{suffix})" if grid_overrides else str(e)) from None
+                runs.append({"name": name, "recipe_path": recipe_path, "method": Path(recipe_path).stem, "overrides": overrides,
+                             "recipe": recipe, "dir": run_dir})
     if len({r["name"] for r in runs}) < len(runs):
-        raise UserError("two recipes of the suite have the same file name; their runs would share a folder")
+        raise UserError("two runs of the suite have the same name (two recipes with one file name, or grid values that "
+                        "read the same in a run name); their runs would share a folder")
     if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
         raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
+    if suite["forgetting"] is not None:
+        if GENERAL in runs[0]["recipe"]["eval"]["tasks"]:
+            raise UserError(f"the forgetting text is stored as task '{GENERAL}'; no eval task may have that name")
+        if not Path(suite["forgetting"]["data_file"]).is_file():
+            raise UserError(f"forgetting data_file '{suite['forgetting']['data_file']}' does not exist"
+                            + ("; run `python -m tunebench.demo` first (make demo does)" if ".cache/demo" in suite["forgetting"]["data_file"] else ""))
+    if suite["search_section"] is not None:
+        suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", bases, suite["runs_dir"],
+                                       suite["overrides"])
     return runs
+
+
+def forgetting_args(suite: dict) -> list:
+    """evaluate.py arguments that score a model on the suite's general text, stored as task 'general'."""
+    forgetting = suite["forgetting"]
+    if "eval_args" in forgetting:
+        extra = [str(a) for a in forgetting["eval_args"]]
+    else:  # the suite's own evaluation settings, on the other text
+        extra, skip = [], False
+        for arg in suite["eval_args"]:
+            if skip or arg == "--data-file":
+                skip = not skip
+                continue
+            extra.append(arg)
+    return ["--tasks", "ppl", "--data-file", str(forgetting["data_file"]), "--save-as", GENERAL, *extra]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -211,6 +303,27 @@ class _Parser(argparse.ArgumentParser):
         exit_with(UserError(f"{message} (usage: python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml])"))
 
 
+def child_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def launcher(accel) -> list:
+    python = sys.executable
+    return [python, "-m", "accelerate.commands.launch", "--config_file", accel] if accel else [python]
+
+
+def evaluate(what: str, run_dir: Path, source: list, task_sets: list, env: dict) -> bool:
+    """evaluate.py once per set of arguments whose task is not in eval.json yet; False when one fails."""
+    for tasks, extra in task_sets:
+        if evaluated(run_dir, tasks):
+            print(f"=== {run_dir.name}: {', '.join(tasks)} already evaluated ({run_dir / 'eval.json'})")
+            continue
+        command = [sys.executable, str(ROOT / "evaluate.py"), *source, *extra]
+        if not step(what + ("" if tasks != [GENERAL] else " on the general text"), run_dir, command, env):
+            return False
+    return True
+
+
 def main(argv=None):
     parser = _Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
@@ -227,15 +340,20 @@ def main(argv=None):
         if offline:
             os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         check_reachable(runs)
+        if suite["search"]:
+            from tunebench import search
+
+            search.check_studies(search.storage_of(suite["search"]), suite["search"])
     except UserError as e:
         exit_with(e)
     if offline:
         print("the Hugging Face hub is out of reach: working offline from local files and the cache")
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    python = sys.executable
+    env = child_env()
     tasks = runs[0]["recipe"]["eval"]["tasks"]
-    task_args = ["--tasks", ",".join(tasks)]
+    task_sets = [(tasks, ["--tasks", ",".join(tasks), *suite["eval_args"]])]
+    if suite["forgetting"] is not None:
+        task_sets.append(([GENERAL], forgetting_args(suite)))
     failed = []
 
     baselines = []
@@ -244,38 +362,54 @@ def main(argv=None):
         name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
         run_dir = suite["runs_dir"] / name
         baselines.append(run_dir)
-        if evaluated(run_dir, tasks):
-            print(f"=== {name}: already evaluated ({run_dir / 'eval.json'})")
-            continue
         clear_failure(run_dir)
-        command = [python, str(ROOT / "evaluate.py"), "--model", model, "--out", str(run_dir), *task_args, *suite["eval_args"]]
-        if not step("evaluation of the untrained model", run_dir, command, env):
+        if not evaluate("evaluation of the untrained model", run_dir, ["--model", model, "--out", str(run_dir)], task_sets, env):
             failed.append(name)
+
+    tuned = {}
+    if suite["search"]:
+        from tunebench import search
+
+        search.work(suite["search"], launcher(args.accel), env)
+        found = search.results(suite["search"])
+        rundir.write_json(suite["search"]["dir"] / "search.json", found)
+        for method, result in found["methods"].items():
+            if result.get("best_lr") is not None and result["status"] == "done":
+                tuned[method] = result["best_lr"]
+                print(f"search {method}: rate {result['best_lr']:g} (recipe: {result['recipe_lr']:g})")
+            else:
+                tuned[method] = UserError(f"the learning-rate search of {method} failed: {result.get('error')}")
 
     for run in runs:
         run_dir = run["dir"]
         clear_failure(run_dir)
+        overrides = run["overrides"]
+        if run["method"] in tuned:
+            if isinstance(tuned[run["method"]], UserError):
+                record_failure(run_dir, "training", ["(search)"], 1, [f"error: {tuned[run['method']]}"])
+                failed.append(run["name"])
+                continue
+            overrides = overrides + [f"train.lr={tuned[run['method']]}"]
+        from tunebench.recipe import load_recipe
+
         try:
-            finished = rundir.status(run_dir, run["recipe"]) == rundir.FINISHED
+            finished = rundir.status(run_dir, load_recipe(run["recipe_path"], overrides)) == rundir.FINISHED
         except UserError:
             finished = False  # train.py says what is wrong, and the failure is recorded
         if finished:
             print(f"\n=== {run['name']}: already trained ({run_dir / 'summary.json'})")
-        launcher = [python, "-m", "accelerate.commands.launch", "--config_file", args.accel] if args.accel else [python]
-        command = [*launcher, str(ROOT / "train.py"), "--recipe", run["recipe_path"], *run["overrides"]]
+        command = [*launcher(args.accel), str(ROOT / "train.py"), "--recipe", run["recipe_path"], *overrides]
         if not finished and not step("training", run_dir, command, env):
             failed.append(run["name"])
             continue
-        if evaluated(run_dir, tasks):
-            print(f"=== {run['name']}: already evaluated ({run_dir / 'eval.json'})")
-            continue
-        command = [python, str(ROOT / "evaluate.py"), "--run", str(run_dir), *task_args, *suite["eval_args"]]
-        if not step("evaluation", run_dir, command, env):
+        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], task_sets, env):
             failed.append(run["name"])
 
     from tunebench.report import write_report
 
-    report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"])
+    report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
+                          search_dir=suite["search"]["dir"] if suite["search"] else None,
+                          grid={"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None)
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"\nsuite {suite['name']}: {len(runs)} trained run(s) + baseline in {minutes} min {seconds} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
