@@ -73,8 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
     parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--data-file", help=f"local text/jsonl file for the tasks {', '.join(DATA_FILE_TASKS)}")
-    parser.add_argument("--save-as", metavar="NAME", help="store the one task's results in eval.json under NAME, e.g. "
-                        "--tasks ppl --data-file general.txt --save-as general beside the ppl of another text")
+    parser.add_argument("--also-ppl", action="append", default=[], metavar="NAME=FILE",
+                        help="also the perplexity of FILE (like task ppl), stored in eval.json as task NAME, e.g. general=general.txt")
     parser.add_argument("--max-length", type=positive, help="window / prompt+generation length (default: model context)")
     parser.add_argument("--stride", type=positive, help="perplexity window step (default: half of --max-length)")
     parser.add_argument("--max-tokens", type=positive, help="perplexity over the first N tokens of the text only")
@@ -137,8 +137,12 @@ def main(argv=None):
                 raise UserError(f"--data-file '{args.data_file}' does not exist")
             if not any(t in DATA_FILE_TASKS for t in tasks):
                 raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
-        if args.save_as and (len(tasks) != 1 or args.save_as in TASKS and args.save_as != tasks[0]):
-            raise UserError(f"--save-as names the results of one task (and not another task's name); got --tasks {','.join(tasks)} --save-as {args.save_as}")
+        also = [text.partition("=")[::2] for text in args.also_ppl]
+        for name, file in also:
+            if not name or not file or name in TASKS or name in tasks:
+                raise UserError(f"--also-ppl '{name}={file}': give NAME=FILE with a NAME that is not a task, e.g. general=general.txt")
+            if not Path(file).is_file():
+                raise UserError(f"--also-ppl file '{file}' does not exist")
         if "ppl" in tasks and not args.data_file:
             raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
         if args.stride and args.max_length and args.stride > args.max_length:
@@ -245,16 +249,17 @@ def main(argv=None):
         return rows.select(range(min(args.limit, len(rows)))) if args.limit else rows
 
     # ---- tasks ---------------------------------------------------------------------------------------
-    def perplexity_task(task):
-        if task == "ppl" and Path(args.data_file).suffix.lower() in (".txt", ".text"):
-            source = args.data_file
+    def perplexity_task(task, data_file=None):
+        data_file = data_file or args.data_file
+        if task == "ppl" and Path(data_file).suffix.lower() in (".txt", ".text"):
+            source = data_file
             try:
                 text = Path(source).read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 raise UserError(f"--data-file '{source}' is not UTF-8 text") from None
         else:
             # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
-            rows, source = test_rows(section(args.data_file if task == "ppl" else task))
+            rows, source = test_rows(section(data_file if task == "ppl" else task))
             field = "text" if task == "ppl" else data.REGISTRY[task]["text_field"]
             text = "\n\n".join(column(rows, field, source))
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast, verbose=False)
@@ -363,14 +368,17 @@ def main(argv=None):
     try:
         for task in tasks:
             started = time.perf_counter()
-            key = args.save_as or task
             if task in PERPLEXITY_TASKS:
-                results[key] = perplexity_task(task)
+                results[task] = perplexity_task(task)
             elif task == "lambada":
-                results[key] = lambada_task()
+                results[task] = lambada_task()
             else:
-                results[key] = generation_task(task)
-            times[key] = round(time.perf_counter() - started, 3)
+                results[task] = generation_task(task)
+            times[task] = round(time.perf_counter() - started, 3)
+        for name, file in also:
+            started = time.perf_counter()
+            results[name] = perplexity_task("ppl", file)
+            times[name] = round(time.perf_counter() - started, 3)
     except UserError as e:
         exit_with(e)
 

@@ -45,7 +45,7 @@ from tunebench.errors import UserError, exit_with
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
-FORGETTING_KEYS = {"data_file", "eval_args"}
+FORGETTING_KEYS = {"data_file"}
 GENERAL = "general"  # the eval.json task under which the forgetting text's perplexity is stored
 ERROR_LINES = 20
 PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
@@ -103,8 +103,6 @@ def load_suite(path) -> dict:
         unknown = sorted(set(forgetting) - FORGETTING_KEYS)
         if unknown:
             raise UserError(f"suite file '{path}': unknown forgetting key '{unknown[0]}'; the keys are {', '.join(sorted(FORGETTING_KEYS))}")
-        if not isinstance(forgetting.get("eval_args", []), list):
-            raise UserError(f"suite file '{path}': forgetting 'eval_args' must be a list of evaluate.py arguments")
     return {
         "name": name,
         "path": path,
@@ -189,21 +187,6 @@ def plan(suite: dict) -> list:
         suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", bases, suite["runs_dir"],
                                        suite["overrides"])
     return runs
-
-
-def forgetting_args(suite: dict) -> list:
-    """evaluate.py arguments that score a model on the suite's general text, stored as task 'general'."""
-    forgetting = suite["forgetting"]
-    if "eval_args" in forgetting:
-        extra = [str(a) for a in forgetting["eval_args"]]
-    else:  # the suite's own evaluation settings, on the other text
-        extra, skip = [], False
-        for arg in suite["eval_args"]:
-            if skip or arg == "--data-file":
-                skip = not skip
-                continue
-            extra.append(arg)
-    return ["--tasks", "ppl", "--data-file", str(forgetting["data_file"]), "--save-as", GENERAL, *extra]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -312,16 +295,12 @@ def launcher(accel) -> list:
     return [python, "-m", "accelerate.commands.launch", "--config_file", accel] if accel else [python]
 
 
-def evaluate(what: str, run_dir: Path, source: list, task_sets: list, env: dict) -> bool:
-    """evaluate.py once per set of arguments whose task is not in eval.json yet; False when one fails."""
-    for tasks, extra in task_sets:
-        if evaluated(run_dir, tasks):
-            print(f"=== {run_dir.name}: {', '.join(tasks)} already evaluated ({run_dir / 'eval.json'})")
-            continue
-        command = [sys.executable, str(ROOT / "evaluate.py"), *source, *extra]
-        if not step(what + ("" if tasks != [GENERAL] else " on the general text"), run_dir, command, env):
-            return False
-    return True
+def evaluate(what: str, run_dir: Path, source: list, tasks: list, args: list, env: dict) -> bool:
+    """evaluate.py, unless eval.json holds every task already; False when it fails."""
+    if evaluated(run_dir, tasks):
+        print(f"=== {run_dir.name}: already evaluated ({run_dir / 'eval.json'})")
+        return True
+    return step(what, run_dir, [sys.executable, str(ROOT / "evaluate.py"), *source, *args], env)
 
 
 def main(argv=None):
@@ -351,9 +330,10 @@ def main(argv=None):
 
     env = child_env()
     tasks = runs[0]["recipe"]["eval"]["tasks"]
-    task_sets = [(tasks, ["--tasks", ",".join(tasks), *suite["eval_args"]])]
-    if suite["forgetting"] is not None:
-        task_sets.append(([GENERAL], forgetting_args(suite)))
+    eval_args = ["--tasks", ",".join(tasks), *suite["eval_args"]]
+    if suite["forgetting"] is not None:  # the general text, with the same evaluation settings, in the same process
+        tasks = tasks + [GENERAL]
+        eval_args += ["--also-ppl", f"{GENERAL}={suite['forgetting']['data_file']}"]
     failed = []
 
     baselines = []
@@ -363,13 +343,14 @@ def main(argv=None):
         run_dir = suite["runs_dir"] / name
         baselines.append(run_dir)
         clear_failure(run_dir)
-        if not evaluate("evaluation of the untrained model", run_dir, ["--model", model, "--out", str(run_dir)], task_sets, env):
+        if not evaluate("evaluation of the untrained model", run_dir, ["--model", model, "--out", str(run_dir)], tasks, eval_args, env):
             failed.append(name)
 
     tuned = {}
     if suite["search"]:
         from tunebench import search
 
+        method_of = {m["name"]: m for m in suite["search"]["methods"]}
         search.work(suite["search"], launcher(args.accel), env)
         found = search.results(suite["search"])
         rundir.write_json(suite["search"]["dir"] / "search.json", found)
@@ -393,7 +374,11 @@ def main(argv=None):
         from tunebench.recipe import load_recipe
 
         try:
-            finished = rundir.status(run_dir, load_recipe(run["recipe_path"], overrides)) == rundir.FINISHED
+            recipe = load_recipe(run["recipe_path"], overrides)
+            if run["method"] in tuned and search.adopt(method_of[run["method"]], tuned[run["method"]], recipe, run_dir):
+                print(f"\n=== {run['name']}: the search's trial at rate {tuned[run['method']]:g} is this run (same recipe, "
+                      f"seed and steps): reused, not trained again")
+            finished = rundir.status(run_dir, recipe) == rundir.FINISHED
         except UserError:
             finished = False  # train.py says what is wrong, and the failure is recorded
         if finished:
@@ -402,7 +387,7 @@ def main(argv=None):
         if not finished and not step("training", run_dir, command, env):
             failed.append(run["name"])
             continue
-        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], task_sets, env):
+        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], tasks, eval_args, env):
             failed.append(run["name"])
 
     from tunebench.report import write_report

@@ -9,6 +9,11 @@
   sorted list of topic names, every tenth from the 4th is test, every tenth from the 8th is
   validation, the rest train. `data/lm/{train,validation}.jsonl` hold one topic per row (training
   and validation loss); `data/test.txt` holds the test topics as one text (perplexity).
+- General text (forgetting): Python's own LICENSE.txt, which every CPython installs beside its standard
+  library: the history of Python in prose, then the licence terms. It is English of another register
+  than the reference documentation the demo trains on, and a kind of text the pretrained model saw on the
+  web, so a fine-tune that damages general English does worse on it (`data/general.txt`). A broad corpus
+  such as WikiText would be better but does not ship with anything installed offline.
 Each output is written under a temporary name and moved into place, so an interrupted run leaves
 nothing half-made and the next run makes it again.
 """
@@ -16,6 +21,8 @@ import argparse
 import json
 import os
 import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
 from tunebench.errors import UserError, exit_with
@@ -47,6 +54,28 @@ def write_data(folder: Path) -> None:
     (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def python_license():
+    """Python's LICENSE.txt: in the standard library's folder (Linux, macOS) or the installation's (Windows)."""
+    for folder in (sysconfig.get_paths()["stdlib"], sys.base_prefix):
+        path = Path(folder) / "LICENSE.txt"
+        if path.is_file():
+            return path
+    return None
+
+
+def write_general(folder: Path) -> None:
+    target = folder / "general.txt"
+    if target.is_file():
+        return
+    source = python_license()
+    if source is None:
+        raise UserError("Python's LICENSE.txt (the demo's general text) is not installed with this Python; "
+                        "give the suite another forgetting data_file or remove its forgetting section")
+    tmp = folder / ".general.txt.tmp"
+    tmp.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    os.replace(tmp, target)
 
 
 def smollm2_gguf():
@@ -87,6 +116,7 @@ def main(argv=None):
     root.mkdir(parents=True, exist_ok=True)
     write_data(root / "data")
     try:
+        write_general(root / "data")
         convert_model(root / "smollm2-135m")
     except UserError as e:
         exit_with(e)

@@ -477,6 +477,44 @@ def work(plan: dict, launcher: list, env: dict) -> None:
             time.sleep(POLL_S)  # the rungs left wait for trials other workers are running
 
 
+# ---- a trial that is the comparison run ------------------------------------------------------------------
+
+def adopt(method: dict, lr: float, recipe: dict, run_dir: Path) -> bool:
+    """When the comparison run's recipe is the search's last-rung trial at this rate (same steps, seed, data,
+    settings; only name and folder differ), that finished trial is the run: its files are linked into
+    run_dir (recipe.yaml and summary.json rewritten with the run's name) instead of training it again."""
+    import shutil
+
+    import yaml
+
+    from tunebench import rundir
+    from tunebench.recipe import flatten, to_yaml
+
+    trial_dir = method["dir"] / run_name(lr)
+    if run_dir.exists() or not (trial_dir / "summary.json").is_file():
+        return False
+    trial = yaml.safe_load((trial_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    ignored = ("name", "output_dir", "overwrite")
+    if {k: v for k, v in flatten(trial).items() if k not in ignored} != {k: v for k, v in flatten(recipe).items() if k not in ignored}:
+        return False
+    tmp = rundir.temporary(run_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(trial_dir, tmp, copy_function=link)
+    rundir.write_atomic(tmp / "recipe.yaml", to_yaml(recipe))
+    summary = rundir.read_json(tmp / "summary.json")
+    rundir.write_json(tmp / "summary.json", {**summary, "name": recipe["name"], "search_trial": str(trial_dir)})
+    (tmp / "eval.json").unlink(missing_ok=True)
+    os.replace(tmp, run_dir)
+    return True
+
+
 # ---- results ---------------------------------------------------------------------------------------------
 
 def tokens_trained(run_dir: Path) -> int:
