@@ -351,7 +351,13 @@ def main(argv=None):
         from tunebench import search
 
         method_of = {m["name"]: m for m in suite["search"]["methods"]}
-        search.work(suite["search"], launcher(args.accel), env)
+        # Several GPUs and one-process trials: one worker per GPU, trials side by side.
+        gpus = 0 if args.accel else search.gpu_count()
+        helpers = [subprocess.Popen([sys.executable, "-m", "tunebench.search", "--suite", str(suite["path"])],
+                                    env={**env, "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(1, gpus)]
+        search.work(suite["search"], launcher(args.accel), {**env, "CUDA_VISIBLE_DEVICES": "0"} if gpus > 1 else env)
+        for helper in helpers:
+            helper.wait()
         found = search.results(suite["search"])
         rundir.write_json(suite["search"]["dir"] / "search.json", found)
         for method, result in found["methods"].items():

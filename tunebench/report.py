@@ -222,7 +222,9 @@ def table_columns(evals: list, derived: bool = False) -> list:
 
 
 def markdown_table(rows: list, evals: list, derived: bool = False) -> str:
-    columns = table_columns(evals, derived)
+    # The general text's perplexity is its one column here (its other figures are in report.csv).
+    columns = [c for c in table_columns(evals, derived)
+               if not c[0].startswith(verdict.GENERAL + ".") or c[0] == f"{verdict.GENERAL}.ppl"]
     header = ["method", "name", "status"] + [h for _, h, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
     for row in rows:
@@ -600,6 +602,7 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     use_gpu = any(r.get("peak_gpu_mem_mb") is not None for r in rows)
     for row in rows:
         row["peak_mem_mb"] = row.get("peak_gpu_mem_mb" if use_gpu else "peak_cpu_rss_mb")
+        row["recipe"] = (grid or {}).get("methods", {}).get(row["runs"][0], group_key(row["name"]))  # its search entry
     search = _read_json(Path(search_dir) / "search.json") if search_dir else None
     seeded = any(len(r["runs"]) > 1 for r in rows if r["status"] != "failed")
     out.mkdir(parents=True, exist_ok=True)

@@ -264,7 +264,7 @@ def ensure_study(storage, plan: dict, method: dict):
     except optuna.exceptions.DuplicatedStudyError:
         creator = False
     study = optuna.load_study(study_name=method["study"], storage=storage)
-    if creator or (not study.user_attrs.get("ready") and not study.trials):
+    if creator:
         study.set_user_attr("plan_id", method["plan_id"])
         study.set_user_attr("rates", method["rates"])
         study.set_user_attr("rungs", [steps for steps, _ in plan["rungs"]])
@@ -349,7 +349,7 @@ def requeue_lost(study, retry_failed: bool) -> None:
             study.enqueue_trial({}, user_attrs=attrs)
 
 
-def claim(study, plan: dict):
+def claim(study, storage, plan: dict):
     """A waiting trial whose rung below is done, now RUNNING for this worker, with its rate; or None."""
     from optuna.trial import TrialState
 
@@ -359,7 +359,7 @@ def claim(study, plan: dict):
         rung = t.user_attrs["rung"]
         if rung > 0 and not rung_done(latest, rung - 1):
             continue
-        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+        if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
             lr = t.user_attrs.get("lr") or ranked(latest, rung - 1, plan["direction"])[t.user_attrs["slot"]]
             return t, lr
     return None
@@ -390,7 +390,7 @@ def logged_value(run_dir: Path, step: int, metric: str):
     return None
 
 
-def run_trial(study, trial, lr: float, plan: dict, method: dict, launcher: list, env: dict) -> None:
+def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launcher: list, env: dict) -> None:
     """Train one rate up to its rung (resuming its run) and tell the study its metric there."""
     from tunebench import compare, rundir
     from optuna.trial import TrialState
@@ -398,7 +398,6 @@ def run_trial(study, trial, lr: float, plan: dict, method: dict, launcher: list,
     optuna = _optuna()
     rung = trial.user_attrs["rung"]
     steps = plan["rungs"][rung][0]
-    storage = study._storage
     distribution = optuna.distributions.FloatDistribution(min(method["rates"]), max(method["rates"]), log=True)
     storage.set_trial_param(trial._trial_id, "lr", distribution.to_internal_repr(lr), distribution)
     for key, value in {"lr": lr, "steps": steps, "host": socket.gethostname(), "pid": os.getpid()}.items():
@@ -466,11 +465,11 @@ def work(plan: dict, launcher: list, env: dict) -> None:
                     continue
                 pending = True
                 requeue_lost(study, retry_failed=False)
-                claimed = claim(study, plan)
+                claimed = claim(study, storage, plan)
                 if claimed:
                     break
         if claimed:
-            run_trial(study, *claimed, plan, method, launcher, env)
+            run_trial(study, storage, *claimed, plan, method, launcher, env)
         elif not pending:
             return
         else:
@@ -594,14 +593,14 @@ def main(argv=None):
     else:
         workers = []
         for i in range(args.workers):
-            worker_env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(i)} if _gpu_count() > i else {}))
+            worker_env = dict(env, **({"CUDA_VISIBLE_DEVICES": str(i)} if gpu_count() > i else {}))
             workers.append(subprocess.Popen([sys.executable, "-m", "tunebench.search", "--suite", args.suite,
                                              *(["--accel", args.accel] if args.accel else [])], env=worker_env))
         sys.exit(max(w.wait() for w in workers))
     print(json.dumps({name: m.get("best_lr") for name, m in results(plan)["methods"].items()}))
 
 
-def _gpu_count() -> int:
+def gpu_count() -> int:
     try:
         import torch
 

@@ -152,7 +152,7 @@ def share_of_full(row: dict, rows: list):
 
 def caveats(row: dict, rows: list, values: dict, search: dict, seeded: bool) -> list:
     out = []
-    method = (search or {}).get("methods", {}).get(row["name"])
+    method = (search or {}).get("methods", {}).get(row.get("recipe", row["name"]))
     if search is None:
         out.append("rate not tuned (the recipe's own)")
     elif method:
@@ -183,7 +183,7 @@ def _amount(value: float, unit: str) -> str:
 
 
 def describe(row: dict, rows: list) -> str:
-    parts = [f"gain {row['gain']:+.3f} nats/token"]
+    parts = [f"gain {row['gain']:+.3f} nats/token" + (" (no better than untrained)" if row["gain"] <= 0 else "")]
     share = share_of_full(row, rows)
     if share is not None and row["method"] != "full":
         parts.append(f"{100 * share:.0f}% of full fine-tuning's gain")
