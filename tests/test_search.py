@@ -167,6 +167,39 @@ def test_two_workers_share_one_study(assets, tmp_path):
     assert len(pids) == 2  # both workers took trials
 
 
+def test_a_killed_worker_loses_nothing(assets, tmp_path):
+    """A worker killed (with its training) in the middle of a trial: the next worker fails that trial,
+    enqueues its work again and trains that rate's run to its rung."""
+    import signal
+    import time
+
+    import optuna
+
+    suite = base_suite(assets, search=SEARCH)
+    suite["recipes"] = RECIPES[1:]
+    path = write(tmp_path / "tiny.yaml", suite)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "tunebench.search", "--suite", str(path)]
+    worker = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    first_log = tmp_path / "runs" / "tiny" / "search" / "lora_r4" / "lr-2e-05" / "log.jsonl"
+    deadline = time.monotonic() + 600
+    while not (first_log.is_file() and first_log.read_text().count("\n") >= 2):  # mid-trial: step 1 logged
+        assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()[-2000:]
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    storage = search.open_storage(f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'search' / 'optuna.db'}")
+    trials = optuna.load_study(study_name="tiny-lora_r4", storage=storage).get_trials()
+    states = sorted((t.user_attrs["rung"], t.user_attrs["slot"], t.user_attrs["attempt"], t.state.name) for t in trials)
+    assert states == [(0, 0, 0, "FAIL"), (0, 0, 1, "COMPLETE"), (0, 1, 0, "COMPLETE"), (0, 2, 0, "COMPLETE"),
+                      (1, 0, 0, "COMPLETE")], states
+    steps = [r["step"] for r in read_log(first_log.parent)]
+    assert steps == sorted(set(steps)) and 2 in steps
+
+
 @pytest.mark.parametrize("extra,expected", [
     ({"search": {"rate": 3}}, "unknown search key 'rate'"),
     ({"search": {"lrs": {"full": []}}}, "search 'lrs' of 'full' is an empty range"),

@@ -33,6 +33,7 @@ trials' runs live in runs/SUITE/search/RECIPE/lr-RATE/ and are reused by a rerun
 """
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -212,11 +213,16 @@ def open_storage(url: str, make_folder: Path = None):
     if path is not None:
         if make_folder is not None and path.parent == make_folder:
             make_folder.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            raise UserError(f"search storage '{url}' cannot be reached: folder '{path.parent}' does not exist; "
+                            "make it, or leave search 'storage' out for a SQLite file under the suite's runs folder")
         engine = {"connect_args": {"timeout": 120}}
     else:
         engine = {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        # Two workers making a new SQLite file's tables at once would collide: one at a time.
+        with claim_lock(url) if path is not None else contextlib.nullcontext():
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except ModuleNotFoundError as e:
         raise UserError(f"search storage '{url}' needs the database driver '{e.name}' (pip install it)") from None
     except Exception as e:  # sqlalchemy's errors for a bad URL, a host that does not answer, a refused login
@@ -336,9 +342,12 @@ def requeue_lost(study, retry_failed: bool) -> None:
     optuna = _optuna()
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
+    host, now = socket.gethostname(), datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") == host and not _alive(t.user_attrs.get("pid", 0)):
+        gone = t.user_attrs.get("host") == host and not _alive(t.user_attrs.get("pid", 0))
+        # A worker that died between claiming and recording itself left no pid and no heartbeat.
+        unowned = "pid" not in t.user_attrs and t.datetime_start and (now - t.datetime_start).total_seconds() > GRACE_S
+        if gone or unowned:
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     optuna.storages.fail_stale_trials(study)
     for (rung, slot), t in latest_attempts(study.get_trials(deepcopy=False)).items():
