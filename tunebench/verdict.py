@@ -131,7 +131,9 @@ def better(a: dict, b: dict, values: dict) -> bool:
 def picks_for_budget(rows: list, key: str, values: dict) -> list:
     """[(limit, row)]: walking up the budget, the row to pick once the budget reaches `limit` (the cheapest
     row that learns more, beyond noise, than the cheaper pick)."""
-    candidates = sorted((r for r in rows if r.get(key) is not None and r.get("gain") is not None), key=lambda r: r[key])
+    # A run that does not improve on the untrained model is never a pick: training it buys nothing.
+    candidates = sorted((r for r in rows if r.get(key) is not None and r.get("gain") is not None and r["gain"] > 0),
+                        key=lambda r: r[key])
     picks = []
     for row in candidates:
         if not picks or better(row, picks[-1][1], values):
@@ -215,6 +217,9 @@ def recommendation(rows: list, values: dict, search, seeded: bool, memory: str =
             lr = f"{row['lr']:.3g}" if row.get("lr") is not None else "—"
             lines.append(f"| {what} {_amount(limit, unit)}{upper} | **{row['name']}** | {lr} | {describe(row, rows)} | "
                          f"{'; '.join(notes) or '—'} |")
+    useless = [r["name"] for r in trained if r["gain"] <= 0]
+    if useless:
+        lines += ["", f"Not recommended at any budget: {', '.join(useless)} (no better than the untrained model on the target)."]
     lines.append("")
     lines.append("Each budget line names the cheapest run that learns more than every cheaper one"
                  + (" by more than seed noise." if seeded else " (one seed: by any margin, noise unknown)."))
