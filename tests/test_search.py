@@ -218,3 +218,18 @@ def test_bad_search_grid_or_forgetting_is_one_line_and_nothing_starts(assets, tm
     result = run_module("tunebench.compare", suite, tmp_path, timeout=300)
     assert_one_clear_line(result, expected)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("also,expected", [
+    ("general=nowhere.txt", "--also-ppl file 'nowhere.txt' does not exist"),
+    ("ppl=FILE", "give NAME=FILE with a NAME that is not a task"),
+    ("general", "give NAME=FILE"),
+])
+def test_bad_also_ppl_is_one_line(assets, tmp_path, also, expected):
+    from conftest import run_script
+
+    also = also.replace("FILE", str(assets / "valid.txt"))
+    result = run_script("evaluate.py", "--model", assets / "gpt2", "--tasks", "ppl", "--data-file", assets / "valid.txt",
+                        "--also-ppl", also, "--out", tmp_path / "base")
+    assert_one_clear_line(result, expected)
+    assert not (tmp_path / "base").exists()
