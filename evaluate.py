@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
     parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--data-file", help=f"local text/jsonl file for the tasks {', '.join(DATA_FILE_TASKS)}")
+    parser.add_argument("--also-ppl", action="append", default=[], metavar="NAME=FILE",
+                        help="also the perplexity of FILE (like task ppl), stored in eval.json as task NAME, e.g. general=general.txt")
     parser.add_argument("--max-length", type=positive, help="window / prompt+generation length (default: model context)")
     parser.add_argument("--stride", type=positive, help="perplexity window step (default: half of --max-length)")
     parser.add_argument("--max-tokens", type=positive, help="perplexity over the first N tokens of the text only")
@@ -86,6 +88,7 @@ class Request:
     out_dir: Path | None  # where eval.json goes (None: printed only)
     name: str  # whose results eval.json holds
     earlier: dict  # the eval.json an earlier evaluation of the same model wrote
+    also: list  # [(NAME, FILE)]: more texts scored like task ppl (--also-ppl)
 
 
 def check_request(args) -> Request:
@@ -111,6 +114,11 @@ def check_request(args) -> Request:
         inputs.existing_file(args.data_file, "--data-file")
         if not any(t in DATA_FILE_TASKS for t in tasks):
             raise UserError(f"--data-file is read by the tasks {', '.join(DATA_FILE_TASKS)}; none of them is in --tasks")
+    also = [text.partition("=")[::2] for text in args.also_ppl]
+    for also_name, file in also:
+        if not also_name or not file or also_name in TASKS or also_name in tasks:
+            raise UserError(f"--also-ppl '{also_name}={file}': give NAME=FILE with a NAME that is not a task, e.g. general=general.txt")
+        inputs.existing_file(file, "--also-ppl file")
     if "ppl" in tasks and not args.data_file:
         raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
     out_dir = run_dir or (inputs.writable_folder(args.out, "--out") if args.out else None)
@@ -121,7 +129,7 @@ def check_request(args) -> Request:
     earlier = inputs.read_json_object(out_dir / "eval.json", advice=damaged) if out_dir and (out_dir / "eval.json").is_file() else {}
     if args.out and earlier and earlier.get("model") != name:
         raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
-    return Request(run_dir, recipe, tasks, out_dir, name, earlier)
+    return Request(run_dir, recipe, tasks, out_dir, name, earlier, also)
 
 
 def requested_tasks(args, recipe, run_dir) -> list:
@@ -260,19 +268,21 @@ def column(rows, name: str, source: str) -> list:
 
 # ---- the tasks: one function each, (scorer, args) -> the task's results ----------------------------
 
-def perplexity_task(task: str, scorer: Scorer, args) -> dict:
-    """wikitext2, wikitext103, imdb, ppl: the text read as one string, every token scored once."""
+def perplexity_task(task: str, scorer: Scorer, args, data_file=None) -> dict:
+    """wikitext2, wikitext103, imdb, ppl (of data_file, default --data-file): the text read as one
+    string, every token scored once."""
     from tunebench import data, metrics
 
-    if task == "ppl" and Path(args.data_file).suffix.lower() in (".txt", ".text"):
-        source = args.data_file
+    data_file = data_file or args.data_file
+    if task == "ppl" and Path(data_file).suffix.lower() in (".txt", ".text"):
+        source = data_file
         try:
             text = Path(source).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"--data-file '{source}' is not UTF-8 text") from None
     else:
         # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
-        rows, source = test_rows(section(args.data_file if task == "ppl" else task))
+        rows, source = test_rows(section(data_file if task == "ppl" else task))
         field = "text" if task == "ppl" else data.REGISTRY[task]["text_field"]
         text = "\n\n".join(column(rows, field, source))
     tokenizer = scorer.tokenizer
@@ -476,6 +486,10 @@ def main(argv=None):
         started = time.perf_counter()
         results[task] = run_task(task, scorer, args, request.recipe)
         times[task] = round(time.perf_counter() - started, 3)
+    for name, file in request.also:
+        started = time.perf_counter()
+        results[name] = perplexity_task("ppl", scorer, args, file)
+        times[name] = round(time.perf_counter() - started, 3)
 
     evaluation = evaluation_record(args, request, scorer, results, times)
     if request.out_dir is not None:

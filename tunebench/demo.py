@@ -9,11 +9,18 @@
   sorted list of topic names, every tenth from the 4th is test, every tenth from the 8th is
   validation, the rest train. `data/lm/{train,validation}.jsonl` hold one topic per row (training
   and validation loss); `data/test.txt` holds the test topics as one text (perplexity).
+- General text (forgetting): Python's own LICENSE.txt, which every CPython installs beside its standard
+  library: the history of Python in prose, then the licence terms. It is English of another register
+  than the reference documentation the demo trains on, and a kind of text the pretrained model saw on the
+  web, so a fine-tune that damages general English does worse on it (`data/general.txt`). A broad corpus
+  such as WikiText would be better but does not ship with anything installed offline.
 Each output is written under a temporary name and moved into place, so an interrupted run leaves
 nothing half-made and the next run makes it again.
 """
 import json
 import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
 from tunebench import rundir
@@ -45,6 +52,34 @@ def write_data(folder: Path) -> None:
         (tmp / "lm" / f"{split}.jsonl").write_text(rows, encoding="utf-8")
     (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
     rundir.publish(tmp, folder)
+
+
+def general_text() -> tuple:
+    """(where from, text): Python's own LICENSE.txt (the history of Python, then the licence terms),
+    which ships with CPython; Debian's and Ubuntu's system Pythons leave it out, so the Apache
+    License that ships with transformers stands in there."""
+    for folder in (sysconfig.get_paths()["stdlib"], sys.base_prefix):
+        path = Path(folder) / "LICENSE.txt"
+        if path.is_file():
+            return str(path), path.read_text(encoding="utf-8")
+    from importlib.metadata import distribution
+
+    dist = distribution("transformers")
+    for name in ("licenses/LICENSE", "LICENSE"):
+        text = dist.read_text(name)
+        if text:
+            return f"transformers {dist.version} {name}", text
+    raise UserError("no general text for the demo: Python's LICENSE.txt is not installed with this Python and "
+                    "transformers ships no LICENSE; give the suite another forgetting data_file or remove its forgetting section")
+
+
+def write_general(folder: Path) -> None:
+    target = folder / "general.txt"
+    if target.is_file():
+        return
+    source, text = general_text()
+    print(f"general text (forgetting): {source}")
+    rundir.write_atomic(target, text)
 
 
 def smollm2_gguf():
@@ -85,6 +120,7 @@ def main(argv=None):
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     write_data(root / "data")
+    write_general(root / "data")
     convert_model(root / "smollm2-135m")
     print(f"demo assets ready: {root / 'smollm2-135m'}, {root / 'data'}")
 

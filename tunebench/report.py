@@ -1,6 +1,10 @@
-"""Runs -> one comparison: report.md, report.csv, report.json, loss_curves.png, pareto.png.
+"""Runs -> one comparison: report.md, report.csv, report.json, loss_curves.png, pareto.png, and with
+what a suite adds: lr_sweep.png (its learning-rate search), learning_forgetting.png (a general text),
+grid.png (grids over recipe keys).
 
-    python evaluate.py report runs/A runs/B ... --out reports/NAME
+    python evaluate.py report runs/A runs/B ... --out reports/NAME [--search runs/SUITE/search]
+
+report.md opens with the recommendation (tunebench/verdict.py): for each budget, the method to pick.
 
 A row per method. Runs whose folder names differ only by a `-seedN` suffix (full-seed1,
 full-seed2) are one recipe trained with several seeds: their row holds the mean and the sample
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tunebench import inputs
+from tunebench import inputs, verdict
 from tunebench.errors import ArgumentParser, UserError, exit_with
 from tunebench.rundir import write_atomic, write_json
 
@@ -121,14 +125,16 @@ def eval_columns(runs: list) -> list:
     return columns
 
 
-def run_values(run: dict, evals: list) -> dict:
+def run_values(run: dict, evals: list, derived: dict = None) -> dict:
     summary = run["summary"]
-    values = {key: _number(summary.get(key)) for key, _, _ in TRAIN_COLUMNS}
+    values = {"lr": _number((run["recipe"].get("train") or {}).get("lr")) if run["method"] != "baseline" else None}
+    values.update({key: _number(summary.get(key)) for key, _, _ in TRAIN_COLUMNS})
     total = _number(summary.get("total_params"))
     values["total_params"] = total
     values["trainable_pct"] = 100.0 * values["trainable_params"] / total if total and values["trainable_params"] is not None else None
     for task, metric in evals:
         values[f"{task}.{metric}"] = _number((run["eval"].get(task) or {}).get(metric))
+    values.update((derived or {}).get(run["name"]) or {"gain": None, "forgetting": None})
     return values
 
 
@@ -136,7 +142,7 @@ def group_key(name: str) -> str:
     return SEED_SUFFIX.sub("", name)
 
 
-def build_rows(runs: list, evals: list) -> list:
+def build_rows(runs: list, evals: list, derived: dict = None) -> list:
     """One row per recipe (seeds aggregated), then a row per failed run; values are means, with stds."""
     groups = {}
     for run in runs:
@@ -144,7 +150,7 @@ def build_rows(runs: list, evals: list) -> list:
             groups.setdefault(group_key(run["name"]), []).append(run)
     rows = []
     for name, members in groups.items():
-        per_run = [run_values(r, evals) for r in members]
+        per_run = [run_values(r, evals, derived) for r in members]
         row = {"name": name if len(members) > 1 else members[0]["name"], "method": members[0]["method"],
                "status": "finished" if len(members) == 1 else f"{len(members)} seeds",
                "runs": [r["name"] for r in members], "error": "; ".join(r["error"] for r in members if r["error"]) or None}
@@ -162,7 +168,7 @@ def build_rows(runs: list, evals: list) -> list:
         if not run["finished"]:
             row = {"name": run["name"], "method": run["method"], "status": "failed", "runs": [run["name"]],
                    "error": run["error"], "std": {}}
-            row.update({key: None for key in run_values(run, evals)})
+            row.update({key: None for key in run_values(run, evals, derived)})
             rows.append(row)
     return rows
 
@@ -180,6 +186,10 @@ def _format(value, kind: str) -> str:
         return f"{value:.0f}"
     if kind == "loss":
         return f"{value:.4f}"
+    if kind == "lr":
+        return f"{value:.3g}"
+    if kind == "nats":
+        return f"{value:+.4f}"
     return f"{value:.4g}"
 
 
@@ -195,16 +205,23 @@ METRIC_NAMES = {"word_ppl": "word ppl", "bits_per_byte": "bits/byte", "tokens_pe
 
 def _eval_name(task: str, metric: str) -> str:
     name = METRIC_NAMES.get(metric, metric)
+    if task == verdict.GENERAL:
+        return f"general-text {name}"
     return name if task == "ppl" else f"{task} {name}"  # the task "ppl" scores the user's own text file
 
 
-def table_columns(evals: list) -> list:
+def table_columns(evals: list, derived: bool = False) -> list:
     """(key, header, kind) of every column after name, method and status."""
-    return TRAIN_COLUMNS + [(f"{task}.{metric}", _eval_name(task, metric), "metric") for task, metric in evals]
+    columns = [("lr", "lr", "lr")] + TRAIN_COLUMNS + [(f"{task}.{metric}", _eval_name(task, metric), "metric") for task, metric in evals]
+    if derived:
+        columns += [("gain", "gain (nats/token)", "nats"), ("forgetting", "forgetting (nats/token)", "nats")]
+    return columns
 
 
-def markdown_table(rows: list, evals: list) -> str:
-    columns = table_columns(evals)
+def markdown_table(rows: list, evals: list, derived: bool = False) -> str:
+    # The general text's perplexity is its one column here (its other figures are in report.csv).
+    columns = [c for c in table_columns(evals, derived)
+               if not c[0].startswith(verdict.GENERAL + ".") or c[0] == f"{verdict.GENERAL}.ppl"]
     header = ["method", "name", "status"] + [h for _, h, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
     for row in rows:
@@ -346,7 +363,7 @@ def quality_metric(rows: list, evals: list) -> tuple:
     trained = [r for r in rows if r["status"] != "failed" and r["method"] != "baseline"]
     for task, metric in evals:
         key = f"{task}.{metric}"
-        if metric == "ppl" and trained and all(r.get(key) is not None for r in trained):
+        if metric == "ppl" and task != verdict.GENERAL and trained and all(r.get(key) is not None for r in trained):
             return key, f"{_eval_name(task, metric)} (perplexity, lower is better)"
     return "best_val_loss", "best validation loss (lower is better)"
 
@@ -409,9 +426,9 @@ def plot_pareto(rows: list, evals: list, path: Path) -> tuple:
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
-def flat_rows(rows: list, evals: list) -> list:
+def flat_rows(rows: list, evals: list, derived: bool = False) -> list:
     """The rows as flat dicts of plain values: what report.csv and report.json hold."""
-    keys = ["total_params", "trainable_pct"] + [key for key, _, _ in table_columns(evals)]
+    keys = ["total_params", "trainable_pct"] + [key for key, _, _ in table_columns(evals, derived)]
     out = []
     for row in rows:
         flat = {"name": row["name"], "method": row["method"], "status": row["status"], "runs": " ".join(row["runs"])}
@@ -424,19 +441,216 @@ def flat_rows(rows: list, evals: list) -> list:
     return out
 
 
-def write_report(run_dirs: list, out: Path) -> Path:
+def plot_lr_sweep(search: dict, path: Path) -> None:
+    """The search's metric against the learning rate, per method: a line through every rate at the first
+    rung, a marker per later rung, the chosen rate circled and the recipe's own rate as a dotted line."""
+    import matplotlib.pyplot as plt
+
+    methods = search["methods"]
+    colors = _colors(list(methods))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = "os^Dv*"
+    for name, method in methods.items():
+        color = colors[name]
+        for rung, info in enumerate(search["rungs"]):
+            points = sorted((t["lr"], t["value"]) for t in method["trials"]
+                            if t["rung"] == rung and t["value"] is not None and math.isfinite(t["value"]))
+            if not points:
+                continue
+            label = f"{name} (rung {rung + 1}: {info['steps']} steps)" if rung == 0 else None
+            ax.plot(*zip(*points), marker=markers[rung % len(markers)], color=color, alpha=0.5 if rung == 0 else 1.0,
+                    linestyle="-" if rung == 0 else ":", label=label)
+        for t in method["trials"]:
+            if t["diverged"] and t["rung"] == 0:
+                ax.axvline(t["lr"], color=color, alpha=0.3, linewidth=4)
+        if method.get("best_lr") is not None and method.get("best_value") is not None and math.isfinite(method["best_value"]):
+            ax.scatter([method["best_lr"]], [method["best_value"]], s=180, facecolors="none", edgecolors=color, linewidths=2)
+        ax.axvline(method["recipe_lr"], color=color, linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale; dotted: the recipe's own, wide band: diverged)")
+    metric = {"val_loss": "validation loss (lower is better)", "val_acc": "validation accuracy (higher is better)"}[search["metric"]]
+    ax.set_ylabel(metric)
+    ax.set_title(f"Learning-rate search: {search['rates_per_method']} rates per method, successive halving "
+                 f"({' → '.join(str(r['steps']) for r in search['rungs'])} steps); circled: chosen", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_learning_forgetting(rows: list, path: Path, gain_label: str) -> None:
+    """Gain on the target against forgetting on the general text, one point per method (error bars: seed std)."""
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r["status"] != "failed" and r.get("gain") is not None and r.get("forgetting") is not None]
+    colors = _colors([r["name"] for r in points])
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in points:
+        ax.errorbar(row["gain"], row["forgetting"], xerr=row["std"].get("gain"), yerr=row["std"].get("forgetting"),
+                    fmt="o", color=colors[row["name"]], capsize=3, label=row["name"])
+        ax.annotate(row["name"], (row["gain"], row["forgetting"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0, color="black", linestyle="--", linewidth=1)
+    ax.axvline(0, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel(f"learning: gain on the target (nats/token; {gain_label})")
+    ax.set_ylabel("forgetting: loss on the general text vs untrained (nats/token)")
+    ax.set_title("Learning against forgetting (right: learns more; down: forgets less)", fontsize=10)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def grid_series(runs: list, grid: dict, keys: list) -> dict:
+    """key -> method -> [(value, run name)] for the finished runs of a grid, read from their recipes."""
+    from tunebench.recipe import flatten
+
+    out = {key: {} for key in keys}
+    for run in runs:
+        method = grid["methods"].get(run["name"])
+        if method is None or not run["finished"]:
+            continue
+        flat = flatten(run["recipe"])
+        for key in keys:
+            if key in flat:
+                out[key].setdefault(method, []).append((flat[key], run["name"]))
+    return out
+
+
+def grid_points_by_key(rows: list, runs: list, grid: dict, q_key: str) -> dict:
+    """key -> method -> sorted [(value, mean quality, std)], the rows of that method (other keys at each value
+    averaged: the marginal effect of the key)."""
+    by_name = {}
+    for row in rows:
+        for name in row["runs"]:
+            by_name[name] = row
+    out = {}
+    for key, methods in grid_series(runs, grid, grid["keys"]).items():
+        out[key] = {}
+        for method, pairs in methods.items():
+            values = {}
+            for value, name in pairs:
+                row = by_name.get(name)
+                if row is not None and row.get(q_key) is not None:
+                    values.setdefault(json.dumps(value), {})[row["name"]] = row[q_key]
+            out[key][method] = sorted(((json.loads(v), statistics.fmean(q.values()),
+                                        statistics.stdev(q.values()) if len(q) > 1 else 0.0) for v, q in values.items()),
+                                      key=lambda p: (isinstance(p[0], (int, float)) is False, p[0] if isinstance(p[0], (int, float)) else str(p[0])))
+    return out
+
+
+def plot_grid(points: dict, q_label: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    keys = list(points)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), squeeze=False)
+    methods = list(dict.fromkeys(m for per in points.values() for m in per))
+    colors = _colors(methods)
+    for ax, key in zip(axes[0], keys):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for per in points[key].values() for v, _, _ in per)
+        labels = list(dict.fromkeys(str(v) for per in points[key].values() for v, _, _ in per))
+        for method, series in points[key].items():
+            xs = [v if numeric else labels.index(str(v)) for v, _, _ in series]
+            ax.errorbar(xs, [q for _, q, _ in series], yerr=[s for _, _, s in series], marker="o", capsize=3,
+                        color=colors[method], label=method)
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels)
+        elif len({v for per in points[key].values() for v, _, _ in per}) > 2:
+            values = [v for per in points[key].values() for v, _, _ in per]
+            if min(values) > 0 and max(values) / min(values) > 20:
+                ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(q_label)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Grid: the metric against each swept key (other swept keys averaged), one line per method")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def search_lines(search: dict) -> list:
+    lines = [f"Each method's learning rate was chosen on {search['metric']} by successive halving with equal effort: "
+             f"{search['rates_per_method']} rates per method; every rate trains {search['rungs'][0]['steps']} steps, then "
+             + ", then ".join(f"the best {r['rates']} to step {r['steps']}" for r in search["rungs"][1:])
+             + f" ({search['tuning_steps_per_method']} optimizer steps per method; seed {search['seed']}"
+             + (f"; trial settings {', '.join(f'{k}={v}' for k, v in search['trial_overrides'].items())}" if search["trial_overrides"] else "")
+             + f"). Study: {search['storage']}.", "",
+             "| method | recipe's rate | rates tried | chosen rate | its " + search["metric"] + " | tuning tokens | note |",
+             "|---|---:|---|---:|---:|---:|---|"]
+    for name, m in search["methods"].items():
+        note = m.get("error") or (f"at the {m['edge']} edge of the range" if m.get("edge") else "")
+        best = f"{m['best_lr']:.3g}" if m.get("best_lr") is not None else "—"
+        value = f"{m['best_value']:.4f}" if m.get("best_value") is not None and math.isfinite(m["best_value"]) else "—"
+        diverged = [f"{t['lr']:.3g}" for t in m["trials"] if t["diverged"] and t["rung"] == 0]
+        if diverged:
+            note = "; ".join(filter(None, [note, f"diverged at {', '.join(diverged)}"]))
+        lines.append(f"| {name} | {m['recipe_lr']:.3g} | {', '.join(f'{r:.3g}' for r in m['rates'])} | {best} | {value} | "
+                     f"{m['tuning_tokens']:,} | {note or '—'} |")
+    return lines
+
+
+def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     runs = [load_run(d) for d in run_dirs]
     evals = eval_columns(runs)
-    rows = build_rows(runs, evals)
+    derived = verdict.learning_and_forgetting(runs)
+    has_derived = any(v["gain"] is not None for v in derived.values())
+    rows = build_rows(runs, evals, derived)
+    use_gpu = any(r.get("peak_gpu_mem_mb") is not None for r in rows)
+    for row in rows:
+        row["peak_mem_mb"] = row.get("peak_gpu_mem_mb" if use_gpu else "peak_cpu_rss_mb")
+        row["recipe"] = (grid or {}).get("methods", {}).get(row["runs"][0], group_key(row["name"]))  # its search entry
+    search = _read_json(Path(search_dir) / "search.json", "; delete it and run the suite again") if search_dir else None
+    seeded = any(len(r["runs"]) > 1 for r in rows if r["status"] != "failed")
     out.mkdir(parents=True, exist_ok=True)
 
     plot_loss_curves(runs, out / "loss_curves.png")
     q_key, q_label = plot_pareto(rows, evals, out / "pareto.png")
+    plots = ["- `loss_curves.png`: train and validation loss of every run against training tokens.",
+             f"- `pareto.png`: {q_label} against trainable parameters, peak memory and training time; "
+             "the dashed line is the model before training, the grey steps the Pareto front."]
     the_setting = setting(runs)
-    flat = flat_rows(rows, evals)
+    flat = flat_rows(rows, evals, has_derived)
+
+    memory = "peak GPU memory" if use_gpu else "peak CPU memory (RSS)"
+    md = [f"# Comparison of {len(runs)} runs", "", "## Recommendation", "",
+          *verdict.recommendation(rows, derived, search, seeded, memory), "",
+          f"Gain: {verdict.gain_source(runs)}; forgetting: ln(perplexity) on the general text, trained minus untrained "
+          "(positive: worse than before training). Both in nats per token.", "",
+          "## Results", "", markdown_table(rows, evals, has_derived), ""]
+    md.append("Trainable params in parentheses: share of all parameters (tied weights counted once). "
+              "Memory and sizes in MiB; train time excludes validation and start-up. lr: the rate the run trained at. "
+              "— : not measured for that row.")
+    if any(r["std"] for r in rows):
+        md.append("Rows with several seeds (runs named NAME-seedN) show mean ± sample standard deviation.")
+    if has_derived:
+        md += ["", "## Seed noise", "", *verdict.noise_lines(rows, derived, seeded)]
+    if search:
+        plot_lr_sweep(search, out / "lr_sweep.png")
+        plots.append("- `lr_sweep.png`: the search's validation metric against the learning rate, per method and rung; "
+                     "circled: the rate chosen, dotted: the recipe's own.")
+        md += ["", "## Learning-rate search", "", *search_lines(search)]
+    if any(r.get("forgetting") is not None for r in rows):
+        plot_learning_forgetting(rows, out / "learning_forgetting.png", verdict.gain_source(runs))
+        plots.append("- `learning_forgetting.png`: gain on the target against the loss on the general text, per method.")
+    grid_data = None
+    if grid and grid.get("keys"):
+        grid_data = grid_points_by_key(rows, runs, grid, q_key)
+        plot_grid(grid_data, q_label, out / "grid.png")
+        plots.append("- `grid.png`: the metric against each swept key, one line per method.")
+        md += ["", "## Grid", "", f"{q_label} at each value of each swept key (other swept keys averaged):", ""]
+        for key, methods in grid_data.items():
+            values = list(dict.fromkeys(json.dumps(v) for per in methods.values() for v, _, _ in per))
+            md += [f"| {key} | " + " | ".join(json.loads(v).__repr__() if not isinstance(json.loads(v), str) else json.loads(v)
+                                             for v in values) + " |", "|---|" + "---:|" * len(values)]
+            for method, series in methods.items():
+                cells = {json.dumps(v): f"{q:.4g}" for v, q, _ in series}
+                md.append(f"| {method} | " + " | ".join(cells.get(v, "—") for v in values) + " |")
+            md.append("")
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        md += ["", "## Failed", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed]
+    md += ["", "## Setting", "", setting_markdown(the_setting), "", "## Plots", "", *plots, ""]
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(flat[0]) if flat else ["name"], lineterminator="\n")
@@ -447,22 +661,10 @@ def write_report(run_dirs: list, out: Path) -> Path:
         "rows": flat,
         "setting": the_setting,
         "quality_in_pareto": q_key,
+        "search": search,
+        "grid": grid_data,
         "runs": [{k: r[k] for k in ("name", "dir", "method", "finished", "error", "summary", "eval")} for r in runs],
     })
-
-    failed = [r for r in rows if r["error"]]
-    seeds = any(r["std"] for r in rows)
-    md = [f"# Comparison of {len(runs)} runs", "", markdown_table(rows, evals), ""]
-    md.append("Trainable params in parentheses: share of all parameters (tied weights counted once). "
-              "Memory and sizes in MiB; train time excludes validation and start-up. — : not measured for that row.")
-    if seeds:
-        md.append("Rows with several seeds (runs named NAME-seedN) show mean ± sample standard deviation.")
-    if failed:
-        md += ["", "## Failed", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed]
-    md += ["", "## Setting", "", setting_markdown(the_setting), "",
-           "## Plots", "", "- `loss_curves.png`: train and validation loss of every run against training tokens.",
-           f"- `pareto.png`: {q_label} against trainable parameters, peak memory and training time; "
-           "the dashed line is the model before training, the grey steps the Pareto front.", ""]
     write_atomic(out / "report.md", "\n".join(md))
     return out / "report.md"
 
@@ -471,6 +673,7 @@ def main(argv=None):
     parser = ArgumentParser(usage_hint="evaluate.py report RUN_DIR [RUN_DIR ...] --out reports/NAME", prog="evaluate.py report", description="Aggregate run folders into one report.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/full runs/lora_r16")
     parser.add_argument("--out", required=True, help="folder for report.md, report.csv, report.json and the plots")
+    parser.add_argument("--search", default=None, help="a suite's search folder (runs/SUITE/search, with search.json)")
     args = parser.parse_args(argv)
     try:
         for run in args.runs:
@@ -482,7 +685,9 @@ def main(argv=None):
         if len({Path(r).name for r in args.runs}) < len(args.runs):
             raise UserError("two run folders have the same name; the report names rows by folder name")
         out = inputs.writable_folder(args.out, "--out")
-        path = write_report(args.runs, out)  # reads every run before it writes
+        if args.search and not (Path(args.search) / "search.json").is_file():
+            raise UserError(f"--search '{args.search}' has no search.json; give the search folder of a suite (runs/SUITE/search)")
+        path = write_report(args.runs, out, search_dir=args.search)  # reads every run before it writes
     except UserError as e:
         exit_with(e)
     print(path)
