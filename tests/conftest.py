@@ -130,3 +130,15 @@ def train_observed(tmp_path, recipe, *args) -> dict:
     result = run_script(script, notes, "--recipe", ROOT / "recipes" / f"{recipe}.yaml", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(notes.read_text())
+
+
+def tiny_suite(assets, recipes, overrides=(), **keys) -> dict:
+    """A suite of the tiny model on the prose files (32-token blocks, micro-batch 4), evaluated on the
+    validation text's perplexity; `overrides` change the shared setting, `keys` add suite keys."""
+    shared = {
+        "model.name": str(assets / "gpt2"), "data.dataset": str(assets / "train.txt"),
+        "data.validation_file": str(assets / "valid.txt"), "data.max_length": 32, "train.micro_batch_size": 4,
+        "train.eval_max_batches": 2, "train.log_every": 1, "eval.tasks": ["ppl"], **dict(overrides),
+    }
+    return {"name": "tiny", "recipes": [str(r) for r in recipes], "overrides": shared,
+            "eval_args": ["--data-file", str(assets / "valid.txt"), "--max-tokens", 512], **keys}

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tiny_suite
 
 
 def compare(suite, cwd, env=None, timeout=1200):
@@ -21,24 +21,10 @@ def compare(suite, cwd, env=None, timeout=1200):
 
 
 def write_suite(tmp_path, assets, recipes):
-    overrides = {
-        "model.name": str(assets / "gpt2"),
-        "data.dataset": str(assets / "train.txt"),
-        "data.validation_file": str(assets / "valid.txt"),
-        "data.max_length": 32,
-        "train.micro_batch_size": 4,
-        "train.max_steps": 3,
-        "train.eval_every": 3,
-        "train.eval_max_batches": 2,
-        "train.log_every": 1,
-        "train.save_every": 1,
-        "eval.tasks": ["ppl"],
-    }
-    suite = {"name": "tiny", "recipes": [str(r) for r in recipes], "overrides": overrides,
-             "eval_args": ["--data-file", str(assets / "valid.txt"), "--max-tokens", 512]}
+    suite = tiny_suite(assets, recipes, {"train.max_steps": 3, "train.eval_every": 3, "train.save_every": 1})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(suite))
-    return path, overrides
+    return path, suite["overrides"]
 
 
 def read(path):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_clear_line, read_log
+from conftest import ROOT, assert_one_clear_line, read_log, tiny_suite
 from tunebench import demo, search
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,22 +21,8 @@ RECIPES = [str(ROOT / "recipes" / "full.yaml"), str(ROOT / "recipes" / "lora_r4.
 
 
 def base_suite(assets, **extra):
-    overrides = {
-        "model.name": str(assets / "gpt2"),
-        "data.dataset": str(assets / "train.txt"),
-        "data.validation_file": str(assets / "valid.txt"),
-        "data.max_length": 32,
-        "train.micro_batch_size": 4,
-        "train.max_steps": 6,
-        "train.eval_every": 2,
-        "train.eval_max_batches": 2,
-        "train.log_every": 1,
-        "train.save_every": 6,
-        "train.keep_checkpoints": 1,
-        "eval.tasks": ["ppl"],
-    }
-    return {"name": "tiny", "recipes": RECIPES, "overrides": overrides,
-            "eval_args": ["--data-file", str(assets / "valid.txt"), "--max-tokens", 512], **extra}
+    steps = {"train.max_steps": 6, "train.eval_every": 2, "train.save_every": 6, "train.keep_checkpoints": 1}
+    return tiny_suite(assets, RECIPES, steps, **extra)
 
 
 SEARCH = {"rates": 3, "spacing": 10, "first_rung": 2, "reduction": 3}

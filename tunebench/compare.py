@@ -61,18 +61,7 @@ def override_text(key: str, value) -> str:
 
 def load_suite(path) -> dict:
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"suite file '{path}' is a folder; give a YAML file, e.g. recipes/suites/demo.yaml")
-    if not path.is_file():
-        raise UserError(f"suite file '{path}' does not exist; pick one under recipes/suites/, e.g. recipes/suites/demo.yaml")
-    try:
-        suite = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"suite file '{path}' cannot be read: {e.strerror or e}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"suite file '{path}' is not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(suite, dict):
-        raise UserError(f"suite file '{path}' must hold a mapping with at least 'recipes'")
+    suite = inputs.read_yaml_mapping(path, "suite file", "pick one under recipes/suites/, e.g. recipes/suites/demo.yaml")
     unknown = sorted(set(suite) - SUITE_KEYS)
     if unknown:
         raise UserError(f"suite file '{path}' has unknown key '{unknown[0]}'; the keys are {', '.join(sorted(SUITE_KEYS))}")

@@ -31,6 +31,32 @@ def existing_file(path, what: str) -> Path:
     return path
 
 
+def read_yaml_mapping(path, what: str, pick: str) -> dict:
+    """A YAML file of keys (a recipe, a suite, an accelerate config): {} when empty; one line when it is
+    a folder, missing, unreadable, not UTF-8 YAML (with the line where the parser stopped) or not a
+    mapping. `pick` says where to find a good one."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder; give a YAML file, {pick}")
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' does not exist; {pick}")
+    try:
+        given = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} '{path}' is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise UserError(f"{what} '{path}' must hold a mapping of keys, got {type(given).__name__}")
+    return given
+
+
 def writable_folder(path, what: str) -> Path:
     """A folder that exists or can be made: nothing on the way to it is a file, and it is not a file."""
     path = Path(path)

@@ -40,6 +40,7 @@ import torch.utils._pytree as pytree
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tunebench import inputs
 from tunebench.errors import UserError
 
 MB = 2**20
@@ -92,14 +93,7 @@ def setup_from_config_file(path) -> Setup:
     if path is None:
         return Setup(device=_this_device())
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"accelerate config '{path}' does not exist; pick one under accelerate_configs/")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"accelerate config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"accelerate config '{path}' must hold a mapping of keys, got {type(cfg).__name__}")
+    cfg = inputs.read_yaml_mapping(path, "accelerate config", "pick one under accelerate_configs/")
     processes = cfg.get("num_processes") or 1
     if type(processes) is not int or processes < 1:
         raise UserError(f"accelerate config '{path}': num_processes must be a positive whole number, got {processes!r}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from tunebench import inputs
 from tunebench.errors import UserError
 from tunebench.methods import METHODS
 
@@ -209,22 +210,7 @@ def load_recipe(path, overrides=()) -> dict:
     explicit = set()
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            raise UserError(f"recipe file '{path}' is a folder; give a YAML file, e.g. recipes/lora_r16.yaml")
-        if not path.is_file():
-            raise UserError(f"recipe file '{path}' does not exist; pick one under recipes/, e.g. recipes/lora_r16.yaml")
-        try:
-            given = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UserError(f"recipe file '{path}' cannot be read: {e.strerror or e}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"recipe file '{path}' is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-        if given is None:
-            given = {}
-        if not isinstance(given, dict):
-            raise UserError(f"recipe file '{path}' must hold a mapping of keys, got {type(given).__name__}")
+        given = inputs.read_yaml_mapping(path, "recipe file", "pick one under recipes/, e.g. recipes/lora_r16.yaml")
         _merge(recipe, given, f" in {path}", explicit=explicit)
     for text in overrides:
         key, value = parse_override(text)
