@@ -40,12 +40,12 @@ from pathlib import Path
 import yaml
 
 from tunebench import inputs, rundir
-from tunebench.errors import ArgumentParser, UserError, exit_with
+from tunebench.errors import ArgumentParser, UserError, command
+from tunebench.verdict import GENERAL
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
 FORGETTING_KEYS = {"data_file"}
-GENERAL = "general"  # the eval.json task under which the forgetting text's perplexity is stored
 ERROR_LINES = 20
 PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
 # train.py exits 128 + SIGINT / SIGTERM after saving a checkpoint; a Python killed by them gives -2 / -15.
@@ -316,29 +316,27 @@ def evaluate(what: str, run_dir: Path, source: list, tasks: list, args: list, en
     return step(what, run_dir, [sys.executable, str(ROOT / "evaluate.py"), *source, *args], env)
 
 
+@command
 def main(argv=None):
     parser = ArgumentParser(usage_hint="python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml]", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
     parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    try:
-        suite = load_suite(args.suite)
-        if args.accel and not Path(args.accel).is_file():
-            raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
-        runs = plan(suite)
-        check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
-        # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
-        offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
-        if offline:
-            os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-        check_reachable(runs)
-        if suite["search"]:
-            from tunebench import search
+    suite = load_suite(args.suite)
+    if args.accel and not Path(args.accel).is_file():
+        raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
+    runs = plan(suite)
+    check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
+    # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
+    offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
+    if offline:
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    check_reachable(runs)
+    if suite["search"]:
+        from tunebench import search
 
-            search.check_studies(search.storage_of(suite["search"]), suite["search"])
-    except UserError as e:
-        exit_with(e)
+        search.check_studies(search.storage_of(suite["search"]), suite["search"])
     if offline:
         print("the Hugging Face hub is out of reach: working offline from local files and the cache")
 
@@ -412,12 +410,9 @@ def main(argv=None):
 
     from tunebench.report import write_report
 
-    try:
-        report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
-                              search_dir=suite["search"]["dir"] if suite["search"] else None,
-                              grid={"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None)
-    except UserError as e:
-        exit_with(e)
+    report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
+                          search_dir=suite["search"]["dir"] if suite["search"] else None,
+                          grid={"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None)
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"\nsuite {suite['name']}: {len(runs)} trained run(s) + baseline in {minutes} min {seconds} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

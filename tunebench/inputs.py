@@ -39,7 +39,7 @@ def read_yaml_mapping(path, what: str, pick: str) -> dict:
 
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{what} '{path}' is a folder; give a YAML file, {pick}")
+        raise UserError(f"{what} '{path}' is a folder; give a YAML file ({pick})")
     if not path.is_file():
         raise UserError(f"{what} '{path}' does not exist; {pick}")
     try:
@@ -122,14 +122,17 @@ def positive_number(text):
     return value
 
 
+SEEDS = 2**32  # a seed is 0 to 2**32 - 1: what numpy and torch accept
+
+
 def seed(text):
-    """argparse type: a random seed, 0 to 2**32 - 1 (what numpy and torch accept)."""
+    """argparse type: a random seed."""
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {2**32 - 1}, got '{text}'")
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {SEEDS - 1}, got '{text}'")
     return value
 
 

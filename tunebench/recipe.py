@@ -160,8 +160,8 @@ def _coerce(dotted: str, value, field: tuple, where: str):
         raise UserError(f"recipe key '{dotted}' must be zero or more, got {value!r}{where}")
     if allowed == "fraction" and not 0 <= value <= 1:
         raise UserError(f"recipe key '{dotted}' must lie between 0 and 1, got {value!r}{where}")
-    if allowed == "seed" and not 0 <= value < 2**32:
-        raise UserError(f"recipe key '{dotted}' must be a seed from 0 to {2**32 - 1}, got {value!r}{where}")
+    if allowed == "seed" and not 0 <= value < inputs.SEEDS:
+        raise UserError(f"recipe key '{dotted}' must be a seed from 0 to {inputs.SEEDS - 1}, got {value!r}{where}")
     return value
 
 

@@ -24,10 +24,9 @@ from pathlib import Path
 import yaml
 
 from tunebench import inputs, verdict
-from tunebench.errors import ArgumentParser, UserError, exit_with
+from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.rundir import write_atomic, write_json
 
-SEED_SUFFIX = re.compile(r"-seed\d+$")
 
 # (summary.json key, column header, how to format it)
 TRAIN_COLUMNS = [
@@ -139,7 +138,7 @@ def run_values(run: dict, evals: list, derived: dict = None) -> dict:
 
 
 def group_key(name: str) -> str:
-    return SEED_SUFFIX.sub("", name)
+    return verdict.SEED_SUFFIX.sub("", name)
 
 
 def build_rows(runs: list, evals: list, derived: dict = None) -> list:
@@ -669,27 +668,25 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     return out / "report.md"
 
 
+@command
 def main(argv=None):
     parser = ArgumentParser(usage_hint="evaluate.py report RUN_DIR [RUN_DIR ...] --out reports/NAME", prog="evaluate.py report", description="Aggregate run folders into one report.")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/full runs/lora_r16")
     parser.add_argument("--out", required=True, help="folder for report.md, report.csv, report.json and the plots")
     parser.add_argument("--search", default=None, help="a suite's search folder (runs/SUITE/search, with search.json)")
     args = parser.parse_args(argv)
-    try:
-        for run in args.runs:
-            path = Path(run)
-            if not path.is_dir():
-                raise UserError(f"run folder '{run}' does not exist; give folders that train.py or evaluate.py wrote")
-            if not any((path / f).exists() for f in ("summary.json", "recipe.yaml", "error.txt", "log.jsonl")):
-                raise UserError(f"'{run}' is not a run folder (no summary.json, recipe.yaml, log.jsonl or error.txt)")
-        if len({Path(r).name for r in args.runs}) < len(args.runs):
-            raise UserError("two run folders have the same name; the report names rows by folder name")
-        out = inputs.writable_folder(args.out, "--out")
-        if args.search and not (Path(args.search) / "search.json").is_file():
-            raise UserError(f"--search '{args.search}' has no search.json; give the search folder of a suite (runs/SUITE/search)")
-        path = write_report(args.runs, out, search_dir=args.search)  # reads every run before it writes
-    except UserError as e:
-        exit_with(e)
+    for run in args.runs:
+        path = Path(run)
+        if not path.is_dir():
+            raise UserError(f"run folder '{run}' does not exist; give folders that train.py or evaluate.py wrote")
+        if not any((path / f).exists() for f in ("summary.json", "recipe.yaml", "error.txt", "log.jsonl")):
+            raise UserError(f"'{run}' is not a run folder (no summary.json, recipe.yaml, log.jsonl or error.txt)")
+    if len({Path(r).name for r in args.runs}) < len(args.runs):
+        raise UserError("two run folders have the same name; the report names rows by folder name")
+    out = inputs.writable_folder(args.out, "--out")
+    if args.search and not (Path(args.search) / "search.json").is_file():
+        raise UserError(f"--search '{args.search}' has no search.json; give the search folder of a suite (runs/SUITE/search)")
+    path = write_report(args.runs, out, search_dir=args.search)  # reads every run before it writes
     print(path)
     return path
 

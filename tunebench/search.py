@@ -31,7 +31,6 @@ for a server database), so no trial runs twice; a trial whose worker died (same 
 gone; elsewhere: no heartbeat for GRACE_S seconds) is failed and enqueued again, so none is lost. The
 trials' runs live in runs/SUITE/search/RECIPE/lr-RATE/ and are reused by a rerun.
 """
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -47,7 +46,8 @@ import time
 import warnings
 from pathlib import Path
 
-from tunebench.errors import UserError, exit_with
+from tunebench.errors import ArgumentParser, UserError, command
+from tunebench.inputs import positive
 
 SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "storage"}
 METRICS = {"val_loss": "minimize", "val_acc": "maximize"}
@@ -568,31 +568,23 @@ def results(plan: dict) -> dict:
 
 # ---- the command for extra workers ---------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        exit_with(UserError(f"{message} (usage: python -m tunebench.search --suite SUITE.yaml [--workers N])"))
-
-
+@command
 def main(argv=None):
-    parser = _Parser(description="Work on a suite's learning-rate search (its Optuna study) beside other workers.")
+    parser = ArgumentParser(usage_hint="python -m tunebench.search --suite SUITE.yaml [--workers N]",
+                            description="Work on a suite's learning-rate search (its Optuna study) beside other workers.")
     parser.add_argument("--suite", required=True, help="the suite file, with a search: section")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--workers", type=positive, default=1,
                         help="worker processes on this machine (with GPUs: one per GPU, GPU i for worker i)")
     parser.add_argument("--accel", default=None, help="accelerate config for the trials' training")
     args = parser.parse_args(argv)
     from tunebench import compare
 
-    try:
-        if args.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {args.workers}")
-        suite = compare.load_suite(args.suite)
-        if suite["search_section"] is None:
-            raise UserError(f"suite file '{args.suite}' has no search: section; nothing to tune")
-        compare.plan(suite)
-        plan = suite["search"]
-        check_studies(storage_of(plan), plan)
-    except UserError as e:
-        exit_with(e)
+    suite = compare.load_suite(args.suite)
+    if suite["search_section"] is None:
+        raise UserError(f"suite file '{args.suite}' has no search: section; nothing to tune")
+    compare.plan(suite)
+    plan = suite["search"]
+    check_studies(storage_of(plan), plan)
     env = compare.child_env()
     launcher = compare.launcher(args.accel)
     if args.workers == 1:
