@@ -10,8 +10,12 @@ format; every format ends in token sequences with labels, where label -100 is ne
                  the prompt too). A response too long for data.max_length is cut at its end.
   summarization  like instruction with the "tldr" template (article, "\\nTL;DR:", summary); the
                  article is cut instead, so the summary always fits in data.max_length.
-  conversation   OpenAssistant message trees: each assistant reply with the prompter message it
-                 answers, through the "oasst" template; the loss is on the reply.
+  prompt_completion  TRL's prompt and completion strings: the completion (and the end-of-text token)
+                 follows the prompt as it is (template "completion"); the loss is on the completion.
+  conversation   rows of turns (`messages` of role/content, or ShareGPT's `conversations` of
+                 from/value) through the model's chat template (tunebench/chat.py); the loss is on
+                 every assistant turn. OpenAssistant message trees: each assistant reply with the
+                 prompter message it answers, through the "oasst" template.
   classification (task: classification) a text and a label; the text is cut to data.max_length.
 
 Formatted examples are not packed: each is one row, and the collator pads a batch to its longest
@@ -32,7 +36,7 @@ import datasets
 import numpy as np
 import torch
 
-from tunebench import inputs
+from tunebench import chat, inputs
 from tunebench.errors import UserError
 from tunebench.metrics import IGNORE_INDEX  # the label no loss scores
 
@@ -62,20 +66,33 @@ FORMAT_DEFAULTS = {
     "text": dict(text_field="text"),
     "instruction": dict(prompt_field="instruction", input_field="input", response_field="output", template="alpaca"),
     "summarization": dict(prompt_field="article", response_field="highlights", template="tldr"),
+    "prompt_completion": dict(prompt_field="prompt", response_field="completion", template="completion"),
     "conversation": dict(template="oasst"),
     "classification": dict(text_field="text", label_field="label"),
 }
-FIELD_KEYS = ("text_field", "prompt_field", "input_field", "response_field", "label_field", "template")
+FIELD_KEYS = ("text_field", "prompt_field", "input_field", "response_field", "label_field", "template", "chat_template")
 # The data keys each format reads; setting another is an error, never silently ignored.
 PAIR_KEYS = {"prompt_field", "input_field", "response_field", "template", "train_on_prompt", "max_response_chars"}
 FORMAT_KEYS = {
     "text": {"text_field"},
     "instruction": PAIR_KEYS,
     "summarization": PAIR_KEYS,
-    "conversation": PAIR_KEYS - {"prompt_field", "input_field", "response_field"},
+    "prompt_completion": PAIR_KEYS - {"input_field"},
+    "conversation": PAIR_KEYS - {"prompt_field", "input_field", "response_field"} | {"chat_template"},
     "classification": {"text_field", "label_field"},
 }
 CONVERSATION_COLUMNS = ("message_id", "parent_id", "role", "text")
+TURN_COLUMNS = ("messages", "conversations")  # a conversation's turns: role/content, or ShareGPT's from/value
+# The shapes a local file is recognised by, when the recipe names no format or fields:
+# (format, what its rows hold, the fields that make it). A "text" field alone is plain text.
+SHAPES = (
+    ("conversation", "messages: lists of {role, content} turns", ("messages",)),
+    ("conversation", "ShareGPT: conversations, lists of {from, value} turns", ("conversations",)),
+    ("prompt_completion", "prompt and completion", ("prompt", "completion")),
+    ("instruction", "Alpaca: instruction, input (optional) and output", ("instruction", "output")),
+    ("summarization", "article and highlights", ("article", "highlights")),
+    ("conversation", "OpenAssistant message trees: message_id, parent_id, role, text", CONVERSATION_COLUMNS),
+)
 
 # Prompt templates: {prompt} and {response} stand for the mapped fields, {input} for the optional
 # input field. A pair is (without input, with input), chosen per row by whether its input is empty.
@@ -89,6 +106,7 @@ TEMPLATES = {
     "tldr": "{prompt}\nTL;DR: {response}",
     "oasst": "### Human: {prompt} ### Assistant: {response}",
     "plain": "{prompt}\n{response}",
+    "completion": "{prompt}{response}",
 }
 PLACEHOLDERS = ("prompt", "input", "response")
 
@@ -193,15 +211,39 @@ def load_raw(data_cfg: dict) -> tuple:
     return raw, spec
 
 
-def resolve_format(data_cfg: dict, task: str, spec: dict) -> tuple:
-    """(format, fields): the recipe's keys over the registered data set's over the format's defaults."""
+def recognise_shape(columns, name: str) -> tuple:
+    """(format, why) of a local file from its fields: one known shape (a "text" field beside it is
+    ignored), else a "text" field; none or several is an error that lists the shapes."""
+    matches = [(fmt, what) for fmt, what, fields in SHAPES if set(fields) <= set(columns)]
+    if len(matches) == 1:
+        fmt, what = matches[0]
+        return fmt, f"its fields are those of {what}"
+    if not matches and "text" in columns:
+        return "text", "it has a field 'text' and no other known shape"
+    known = "; ".join(f"{what} (data.format={fmt})" for fmt, what, _ in SHAPES)
+    found = "match several shapes" if matches else "match no shape tunebench knows"
+    raise UserError(
+        f"data set '{name}' has fields {', '.join(columns)}, which {found}: {known}; or text (a field 'text'). "
+        "Set data.format, and its fields if they are named otherwise (data.text_field, data.prompt_field, "
+        "data.response_field)"
+    )
+
+
+def resolve_format(data_cfg: dict, task: str, spec: dict, columns=None) -> tuple:
+    """(format, fields, why): the recipe's keys over the registered data set's over the format's
+    defaults. A local file (columns: its fields) without a format or fields is read by its shape."""
     name = data_cfg["dataset"]
+    why = None
     if task == "classification":
         fmt = "classification"
     elif data_cfg["format"] or spec:
         fmt = data_cfg["format"] or spec["format"]
-    else:  # local files: prompt and response fields make instructions
-        fmt = "instruction" if data_cfg["prompt_field"] or data_cfg["response_field"] else "text"
+    elif data_cfg["prompt_field"] or data_cfg["response_field"]:
+        fmt = "instruction"
+    elif data_cfg["text_field"] or columns is None:
+        fmt = "text"
+    else:
+        fmt, why = recognise_shape(columns, name)
     for key in sorted(set().union(*FORMAT_KEYS.values()) - FORMAT_KEYS[fmt]):
         if data_cfg[key] not in (None, False):
             raise UserError(
@@ -211,7 +253,22 @@ def resolve_format(data_cfg: dict, task: str, spec: dict) -> tuple:
     fields = {k: v for k, v in FORMAT_DEFAULTS[fmt].items()}
     fields.update({k: v for k, v in spec.items() if k in FIELD_KEYS and k in FORMAT_KEYS[fmt]})
     fields.update({k: data_cfg[k] for k in FIELD_KEYS if data_cfg[k] is not None})
-    return fmt, fields
+    return fmt, fields, why
+
+
+def turn_column(columns, where: str):
+    """The field of a conversation's turns (messages or ShareGPT's conversations), or None for
+    OpenAssistant message trees."""
+    found = [c for c in TURN_COLUMNS if c in columns]
+    if len(found) == 1:
+        return found[0]
+    if not found and set(CONVERSATION_COLUMNS) <= set(columns):
+        return None
+    raise UserError(
+        f"format conversation reads a field 'messages' (turns of role and content), ShareGPT's 'conversations' "
+        f"(turns of from and value) or OpenAssistant message trees ({', '.join(CONVERSATION_COLUMNS)}); "
+        f"{where} has {'both messages and conversations' if found else 'fields ' + ', '.join(columns)}"
+    )
 
 
 def split_train_validation(raw, data_cfg: dict, spec: dict, seed: int) -> tuple:
@@ -419,6 +476,61 @@ def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: boo
                   new_fingerprint=_fingerprint(ds, tokenizer, *settings), desc="tokenizing")
 
 
+def tokenize_conversations(ds, tokenizer, column: str, template: str, data_cfg: dict, num_proc=None):
+    """input_ids = the conversation through the chat template; labels = every assistant turn's
+    reply and end-of-turn token, -100 elsewhere (all tokens with data.train_on_prompt). A
+    conversation longer than data.max_length keeps its turns up to the last assistant turn that
+    fits (column "cut"); column "problem" says why a row gives no example ("" when it does):
+    a bad row (chat.BadConversation), or "too long" when not even its first reply fits."""
+    max_length, train_on_prompt = data_cfg["max_length"], data_cfg["train_on_prompt"]
+
+    def fn(batch):
+        out = {"input_ids": [], "labels": [], "cut": [], "problem": []}
+        for row in batch[column]:
+            ids, spans, cut, problem = [], [], False, ""
+            try:
+                ids, spans = chat.encode(tokenizer, template, chat.turns(row))
+                ids, spans, cut = chat.fit(ids, spans, max_length)
+                if ids is None:
+                    ids, spans, problem = [], [], "too long"
+            except chat.BadConversation as e:
+                problem = str(e)
+            out["input_ids"].append(ids)
+            out["labels"].append(chat.labels_for(ids, spans, train_on_prompt))
+            out["cut"].append(cut)
+            out["problem"].append(problem)
+        return out
+
+    settings = ("chat", column, template, max_length, train_on_prompt)
+    return ds.map(fn, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
+                  new_fingerprint=_fingerprint(ds, tokenizer, *settings), desc="tokenizing")
+
+
+def usable_conversations(tokens, where: str, max_length: int):
+    """The rows that gave an example. Bad rows are counted and skipped, as are conversations too
+    long for even their first reply; a split where no row is left is an error."""
+    problems = {}
+    for problem in tokens["problem"]:
+        if problem:
+            problems[problem] = problems.get(problem, 0) + 1
+    too_long = problems.pop("too long", 0)
+    summary = ", ".join(f"{n:,} {p}" for p, n in sorted(problems.items(), key=lambda item: -item[1]))
+    kept = tokens.filter(lambda batch: [not p for p in batch["problem"]], batched=True)
+    if len(kept) == 0:
+        if problems:
+            raise UserError(f"{where} has no conversation to train on: of {len(tokens):,} rows, {summary}"
+                            + (f", {too_long:,} too long for data.max_length {max_length}" if too_long else ""))
+        raise UserError(f"{where} has no conversation whose first reply fits data.max_length {max_length}; raise it")
+    if problems:
+        print(f"data: {where}: skipped {sum(problems.values()):,} of {len(tokens):,} rows ({summary})")
+    cut = sum(kept["cut"])
+    if cut or too_long:
+        print(f"data: {where}: of {len(tokens) - sum(problems.values()):,} conversations, {cut:,} cut to fit "
+              f"data.max_length {max_length} (whole turns kept where possible), {too_long:,} dropped "
+              "(not even the first reply fits)")
+    return kept
+
+
 # ---- classification ---------------------------------------------------------------------------------
 
 def label_names(train, val, field: str, spec: dict, where: str) -> list:
@@ -481,8 +593,10 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
     carry label_names."""
     name = data_cfg["dataset"]
     raw, spec = load_raw(data_cfg)
-    fmt, fields = resolve_format(data_cfg, task, spec)
     train, val = split_train_validation(raw, data_cfg, spec, seed)
+    fmt, fields, why = resolve_format(data_cfg, task, spec, train.column_names)
+    if why:
+        print(f"data: {name} read as {fmt}: {why} (data.format sets another)")
     num_proc = data_cfg["num_proc"] or (min(8, os.cpu_count() or 1) if len(train) > 50_000 else None)
     splits = {"train": train, "validation": val}
     wheres = {"train": f"data set '{name}'", "validation": f"validation data of '{name}'"}
@@ -517,6 +631,10 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
             out.append(pack(tokens, tokenizer.eos_token_id, data_cfg["max_length"]))
         return tuple(out)
 
+    column = turn_column(train.column_names, f"data set '{name}'") if fmt == "conversation" else None
+    if column is not None:
+        return conversations(splits, tokenizer, column, fields, data_cfg, wheres, seed, num_proc)
+
     template_variants(fields["template"])  # a bad template fails before any tokenizing
     out = []
     for split, ds in splits.items():
@@ -545,6 +663,26 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
                 f"{dropped:,} dropped (too long to cut)"
             )
         out.append(_lazy(tokens))
+    return tuple(out)
+
+
+def conversations(splits: dict, tokenizer, column: str, fields: dict, data_cfg: dict, wheres: dict, seed: int,
+                  num_proc=None) -> tuple:
+    """(train Examples, validation Examples) of conversation rows through the chat template."""
+    for key in ("template", "max_response_chars"):
+        if data_cfg[key] is not None:
+            raise UserError(f"recipe key 'data.{key}' applies to OpenAssistant message trees, not to conversations of "
+                            f"turns ('{column}'); these use the model's chat template, or data.chat_template")
+    template, source = chat.choose_template(tokenizer, fields.get("chat_template"))
+    print(f"data: conversations ('{column}') through {source}; loss on "
+          + ("every token" if data_cfg["train_on_prompt"] else "the assistant turns"))
+    out = []
+    for split, ds in splits.items():
+        _column_check(ds, column, "format", wheres[split])
+        if split == "train":
+            ds = subsample(ds, data_cfg["fraction"], seed)
+        tokens = tokenize_conversations(ds, tokenizer, column, template, data_cfg, num_proc)
+        out.append(_lazy(usable_conversations(tokens, wheres[split], data_cfg["max_length"])))
     return tuple(out)
 
 

@@ -44,13 +44,16 @@ SCHEMA = {
         "dataset": (None, str, None),
         "config": (None, str, None),
         "files": (None, str, None),
-        "format": (None, str, ("text", "instruction", "summarization", "conversation")),
+        "format": (None, str, ("text", "instruction", "summarization", "prompt_completion", "conversation")),
         "text_field": (None, str, None),
         "prompt_field": (None, str, None),
         "input_field": (None, str, None),
         "response_field": (None, str, None),
         "label_field": (None, str, None),
         "template": (None, str, None),
+        # conversations: a built-in chat template (zephyr, chatml), a .jinja file or a template
+        # text; null: the model's own, else zephyr (tunebench/chat.py)
+        "chat_template": (None, str, None),
         "train_on_prompt": (False, bool, None),
         "max_response_chars": (None, int, "positive"),
         "train_split": ("train", str, None),
