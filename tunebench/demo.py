@@ -9,6 +9,9 @@
   sorted list of topic names, every tenth from the 4th is test, every tenth from the 8th is
   validation, the rest train. `data/lm/{train,validation}.jsonl` hold one topic per row (training
   and validation loss); `data/test.txt` holds the test topics as one text (perplexity).
+- Conversations (`data/chat/{train,validation,test}.jsonl`, the same topic split): each topic as
+  `messages`, a question about its title answered by its first paragraph, then "Go on." turns
+  answered by the next ones (a prose paragraph with the code blocks after it), for fine-tuning the instruct model on chat data.
 - General text (forgetting): Python's own LICENSE.txt, which every CPython installs beside its standard
   library: the history of Python in prose, then the licence terms. It is English of another register
   than the reference documentation the demo trains on, and a kind of text the pretrained model saw on the
@@ -51,6 +54,46 @@ def write_data(folder: Path) -> None:
         rows = "".join(json.dumps({"text": text}) + "\n" for text in splits[split])
         (tmp / "lm" / f"{split}.jsonl").write_text(rows, encoding="utf-8")
     (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
+    rundir.publish(tmp, folder)
+
+
+def topic_answers(topic: str) -> tuple:
+    """(title, answers): a topic's heading and its paragraphs, each prose paragraph with its lines
+    joined and the code blocks that follow it (indented) kept as they are; headings left out."""
+    title, _, body = topic.strip().partition("\n")
+    answers = []
+    for block in body.split("\n\n"):
+        lines = block.strip("\n").splitlines()
+        if not lines or set(lines[-1].strip()) <= set("*=-~^"):
+            continue
+        if lines[0].startswith(" "):
+            if answers:
+                answers[-1] += "\n\n" + "\n".join(lines)
+            continue
+        answers.append(" ".join(line.strip() for line in lines))
+    return title.strip(), answers
+
+
+def chat_row(topic: str, exchanges: int = 3) -> dict:
+    title, paragraphs = topic_answers(topic)
+    title = title[0].lower() + title[1:] if title.startswith("The ") else title
+    questions = [f"What does the Python reference say about {title}?"] + ["Go on."] * (exchanges - 1)
+    messages = []
+    for question, answer in zip(questions, paragraphs):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def write_chat(folder: Path) -> None:
+    if (folder / "test.jsonl").is_file():
+        return
+    tmp = rundir.temporary(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, texts in split_topics().items():
+        rows = [chat_row(text) for text in texts]
+        lines = "".join(json.dumps(row) + "\n" for row in rows if row["messages"])
+        (tmp / f"{split}.jsonl").write_text(lines, encoding="utf-8")
     rundir.publish(tmp, folder)
 
 
@@ -120,6 +163,7 @@ def main(argv=None):
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     write_data(root / "data")
+    write_chat(root / "data" / "chat")
     write_general(root / "data")
     convert_model(root / "smollm2-135m")
     print(f"demo assets ready: {root / 'smollm2-135m'}, {root / 'data'}")
