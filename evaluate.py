@@ -11,12 +11,15 @@ Tasks (--tasks; a run's default is its recipe's eval.tasks):
                                       that start every --stride tokens (tunebench.metrics.sliding_windows); the
                                       first token is predicted from the BOS token (end-of-text without one), as
                                       lm-evaluation-harness does. ppl, word_ppl (per whitespace word), bits_per_byte.
+                                      A conversation or prompt/completion file is scored example by example as
+                                      training builds it; --assistant-only scores the tokens training scores.
   lambada                             last-word accuracy (greedy, whole word) and target-word perplexity.
   continuation, summarization,        batched greedy (or --num-beams) generation, scored with BLEU, sacreBLEU,
-  instruction                         ROUGE-1/2/L/Lsum, TER, chrF and METEOR (tunebench.metrics.generation_scores).
+  instruction, conversation           ROUGE-1/2/L/Lsum, TER, chrF and METEOR (tunebench.metrics.generation_scores).
 A run's final/ is a full model, or an adapter / soft prompt loaded on the recipe's base model. Results go to
 eval.json (merged with the other tasks an earlier evaluation of the same model wrote) and print as a table.
 """
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -36,12 +39,16 @@ TASKS = {
                     "(WikiText-2 test paragraphs, or --data-file)",
     "summarization": "article + 'TL;DR:' in, the highlights as reference: CNN/DailyMail 3.0.0 test, a run's own "
                      "summarization data, or --data-file (article, highlights)",
-    "instruction": "Alpaca prompt in, the response as reference: Alpaca's held-out share, a run's own instruction data, "
-                   "or --data-file (instruction, input, output)",
+    "instruction": "Alpaca prompt in, the response as reference: Alpaca's held-out share, a run's own instruction or "
+                   "prompt/completion data, or --data-file (instruction, input, output; or prompt, completion)",
+    "conversation": "a conversation up to its last assistant turn in, through the chat template training uses, that turn "
+                    "as reference: a run's own conversation data, or --data-file (messages, or ShareGPT conversations)",
 }
 PERPLEXITY_TASKS = ("wikitext2", "wikitext103", "imdb", "ppl")
-GENERATION_TASKS = ("continuation", "summarization", "instruction")
-DATA_FILE_TASKS = ("ppl", "lambada", "continuation", "summarization", "instruction")
+GENERATION_TASKS = ("continuation", "summarization", "instruction", "conversation")
+DATA_FILE_TASKS = ("ppl", "lambada", "continuation", "summarization", "instruction", "conversation")
+# The formats of tunebench.data whose rows a generation task reads.
+TASK_FORMATS = {"instruction": ("instruction", "prompt_completion"), "summarization": ("summarization",)}
 # Default perplexity batch: as many windows as make this many tokens. A CPU gains nothing from
 # larger batches (measured: bench/README.md) while a GPU needs them to be busy.
 TOKENS_PER_BATCH = {"cuda": 8192, "cpu": 2048}
@@ -59,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
     parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--data-file", help=f"local text/jsonl file for the tasks {', '.join(DATA_FILE_TASKS)}")
+    parser.add_argument("--assistant-only", action="store_true",
+                        help="ppl of a conversation or prompt/completion file: score only the assistant turns (the "
+                             "completions), the tokens training scores; default: every token")
     parser.add_argument("--also-ppl", action="append", default=[], metavar="NAME=FILE",
                         help="also the perplexity of FILE (like task ppl), stored in eval.json as task NAME, e.g. general=general.txt")
     parser.add_argument("--max-length", type=positive, help="window / prompt+generation length (default: model context)")
@@ -274,6 +284,12 @@ def perplexity_task(task: str, scorer: Scorer, args, data_file=None) -> dict:
     from tunebench import data, metrics
 
     data_file = data_file or args.data_file
+    examples_format = file_format(data_file) if task == "ppl" else None
+    if examples_format in ("conversation", "prompt_completion"):
+        return example_perplexity(scorer, args, data_file, examples_format)
+    if args.assistant_only and task == "ppl":
+        raise UserError(f"--assistant-only scores conversation or prompt/completion files; '{data_file}' is read as "
+                        f"{examples_format or 'text'}")
     if task == "ppl" and Path(data_file).suffix.lower() in (".txt", ".text"):
         source = data_file
         try:
@@ -344,6 +360,114 @@ def continuation_examples(scorer: Scorer, args, room: int) -> tuple:
     return examples, source
 
 
+def file_format(data_file) -> str | None:
+    """The format tunebench.data reads a local file in by its shape, or None (text, or no known shape)."""
+    from tunebench import data
+
+    if Path(data_file).suffix.lower() in (".txt", ".text"):
+        return None
+    rows, _ = test_rows(section(data_file))
+    try:
+        return data.recognise_shape(rows.column_names, str(data_file))[0]
+    except UserError:
+        return None
+
+
+def run_format(recipe) -> tuple:
+    """(format, fields) of the data a run trained on, resolved as train.py resolved it (a local file
+    without a format is read by its shape)."""
+    from tunebench import data
+
+    data_cfg = recipe["data"]
+    spec = data.REGISTRY.get(data_cfg["dataset"], {})
+    columns = None
+    if recipe["task"] == "causal_lm" and not (spec or data_cfg["format"]):
+        raw, _ = data.load_raw(data_cfg)
+        columns = next(iter(raw.values())).column_names
+    fmt, fields, _ = data.resolve_format(data_cfg, recipe["task"], spec, columns)
+    return fmt, fields
+
+
+def conversation_rows(args, recipe, task: str) -> tuple:
+    """(data section, rows, where from) of the conversations a task reads: --data-file's, or the rows
+    a run trained on conversations held out."""
+    if args.data_file:
+        data_cfg, seed = section(args.data_file), args.seed
+    elif recipe and run_format(recipe)[0] == "conversation":
+        data_cfg, seed = recipe["data"], recipe["train"]["seed"]
+    else:
+        raise UserError(f"task {task} reads conversations: give --data-file (rows of messages, or ShareGPT "
+                        "conversations) or --run of a run trained on conversations")
+    rows, source = held_out_rows(data_cfg, seed, args.data_file)
+    return data_cfg, rows, source
+
+
+def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
+    """Perplexity of a conversation or prompt/completion file, each example built as training builds
+    it (cut to --max-length the same way) and scored alone: every token, or with --assistant-only
+    the assistant turns (completions) and their end-of-turn tokens only."""
+    import torch
+
+    from tunebench import chat, data, metrics
+
+    data_cfg = section(data_file, max_length=scorer.max_length, train_on_prompt=not args.assistant_only)
+    rows, source = test_rows(data_cfg)
+    if fmt == "conversation":
+        column = data.turn_column(rows.column_names, f"'{source}'")
+        template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
+        tokens = data.tokenize_conversations(rows, scorer.tokenizer, column, template, data_cfg)
+        tokens = data.usable_conversations(tokens, f"'{source}'", scorer.max_length)
+        source = f"{source}, {how}"
+    else:
+        fields = dict(data.FORMAT_DEFAULTS[fmt])
+        pairs = data.pair_rows(rows, fmt, fields, data_cfg, f"'{source}'")
+        tokens = data.tokenize_pairs(pairs, scorer.tokenizer, fields["template"], data_cfg, False)
+    if args.limit:
+        tokens = tokens.select(range(min(args.limit, len(tokens))))
+    examples = tokens.with_format("torch", columns=["input_ids", "labels"])
+    batch_size = args.batch_size or 8
+    collate = data.collate(scorer.tokenizer.pad_token_id)
+    nll, scored = 0.0, 0
+    with torch.no_grad(), scorer.autocast():
+        for start in range(0, len(examples), batch_size):
+            batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
+            batch = {k: v.to(scorer.device) for k, v in batch.items()}
+            logits = scorer.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            batch_nll, batch_scored = metrics.causal_nll(logits.float(), batch["labels"])
+            nll, scored = nll + batch_nll.item(), scored + int(batch_scored)
+    return {"ppl": math.exp(nll / scored) if scored else None, "nll_per_token": nll / scored if scored else None,
+            "tokens": scored, "examples": len(examples), "scored": "assistant turns" if args.assistant_only else "every token",
+            "max_length": scorer.max_length, "batch_size": batch_size, "precision": scorer.precision, "data": source}
+
+
+def conversation_examples(scorer: Scorer, args, recipe, room: int) -> tuple:
+    """A conversation up to its last assistant turn, through the chat template training uses (the
+    same tokens, tunebench.chat.encode), and that turn as the reference. A prompt longer than the
+    room the generated tokens leave keeps its end."""
+    from tunebench import chat, data
+
+    data_cfg, rows, source = conversation_rows(args, recipe, "conversation")
+    column = data.turn_column(rows.column_names, f"'{source}'")
+    if column is None:
+        raise UserError(f"task conversation reads turns (messages, or ShareGPT conversations); '{source}' holds "
+                        "OpenAssistant message trees: evaluate them with a file of messages")
+    template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
+    examples, skipped = [], 0
+    for row in rows[column]:
+        try:
+            messages = chat.turns(row)
+            ids, spans = chat.encode(scorer.tokenizer, template, messages)
+        except chat.BadConversation:
+            skipped += 1
+            continue
+        examples.append((ids[: spans[-1][0]][-room:], messages[-1]["content"]))
+        if len(examples) == args.limit:
+            break
+    if skipped:
+        print(f"conversation: skipped {skipped} rows of '{source}' that cannot be rendered (see train.py's data lines)")
+    return examples, f"{source}, {how}"
+
+
 def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int) -> tuple:
     """Instruction or summarization prompts through the template training uses (tunebench.data):
     a run trained in this format brings its own data set, fields and template, and is scored on
@@ -352,16 +476,19 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
     tokens leave; if the template and input alone are too long, the side keeps its end."""
     from tunebench import data
 
-    run_format = None
+    trained_format = None
     if recipe:
-        run_format, run_fields = data.resolve_format(recipe["data"], recipe["task"], data.REGISTRY.get(recipe["data"]["dataset"], {}))
-    if run_format == task:
+        trained_format, run_fields = run_format(recipe)
+    if trained_format in TASK_FORMATS[task]:
         data_cfg, fields, seed = recipe["data"], run_fields, recipe["train"]["seed"]
     else:
         data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data.FORMAT_DEFAULTS[task]), args.seed
     if args.data_file:
         data_cfg = section(args.data_file)
     rows, source = held_out_rows(data_cfg, seed, args.data_file)
+    if args.data_file and task == "instruction" and {"prompt", "completion"} <= set(rows.column_names) \
+            and "instruction" not in rows.column_names:
+        fields = dict(data.FORMAT_DEFAULTS["prompt_completion"])
     rows = data.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
     limit = data_cfg["max_response_chars"]
     rows = rows.filter(lambda row: bool(row["response"] and row["response"].strip())
@@ -388,6 +515,8 @@ def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in {scorer.max_length} tokens")
     if task == "continuation":
         examples, source = continuation_examples(scorer, args, room)
+    elif task == "conversation":
+        examples, source = conversation_examples(scorer, args, recipe, room)
     else:
         examples, source = prompt_response_examples(task, scorer, args, recipe, room)
     if not examples:

@@ -230,3 +230,55 @@ def test_chat_template_names_are_checked(tiny_tokenizer):
         chat.choose_template(tiny_tokenizer, "llama3")
     with pytest.raises(UserError, match="does not exist"):
         chat.choose_template(tiny_tokenizer, "missing.jinja")
+
+
+
+def talk_rows(n: int) -> list:
+    words = "river stone light quiet number letter answer garden small bright".split()
+    return [{"messages": [{"role": "user", "content": f"Say {words[i % 10]} {i} times."},
+                          {"role": "assistant", "content": " ".join([words[i % 10]] * (1 + i % 4))},
+                          {"role": "user", "content": "Again?"},
+                          {"role": "assistant", "content": f"{words[(i + 3) % 10]} {i}."}]} for i in range(n)]
+
+
+def test_a_conversation_run_is_evaluated_on_the_tokens_it_trained_on(tmp_path, assets):
+    """train.py on conversations (the tiny Llama has no chat template: the default one), then
+    evaluate.py: the assistant-only perplexity of the validation file is the run's best validation
+    loss, and the conversation task gives the conversation up to its last assistant turn."""
+    import math
+
+    import torch
+
+    from test_evaluate import evaluate, evaluate_script, read
+
+    train_file, val_file = write_jsonl(tmp_path / "talks.jsonl", talk_rows(24)), write_jsonl(tmp_path / "val.jsonl", talk_rows(30)[24:])
+    run = tmp_path / "run"
+    result = run_script("train.py", "--recipe", ROOT / "recipes" / "lora_r16.yaml", f"model.name={assets / 'llama'}",
+                        f"data.dataset={train_file}", f"data.validation_file={val_file}", "data.max_length=96",
+                        "train.micro_batch_size=4", "train.max_steps=4", "train.eval_every=2", "train.save_every=4",
+                        "train.lr=1e-2", "train.warmup_ratio=0", "eval.tasks=[]", f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "read as conversation" in result.stdout and "tunebench's default template 'zephyr'" in result.stdout
+    summary = read(run / "summary.json")
+
+    evaluate("--run", run, "--tasks", "ppl", "--data-file", val_file, "--assistant-only", "--max-length", 96)
+    scored = read(run / "eval.json")["tasks"]["ppl"]
+    assert scored["examples"] == 6 and scored["scored"] == "assistant turns"
+    assert math.log(scored["ppl"]) == pytest.approx(summary["best_val_loss"], rel=1e-5)
+    evaluate("--run", run, "--tasks", "ppl", "--data-file", val_file, "--max-length", 96)
+    every = read(run / "eval.json")["tasks"]["ppl"]
+    assert every["tokens"] > scored["tokens"] and every["scored"] == "every token"
+
+    evaluate("--run", run, "--tasks", "conversation", "--data-file", val_file, "--max-new-tokens", 8)
+    generated = read(run / "eval.json")["tasks"]["conversation"]
+    assert generated["examples"] == 6 and isinstance(generated["rouge1"], float)
+    tokenizer = load_tokenizer({"name": str(run / "final")})
+    scorer = evaluate_script.Scorer(None, tokenizer, torch.device("cpu"), "fp32", 96, 48, 0)
+    args = evaluate_script.parse_args(["--run", str(run), "--tasks", "conversation", "--data-file", str(val_file)])
+    examples, source = evaluate_script.conversation_examples(scorer, args, None, 88)
+    for (prompt, reference), row in zip(examples, talk_rows(30)[24:]):
+        messages = row["messages"]
+        assert tokenizer.decode(prompt) == tokenizer.apply_chat_template(
+            messages[:-1], chat_template=chat.DEFAULT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+        assert reference == messages[-1]["content"]
+    assert "default template" in source
