@@ -55,7 +55,8 @@ TOKENS_PER_BATCH = {"cuda": 8192, "cpu": 2048}
 
 # Where instruction and summarization read when neither a run's recipe nor --data-file names the data.
 DEFAULT_DATA = {"instruction": "alpaca", "summarization": "cnn_dailymail"}
-STOP = {"instruction": "###"}  # Alpaca's next section: a model that goes on past its response starts one
+STOP = {"instruction": "###"}
+SAMPLES, SAMPLE_PROMPT_TOKENS = 5, 48  # generations kept in eval.json, with the end of their prompts  # Alpaca's next section: a model that goes on past its response starts one
 
 
 def parse_args(argv=None):
@@ -375,13 +376,13 @@ def file_format(data_file) -> str | None:
 
 def run_format(recipe) -> tuple:
     """(format, fields) of the data a run trained on, resolved as train.py resolved it (a local file
-    without a format is read by its shape)."""
+    without a format is read by its shape; a hub set named by its id alone is taken as text here)."""
     from tunebench import data
 
     data_cfg = recipe["data"]
     spec = data.REGISTRY.get(data_cfg["dataset"], {})
     columns = None
-    if recipe["task"] == "causal_lm" and not (spec or data_cfg["format"]):
+    if recipe["task"] == "causal_lm" and not (spec or data_cfg["format"]) and Path(data_cfg["dataset"]).exists():
         raw, _ = data.load_raw(data_cfg)
         columns = next(iter(raw.values())).column_names
     fmt, fields, _ = data.resolve_format(data_cfg, recipe["task"], spec, columns)
@@ -531,8 +532,10 @@ def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
     if task in STOP:
         hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
     scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
+    samples = [{"prompt_end": tokenizer.decode(prompt[-SAMPLE_PROMPT_TOKENS:]), "reference": reference.strip(),
+                "generated": hypothesis.strip()} for (prompt, reference), hypothesis in zip(examples, hypotheses)]
     return {
-        **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
+        **scores, "samples": samples[:SAMPLES], "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
         "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": scorer.precision, "data": source,
         **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
     }
@@ -591,6 +594,8 @@ def print_table(name: str, scorer: Scorer, results: dict) -> None:
     print(f"{'task':<14} {'metric':<20} value")
     for task, values in results.items():
         for i, (metric, value) in enumerate(values.items()):
+            if metric == "samples":
+                value = f"{len(value)} in eval.json"
             shown = f"{value:.4f}" if isinstance(value, float) else "null" if value is None else str(value)
             print(f"{task if i == 0 else '':<14} {metric:<20} {shown}")
 
