@@ -282,3 +282,24 @@ def test_a_conversation_run_is_evaluated_on_the_tokens_it_trained_on(tmp_path, a
             messages[:-1], chat_template=chat.DEFAULT_TEMPLATE, tokenize=False, add_generation_prompt=True)
         assert reference == messages[-1]["content"]
     assert "default template" in source
+
+
+def test_evaluate_reads_prompt_completion_files_for_the_instruction_task(tmp_path, assets):
+    import torch
+
+    from test_evaluate import evaluate_script
+
+    rows = [{"prompt": f"The square of {i} is", "completion": f" {i * i}."} for i in range(5)]
+    write_jsonl(tmp_path / "pc.jsonl", rows)
+    tokenizer = load_tokenizer({"name": str(assets / "gpt2")})
+    scorer = evaluate_script.Scorer(None, tokenizer, torch.device("cpu"), "fp32", 64, 32, 0)
+    args = evaluate_script.parse_args(["--model", "m", "--tasks", "instruction", "--data-file", str(tmp_path / "pc.jsonl")])
+    examples, _ = evaluate_script.prompt_response_examples("instruction", scorer, args, None, 48)
+    assert [(tokenizer.decode(p), r) for p, r in examples] == [(r["prompt"], r["completion"]) for r in rows]
+
+
+@pytest.mark.parametrize("key", ["data.template=plain", "data.max_response_chars=20"])
+def test_pair_keys_do_not_apply_to_conversations_of_turns(tmp_path, tiny_tokenizer, key):
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": TALKS[1]}] * 4)
+    with pytest.raises(UserError, match="applies to OpenAssistant message trees"):
+        data.build(data_cfg(tmp_path / "c.jsonl", "data.format=conversation", key), tiny_tokenizer, 0)

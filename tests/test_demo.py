@@ -40,3 +40,18 @@ def test_general_text_is_a_licence_and_not_the_training_text(tmp_path):
     assert general == text
     assert not any(topic.strip()[:200] in general for topic in topics.values())  # none of the documentation it trains on
     assert [p.name for p in tmp_path.iterdir()] == ["general.txt"]
+
+
+def test_chat_data_is_the_topics_as_question_and_answer_turns(tmp_path):
+    demo.write_chat(tmp_path / "chat")
+    splits = demo.split_topics()
+    for split in ("train", "validation", "test"):
+        rows = [json.loads(line)["messages"] for line in (tmp_path / "chat" / f"{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == len(splits[split])  # one conversation per topic
+        for messages, topic in zip(rows, splits[split]):
+            assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2) and messages
+            assert messages[0]["content"].startswith("What does the Python reference say about ")
+            assert all(m["content"] == "Go on." for m in messages[2::2])
+            for answer in messages[1::2]:  # every answer is the topic's own text, its lines joined
+                assert answer["content"].split("\n\n")[0].split(" ")[0] in topic
+    assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))
