@@ -389,18 +389,27 @@ def run_format(recipe) -> tuple:
     return fmt, fields
 
 
-def conversation_rows(args, recipe, task: str) -> tuple:
-    """(data section, rows, where from) of the conversations a task reads: --data-file's, or the rows
-    a run trained on conversations held out."""
+def conversation_rows(args, recipe) -> tuple:
+    """(data section, rows, where from, where their turns are: tunebench.data.turns_source) of the
+    conversations task conversation reads: --data-file's, or the rows a run trained on them held out."""
+    from tunebench import data
+
     if args.data_file:
         data_cfg, seed = section(args.data_file), args.seed
-    elif recipe and run_format(recipe)[0] == "conversation":
+        fmt = file_format(args.data_file)
+        fields = dict(data.FORMAT_DEFAULTS.get(fmt, {}))
+    elif recipe:
         data_cfg, seed = recipe["data"], recipe["train"]["seed"]
+        fmt, fields = run_format(recipe)
     else:
-        raise UserError(f"task {task} reads conversations: give --data-file (rows of messages, or ShareGPT "
-                        "conversations) or --run of a run trained on conversations")
-    rows, source = held_out_rows(data_cfg, seed, args.data_file)
-    return data_cfg, rows, source
+        data_cfg = fmt = fields = None
+    if fmt in ("conversation", "prompt_completion"):
+        rows, source = held_out_rows(data_cfg, seed, args.data_file)
+        turns = data.turns_source(rows, fmt, fields, f"'{source}'")
+        if turns is not None:
+            return {**data_cfg, "chat_template": fields.get("chat_template")}, rows, source, turns
+    raise UserError("task conversation reads conversations of turns: give --data-file (rows of messages, ShareGPT "
+                    "conversations, or prompt and completion as turns) or --run of a run trained on them")
 
 
 def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
@@ -413,14 +422,14 @@ def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
 
     data_cfg = section(data_file, max_length=scorer.max_length, train_on_prompt=not args.assistant_only)
     rows, source = test_rows(data_cfg)
-    if fmt == "conversation":
-        column = data.turn_column(rows.column_names, f"'{source}'")
+    fields = dict(data.FORMAT_DEFAULTS[fmt])
+    turns = data.turns_source(rows, fmt, fields, f"'{source}'")
+    if turns is not None:
         template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
-        tokens = data.tokenize_conversations(rows, scorer.tokenizer, column, template, data_cfg)
+        tokens = data.tokenize_conversations(data.turn_rows(rows, turns, f"'{source}'"), scorer.tokenizer, template, data_cfg)
         tokens = data.usable_conversations(tokens, f"'{source}'", scorer.max_length)
         source = f"{source}, {how}"
     else:
-        fields = dict(data.FORMAT_DEFAULTS[fmt])
         pairs = data.pair_rows(rows, fmt, fields, data_cfg, f"'{source}'")
         tokens = data.tokenize_pairs(pairs, scorer.tokenizer, fields["template"], data_cfg, False)
     if args.limit:
@@ -447,14 +456,10 @@ def conversation_examples(scorer: Scorer, args, recipe, room: int) -> tuple:
     room the generated tokens leave keeps its end."""
     from tunebench import chat, data
 
-    data_cfg, rows, source = conversation_rows(args, recipe, "conversation")
-    column = data.turn_column(rows.column_names, f"'{source}'")
-    if column is None:
-        raise UserError(f"task conversation reads turns (messages, or ShareGPT conversations); '{source}' holds "
-                        "OpenAssistant message trees: evaluate them with a file of messages")
+    data_cfg, rows, source, turns = conversation_rows(args, recipe)
     template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
     examples, skipped = [], 0
-    for row in rows[column]:
+    for row in data.turn_rows(rows, turns, f"'{source}'")["turns"]:
         try:
             messages = chat.turns(row)
             ids, spans = chat.encode(scorer.tokenizer, template, messages)

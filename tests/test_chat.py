@@ -34,9 +34,9 @@ def smollm_tokenizer():
     return load_tokenizer({"name": str(GGUF)})  # the chat template the GGUF file carries
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny_tokenizer(assets):
-    return load_tokenizer({"name": str(assets / "gpt2")})  # no chat template
+    return load_tokenizer({"name": str(assets / "gpt2")})  # no chat template (data.build sets the one it uses)
 
 
 def data_cfg(dataset, *overrides):
@@ -281,7 +281,7 @@ def test_a_conversation_run_is_evaluated_on_the_tokens_it_trained_on(tmp_path, a
         assert tokenizer.decode(prompt) == tokenizer.apply_chat_template(
             messages[:-1], chat_template=chat.DEFAULT_TEMPLATE, tokenize=False, add_generation_prompt=True)
         assert reference == messages[-1]["content"]
-    assert "default template" in source
+    assert "the model's chat template" in source and tokenizer.chat_template == chat.DEFAULT_TEMPLATE  # final/ carries it
 
 
 def test_evaluate_reads_prompt_completion_files_for_the_instruction_task(tmp_path, assets):
@@ -301,5 +301,16 @@ def test_evaluate_reads_prompt_completion_files_for_the_instruction_task(tmp_pat
 @pytest.mark.parametrize("key", ["data.template=plain", "data.max_response_chars=20"])
 def test_pair_keys_do_not_apply_to_conversations_of_turns(tmp_path, tiny_tokenizer, key):
     write_jsonl(tmp_path / "c.jsonl", [{"messages": TALKS[1]}] * 4)
-    with pytest.raises(UserError, match="applies to OpenAssistant message trees"):
+    with pytest.raises(UserError, match="does not apply to conversations of turns"):
         data.build(data_cfg(tmp_path / "c.jsonl", "data.format=conversation", key), tiny_tokenizer, 0)
+
+
+def test_prompt_and_completion_as_turns_score_the_completion_only(tmp_path, smollm_tokenizer):
+    rows = [{"prompt": talk[:-1], "completion": talk[-1:]} for talk in TALKS[:2]] * 2  # earlier replies are context
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "validation.jsonl", rows)
+    train, _ = data.build(data_cfg(tmp_path, "data.max_length=512"), smollm_tokenizer, 0)
+    for row, example in zip(rows, train):
+        messages = row["prompt"] + row["completion"]
+        assert smollm_tokenizer.decode(example["input_ids"]) == smollm_tokenizer.apply_chat_template(messages, tokenize=False)
+        assert [smollm_tokenizer.decode(run) for _, run in scored_runs(example)] == [row["completion"][0]["content"] + "<|im_end|>"]

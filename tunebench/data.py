@@ -12,6 +12,8 @@ format; every format ends in token sequences with labels, where label -100 is ne
                  article is cut instead, so the summary always fits in data.max_length.
   prompt_completion  TRL's prompt and completion strings: the completion (and the end-of-text token)
                  follows the prompt as it is (template "completion"); the loss is on the completion.
+                 Prompt and completion as lists of turns are one conversation through the chat
+                 template, the loss on the completion's assistant turns.
   conversation   rows of turns (`messages` of role/content, or ShareGPT's `conversations` of
                  from/value) through the model's chat template (tunebench/chat.py); the loss is on
                  every assistant turn. OpenAssistant message trees: each assistant reply with the
@@ -77,7 +79,7 @@ FORMAT_KEYS = {
     "text": {"text_field"},
     "instruction": PAIR_KEYS,
     "summarization": PAIR_KEYS,
-    "prompt_completion": PAIR_KEYS - {"input_field"},
+    "prompt_completion": PAIR_KEYS - {"input_field"} | {"chat_template"},
     "conversation": PAIR_KEYS - {"prompt_field", "input_field", "response_field"} | {"chat_template"},
     "classification": {"text_field", "label_field"},
 }
@@ -269,6 +271,35 @@ def turn_column(columns, where: str):
         f"(turns of from and value) or OpenAssistant message trees ({', '.join(CONVERSATION_COLUMNS)}); "
         f"{where} has {'both messages and conversations' if found else 'fields ' + ', '.join(columns)}"
     )
+
+
+def turns_source(ds, fmt: str, fields: dict, where: str):
+    """Where a row's turns are: a field of turns ('messages', ShareGPT's 'conversations'); the
+    prompt and completion fields when they hold turns (TRL's conversational prompt/completion);
+    None for OpenAssistant message trees and for prompt/completion strings."""
+    if fmt == "conversation":
+        return turn_column(ds.column_names, where)
+    prompt = fields.get("prompt_field")
+    if fmt == "prompt_completion" and prompt in ds.column_names and len(ds) and isinstance(ds[0][prompt], list):
+        return (prompt, fields["response_field"])
+    return None
+
+
+def turn_rows(ds, source, where: str):
+    """The rows as columns turns (a conversation's turns as they are) and first_scored (the first
+    turn whose assistant replies are scored: a completion's first turn, else 0)."""
+    columns = source if isinstance(source, tuple) else (source,)
+    for column in columns:
+        _column_check(ds, column, "format", where)
+
+    def fn(batch):
+        if len(columns) == 1:
+            return {"turns": batch[columns[0]], "first_scored": [0] * len(batch[columns[0]])}
+        prompts, completions = batch[columns[0]], batch[columns[1]]
+        return {"turns": [(p or []) + (c or []) for p, c in zip(prompts, completions)],
+                "first_scored": [len(p or []) for p in prompts]}
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, desc="reading turns")
 
 
 def split_train_validation(raw, data_cfg: dict, spec: dict, seed: int) -> tuple:
@@ -476,9 +507,10 @@ def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: boo
                   new_fingerprint=_fingerprint(ds, tokenizer, *settings), desc="tokenizing")
 
 
-def tokenize_conversations(ds, tokenizer, column: str, template: str, data_cfg: dict, num_proc=None):
-    """input_ids = the conversation through the chat template; labels = every assistant turn's
-    reply and end-of-turn token, -100 elsewhere (all tokens with data.train_on_prompt). A
+def tokenize_conversations(ds, tokenizer, template: str, data_cfg: dict, num_proc=None):
+    """Rows of turn_rows -> input_ids = the conversation through the chat template; labels = every
+    assistant turn's reply and end-of-turn token from first_scored on, -100 elsewhere (all tokens
+    with data.train_on_prompt). A
     conversation longer than data.max_length keeps its turns up to the last assistant turn that
     fits (column "cut"); column "problem" says why a row gives no example ("" when it does):
     a bad row (chat.BadConversation), or "too long" when not even its first reply fits."""
@@ -486,10 +518,14 @@ def tokenize_conversations(ds, tokenizer, column: str, template: str, data_cfg: 
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "cut": [], "problem": []}
-        for row in batch[column]:
+        for row, first in zip(batch["turns"], batch["first_scored"]):
             ids, spans, cut, problem = [], [], False, ""
             try:
-                ids, spans = chat.encode(tokenizer, template, chat.turns(row))
+                messages = chat.turns(row)
+                scored = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
+                if not scored:
+                    raise chat.BadConversation("no assistant turn in the completion")
+                ids, spans = chat.encode(tokenizer, template, messages, scored)
                 ids, spans, cut = chat.fit(ids, spans, max_length)
                 if ids is None:
                     ids, spans, problem = [], [], "too long"
@@ -501,7 +537,7 @@ def tokenize_conversations(ds, tokenizer, column: str, template: str, data_cfg: 
             out["problem"].append(problem)
         return out
 
-    settings = ("chat", column, template, max_length, train_on_prompt)
+    settings = ("chat", template, max_length, train_on_prompt)
     return ds.map(fn, batched=True, num_proc=num_proc, remove_columns=ds.column_names,
                   new_fingerprint=_fingerprint(ds, tokenizer, *settings), desc="tokenizing")
 
@@ -590,7 +626,7 @@ def _lazy(token_ds, names=None) -> Examples:
 
 def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tuple:
     """(train Examples, validation Examples) for a recipe's data section; for classification both
-    carry label_names."""
+    carry label_names. Conversations set tokenizer.chat_template to the template they use."""
     name = data_cfg["dataset"]
     raw, spec = load_raw(data_cfg)
     train, val = split_train_validation(raw, data_cfg, spec, seed)
@@ -631,9 +667,9 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
             out.append(pack(tokens, tokenizer.eos_token_id, data_cfg["max_length"]))
         return tuple(out)
 
-    column = turn_column(train.column_names, f"data set '{name}'") if fmt == "conversation" else None
-    if column is not None:
-        return conversations(splits, tokenizer, column, fields, data_cfg, wheres, seed, num_proc)
+    source = turns_source(train, fmt, fields, f"data set '{name}'")
+    if source is not None:
+        return conversations(splits, tokenizer, source, fields, data_cfg, wheres, seed, num_proc)
 
     template_variants(fields["template"])  # a bad template fails before any tokenizing
     out = []
@@ -666,22 +702,26 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
     return tuple(out)
 
 
-def conversations(splits: dict, tokenizer, column: str, fields: dict, data_cfg: dict, wheres: dict, seed: int,
+def conversations(splits: dict, tokenizer, source, fields: dict, data_cfg: dict, wheres: dict, seed: int,
                   num_proc=None) -> tuple:
-    """(train Examples, validation Examples) of conversation rows through the chat template."""
+    """(train Examples, validation Examples) of rows of turns through the chat template."""
+    what = f"'{source}'" if isinstance(source, str) else f"'{source[0]}' and '{source[1]}' turns"
     for key in ("template", "max_response_chars"):
         if data_cfg[key] is not None:
-            raise UserError(f"recipe key 'data.{key}' applies to OpenAssistant message trees, not to conversations of "
-                            f"turns ('{column}'); these use the model's chat template, or data.chat_template")
-    template, source = chat.choose_template(tokenizer, fields.get("chat_template"))
-    print(f"data: conversations ('{column}') through {source}; loss on "
+            raise UserError(f"recipe key 'data.{key}' does not apply to conversations of turns ({what}): these use the "
+                            "model's chat template, or data.chat_template (data.template is for OpenAssistant message "
+                            "trees and prompt/completion strings)")
+    template, how = chat.choose_template(tokenizer, fields.get("chat_template"))
+    # The run saves its tokenizer in final/: with the template it trained on, the model brings it
+    # to evaluate.py, transformers' pipelines and serving.
+    tokenizer.chat_template = template
+    print(f"data: conversations ({what}) through {how}; loss on "
           + ("every token" if data_cfg["train_on_prompt"] else "the assistant turns"))
     out = []
     for split, ds in splits.items():
-        _column_check(ds, column, "format", wheres[split])
         if split == "train":
             ds = subsample(ds, data_cfg["fraction"], seed)
-        tokens = tokenize_conversations(ds, tokenizer, column, template, data_cfg, num_proc)
+        tokens = tokenize_conversations(turn_rows(ds, source, wheres[split]), tokenizer, template, data_cfg, num_proc)
         out.append(_lazy(usable_conversations(tokens, wheres[split], data_cfg["max_length"])))
     return tuple(out)
 
