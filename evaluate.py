@@ -132,6 +132,9 @@ def check_request(args) -> Request:
         inputs.existing_file(file, "--also-ppl file")
     if "ppl" in tasks and not args.data_file:
         raise UserError(f"task ppl needs --data-file FILE ({TASKS['ppl']})")
+    if "conversation" in tasks and not args.data_file and not recipe:
+        raise UserError("task conversation needs --data-file (rows of messages, ShareGPT conversations, or prompt and "
+                        "completion as turns) with --model")
     out_dir = run_dir or (inputs.writable_folder(args.out, "--out") if args.out else None)
     name = str(run_dir) if run_dir else args.model
     damaged = "; delete it to evaluate again"
@@ -495,6 +498,8 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
     if args.data_file and task == "instruction" and {"prompt", "completion"} <= set(rows.column_names) \
             and "instruction" not in rows.column_names:
         fields = dict(data.FORMAT_DEFAULTS["prompt_completion"])
+        if len(rows) and isinstance(rows[0]["prompt"], list):
+            raise UserError(f"'{source}' holds prompt and completion as lists of turns: evaluate them with --tasks conversation")
     rows = data.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
     limit = data_cfg["max_response_chars"]
     rows = rows.filter(lambda row: bool(row["response"] and row["response"].strip())

@@ -314,3 +314,18 @@ def test_prompt_and_completion_as_turns_score_the_completion_only(tmp_path, smol
         messages = row["prompt"] + row["completion"]
         assert smollm_tokenizer.decode(example["input_ids"]) == smollm_tokenizer.apply_chat_template(messages, tokenize=False)
         assert [smollm_tokenizer.decode(run) for _, run in scored_runs(example)] == [row["completion"][0]["content"] + "<|im_end|>"]
+
+
+def test_evaluate_refuses_conversation_input_it_cannot_read(tmp_path, assets, capsys):
+    from test_evaluate import assert_user_error, evaluate_fails
+
+    turns = write_jsonl(tmp_path / "turns.jsonl", [{"prompt": TALKS[1][:1], "completion": TALKS[1][1:]}] * 3)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "Plain text."}] * 3)
+    cases = [
+        (["--tasks", "conversation"], "task conversation needs --data-file"),
+        (["--tasks", "conversation", "--data-file", text], "task conversation reads conversations of turns"),
+        (["--tasks", "instruction", "--data-file", turns], "evaluate them with --tasks conversation"),
+        (["--tasks", "ppl", "--data-file", text, "--assistant-only"], "--assistant-only scores conversation"),
+    ]
+    for args, phrase in cases:
+        assert_user_error(*evaluate_fails(capsys, "--model", assets / "gpt2", *args), phrase)
