@@ -510,10 +510,10 @@ def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: boo
 def tokenize_conversations(ds, tokenizer, template: str, data_cfg: dict, num_proc=None):
     """Rows of turn_rows -> input_ids = the conversation through the chat template; labels = every
     assistant turn's reply and end-of-turn token from first_scored on, -100 elsewhere (all tokens
-    with data.train_on_prompt). A
-    conversation longer than data.max_length keeps its turns up to the last assistant turn that
-    fits (column "cut"); column "problem" says why a row gives no example ("" when it does):
-    a bad row (chat.BadConversation), or "too long" when not even its first reply fits."""
+    with data.train_on_prompt). A conversation longer than data.max_length keeps its turns up to
+    the last assistant turn that fits (column "cut"); column "problem" says why a row gives no
+    example ("" when it does): a bad row (chat.BadConversation), or "too long" when not even its
+    first reply fits."""
     max_length, train_on_prompt = data_cfg["max_length"], data_cfg["train_on_prompt"]
 
     def fn(batch):
