@@ -631,7 +631,7 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
     raw, spec = load_raw(data_cfg)
     train, val = split_train_validation(raw, data_cfg, spec, seed)
     fmt, fields, why = resolve_format(data_cfg, task, spec, train.column_names)
-    if why:
+    if why and fmt != "text":  # plain text, as ever, goes without saying
         print(f"data: {name} read as {fmt}: {why} (data.format sets another)")
     num_proc = data_cfg["num_proc"] or (min(8, os.cpu_count() or 1) if len(train) > 50_000 else None)
     splits = {"train": train, "validation": val}
