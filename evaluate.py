@@ -271,6 +271,8 @@ def held_out_rows(data_cfg: dict, seed: int, data_file) -> tuple:
     if data_file or "test" in raw:
         return test_rows(data_cfg)
     _, validation = data.split_train_validation(raw, data_cfg, spec, seed)
+    if data_cfg["validation_file"]:
+        return validation, data_cfg["validation_file"]
     return validation, f"{data_cfg['dataset']} validation (share {data_cfg['validation_share']}, seed {seed})"
 
 
