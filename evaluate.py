@@ -406,7 +406,46 @@ def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
         **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
         "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": scorer.precision, "data": source,
         **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
+        GENERATIONS_KEY: generation_records(scorer, examples, hypotheses),
     }
+
+
+# ---- generations.jsonl: what each model wrote, for the report's side-by-side view and the judge ------
+
+GENERATIONS_KEY = "_generations"  # carried in a generation task's result until main() takes it out
+
+
+def generation_records(scorer: Scorer, examples: list, hypotheses: list) -> list:
+    """One record per example: the prompt as the model read it, the reference and the output as scored."""
+    return [{"id": i, "prompt": scorer.tokenizer.decode(prompt, skip_special_tokens=True), "reference": reference.strip(),
+             "output": output.strip()} for i, ((prompt, reference), output) in enumerate(zip(examples, hypotheses))]
+
+
+def take_generations(results: dict) -> dict:
+    """{task: records} taken out of the task results (eval.json holds scores; generations.jsonl the texts)."""
+    return {task: values.pop(GENERATIONS_KEY) for task, values in results.items() if GENERATIONS_KEY in values}
+
+
+def read_generations(folder) -> list:
+    """generations.jsonl of an evaluated run or baseline folder, [] when there is none."""
+    path = Path(folder) / "generations.jsonl"
+    if not path.is_file():
+        return []
+    from tunebench import inputs
+
+    return inputs.read_jsonl_records(path, "; delete it and evaluate again")
+
+
+def write_generations(out_dir: Path, generations: dict) -> None:
+    """generations.jsonl beside eval.json: one line per example ({task, id, prompt, reference, output}
+    and the judge's verdicts when asked); the lines of tasks not evaluated this time are kept."""
+    import json
+
+    from tunebench import rundir
+
+    kept = [r for r in read_generations(out_dir) if r.get("task") not in generations]
+    records = kept + [{"task": task, **record} for task, task_records in generations.items() for record in task_records]
+    rundir.write_atomic(out_dir / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def run_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
@@ -491,9 +530,12 @@ def main(argv=None):
         results[name] = perplexity_task("ppl", scorer, args, file)
         times[name] = round(time.perf_counter() - started, 3)
 
+    generations = take_generations(results)
     evaluation = evaluation_record(args, request, scorer, results, times)
     if request.out_dir is not None:
         write_results(evaluation, request, args, scorer.model)
+        if generations:
+            write_generations(request.out_dir, generations)
     print_table(request.name, scorer, results)
     if request.out_dir is not None:
         print(f"\nwritten: {request.out_dir / 'eval.json'}")

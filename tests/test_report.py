@@ -183,3 +183,40 @@ def test_evaluate_py_report_writes_the_report(runs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "r" / "report.md")
     assert list(csv_rows(tmp_path / "r")) == ["lora_r4", "baseline"]
+
+
+def generations_of(folder) -> dict:
+    return {(g["prompt"], g["reference"]): g["output"] for g in map(json.loads, (folder / "generations.jsonl").read_text().splitlines())}
+
+
+def test_generations_side_by_side(runs, assets, tmp_path):
+    """Real generations (evaluate.py on the baseline and two trained runs): the report shows the same
+    handful of prompts for every model, chosen by the evaluation seed, with each model's own output."""
+    from test_evaluate import evaluate, generation_data
+
+    base, _ = runs
+    data_file = generation_data(tmp_path / "g.jsonl")
+    task_args = ["--tasks", "instruction", "--data-file", data_file, "--max-new-tokens", 10]
+    evaluate("--model", assets / "gpt2", "--out", tmp_path / "baseline", *task_args)
+    for name in ("full-seed1", "lora_r4"):
+        shutil.copytree(base / name, tmp_path / name, ignore=shutil.ignore_patterns("eval.json", "checkpoints"))
+        evaluate("--run", tmp_path / name, *task_args)
+    folders = [tmp_path / n for n in ("baseline", "full-seed1", "lora_r4")]
+    report.main([str(f) for f in folders] + ["--out", str(tmp_path / "report")])
+
+    view = json.loads((tmp_path / "report" / "report.json").read_text())["generations"]
+    assert view["task"] == "instruction" and view["seed"] == 42 and view["prompts"] == 6
+    assert len(view["examples"]) == report.GENERATION_EXAMPLES  # 5 of the 6
+    references = [json.loads(line)["output"].strip() for line in data_file.read_text().splitlines()]
+    md = (tmp_path / "report" / "report.md").read_text()
+    section = md.split("## Generations side by side")[1].split("## Setting")[0]
+    for example in view["examples"]:
+        assert example["reference"] == references[example["id"]]
+        assert list(example["outputs"]) == ["baseline", "full-seed1", "lora_r4"]
+        for folder in folders:
+            output = generations_of(folder)[(example["prompt"], example["reference"])]
+            assert example["outputs"][folder.name] == output
+            assert output in section
+    assert section.count("**Reference**") == 5 and section.count("**lora_r4**") == 5
+    # Another evaluation seed picks another handful, the same for every model.
+    assert report.side_by_side([dict(report.load_run(f), eval_seed=7) for f in folders])["examples"] != view["examples"]
