@@ -17,6 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
 	$(PY) -m pip install --quiet -r requirements-dev.txt $(if $(LOCK),-c $(LOCK))
 	$(PY) -m pip install --quiet --no-build-isolation -r requirements-deepspeed.txt $(if $(LOCK),-c $(LOCK))
+	$(PY) -m tunebench.wordnet
 	touch $@
 
 install: $(VENV)/.installed

@@ -44,7 +44,9 @@ TRAIN_COLUMNS = [
 # eval.json numbers that describe how a task was measured rather than a result: shown in the setting,
 # as are its text values (precision, data file). Every other number is a result column.
 EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", "max_tokens", "batch_size",
-                 "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed"}
+                 "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed",
+                 "judge_temperature", "judge_examples", "judge_scored", "judge_failed", "judge_pairwise_verdicts",
+                 "judge_pairwise_failed", "judge_pairwise_unmatched"}
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
@@ -263,7 +265,8 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return text
 
 
-METRIC_NAMES = {"word_ppl": "word ppl", "bits_per_byte": "bits/byte", "tokens_per_s": "eval tokens/s"}
+METRIC_NAMES = {"word_ppl": "word ppl", "bits_per_byte": "bits/byte", "tokens_per_s": "eval tokens/s",
+                "judge_score": "judge score (0-100)", "judge_win_rate": "judge win rate vs baseline"}
 
 
 def _eval_name(task: str, metric: str) -> str:
