@@ -1,4 +1,5 @@
-"""Runs -> one comparison: report.md, report.csv, report.json, loss_curves.png, pareto.png, and with
+"""Runs -> one comparison: report.md, report.html (the same, self-contained, with the plots and the generations
+side by side: tunebench/report_html.py), report.csv, report.json, loss_curves.png, pareto.png, and with
 what a suite adds: lr_sweep.png (its learning-rate search), learning_forgetting.png (a general text),
 grid.png (grids over recipe keys).
 
@@ -736,6 +737,9 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
         "runs": [{k: r[k] for k in ("name", "dir", "method", "finished", "error", "summary", "eval")} for r in runs],
     })
     write_atomic(out / "report.md", "\n".join(md))
+    from tunebench import report_html
+
+    write_atomic(out / "report.html", report_html.page("\n".join(md), out, view))
     return out / "report.md"
 
 
