@@ -8,7 +8,8 @@
 - Text: the sections of Python's documentation (`pydoc_data.topics`), split by topic: in the
   sorted list of topic names, every tenth from the 4th is test, every tenth from the 8th is
   validation, the rest train. `data/lm/{train,validation}.jsonl` hold one topic per row (training
-  and validation loss); `data/test.txt` holds the test topics as one text (perplexity).
+  and validation loss); `data/test.txt` holds the test topics as one text, `data/test.jsonl` one per
+  row (perplexity, and the continuation task's prompts and references).
 - General text (forgetting): Python's own LICENSE.txt, which every CPython installs beside its standard
   library: the history of Python in prose, then the licence terms. It is English of another register
   than the reference documentation the demo trains on, and a kind of text the pretrained model saw on the
@@ -41,7 +42,7 @@ def split_topics() -> dict:
 
 
 def write_data(folder: Path) -> None:
-    if (folder / "test.txt").is_file():
+    if (folder / "test.jsonl").is_file():
         return
     tmp = rundir.temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +52,9 @@ def write_data(folder: Path) -> None:
         rows = "".join(json.dumps({"text": text}) + "\n" for text in splits[split])
         (tmp / "lm" / f"{split}.jsonl").write_text(rows, encoding="utf-8")
     (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
+    # The same topics one per row: perplexity reads them joined by blank lines (the text of test.txt),
+    # and the continuation task takes each topic's start as a prompt and what follows as the reference.
+    (tmp / "test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in splits["test"]), encoding="utf-8")
     rundir.publish(tmp, folder)
 
 
