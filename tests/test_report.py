@@ -153,8 +153,13 @@ def test_plots_are_png_images(runs):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "summary.json").write_text(json.dumps({"name": "damaged", "method": "baseline"}))
+    (damaged / "generations.jsonl").write_text('{"task": "instruction", "id": 0}\n{"task": "instr')  # cut short
     for argv, expected in [
         ([str(tmp_path / "missing"), "--out", str(tmp_path / "r")], "does not exist"),
+        ([str(damaged), "--out", str(tmp_path / "r")], "generations.jsonl', line 2 is not valid JSON"),
         ([str(tmp_path), "--out", str(tmp_path / "r")], "is not a run folder"),
         ([], "the following arguments are required"),
     ]:
