@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # to keep a torch you already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-latest lock demo compare bench bench-memory clean
+.PHONY: install browser test test-latest lock demo compare bench bench-memory clean
 
 # make install: the exact tested versions of requirements.lock (made by `make lock`), PyTorch first.
 # DeepSpeed ships as source: it is built against the torch installed first. With build isolation
@@ -17,11 +17,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-deepspeed
 	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
 	$(PY) -m pip install --quiet -r requirements-dev.txt $(if $(LOCK),-c $(LOCK))
 	$(PY) -m pip install --quiet --no-build-isolation -r requirements-deepspeed.txt $(if $(LOCK),-c $(LOCK))
+	$(PY) -m tunebench.wordnet
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install $(VENV)/.demo-installed
+# report.html is tested in a real browser, Debian's chromium: installed here when missing on a Debian
+# machine run as root (CI); elsewhere install it yourself (apt-get install chromium) or that test is skipped.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+
+test: install $(VENV)/.demo-installed browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
 
 # make test-latest: the newest versions requirements*.txt allow, in a venv of their own (.venv-latest),

@@ -55,8 +55,7 @@ TOKENS_PER_BATCH = {"cuda": 8192, "cpu": 2048}
 
 # Where instruction and summarization read when neither a run's recipe nor --data-file names the data.
 DEFAULT_DATA = {"instruction": "alpaca", "summarization": "cnn_dailymail"}
-STOP = {"instruction": "###"}
-SAMPLES, SAMPLE_PROMPT_TOKENS = 5, 48  # generations kept in eval.json, with the end of their prompts  # Alpaca's next section: a model that goes on past its response starts one
+STOP = {"instruction": "###"}  # Alpaca's next section: a model that goes on past its response starts one
 
 
 def parse_args(argv=None):
@@ -85,6 +84,7 @@ def parse_args(argv=None):
                         "the held-out share of a data set that has no test split (train.seed's default, 42)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
+    add_judge_args(parser)
     return parser.parse_args(argv)
 
 
@@ -544,13 +544,50 @@ def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
     if task in STOP:
         hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
     scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
-    samples = [{"prompt_end": tokenizer.decode(prompt[-SAMPLE_PROMPT_TOKENS:]), "reference": reference.strip(),
-                "generated": hypothesis.strip()} for (prompt, reference), hypothesis in zip(examples, hypotheses)]
     return {
-        **scores, "samples": samples[:SAMPLES], "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
+        **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
         "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": scorer.precision, "data": source,
         **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
+        GENERATIONS_KEY: generation_records(scorer, examples, hypotheses),
     }
+
+
+# ---- generations.jsonl: what each model wrote, for the report's side-by-side view and the judge ------
+
+GENERATIONS_KEY = "_generations"  # carried in a generation task's result until main() takes it out
+
+
+def generation_records(scorer: Scorer, examples: list, hypotheses: list) -> list:
+    """One record per example: the prompt as the model read it, the reference and the output as scored."""
+    return [{"id": i, "prompt": scorer.tokenizer.decode(prompt, skip_special_tokens=True), "reference": reference.strip(),
+             "output": output.strip()} for i, ((prompt, reference), output) in enumerate(zip(examples, hypotheses))]
+
+
+def take_generations(results: dict) -> dict:
+    """{task: records} taken out of the task results (eval.json holds scores; generations.jsonl the texts)."""
+    return {task: values.pop(GENERATIONS_KEY) for task, values in results.items() if GENERATIONS_KEY in values}
+
+
+def read_generations(folder) -> list:
+    """generations.jsonl of an evaluated run or baseline folder, [] when there is none."""
+    path = Path(folder) / "generations.jsonl"
+    if not path.is_file():
+        return []
+    from tunebench import inputs
+
+    return inputs.read_jsonl_records(path, "; delete it and evaluate again")
+
+
+def write_generations(out_dir: Path, generations: dict) -> None:
+    """generations.jsonl beside eval.json: one line per example ({task, id, prompt, reference, output}
+    and the judge's verdicts when asked); the lines of tasks not evaluated this time are kept."""
+    import json
+
+    from tunebench import rundir
+
+    kept = [r for r in read_generations(out_dir) if r.get("task") not in generations]
+    records = kept + [{"task": task, **record} for task, task_records in generations.items() for record in task_records]
+    rundir.write_atomic(out_dir / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def run_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
@@ -559,6 +596,71 @@ def run_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
     if task == "lambada":
         return lambada_task(scorer, args)
     return generation_task(task, scorer, args, recipe)
+
+
+# ---- the judge: generated answers scored by a model behind an OpenAI-compatible endpoint (tunebench/judge.py) --
+
+def add_judge_args(parser) -> None:
+    group = parser.add_argument_group("judge (off unless --judge is given; see tunebench/judge.py)")
+    group.add_argument("--judge", metavar="URL", help="OpenAI-compatible endpoint of a judge model, e.g. http://127.0.0.1:8000/v1")
+    group.add_argument("--judge-model", help="the judge's model name at that endpoint")
+    group.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the key "
+                       "(default OPENAI_API_KEY; unset is fine for a local server); the key is never written or printed")
+    group.add_argument("--judge-prompt", help="absolute-score prompt file (default recipes/judge/absolute.txt)")
+    group.add_argument("--judge-pairwise-prompt", help="pairwise prompt file (default recipes/judge/pairwise.txt)")
+    group.add_argument("--judge-against", metavar="DIR", help="the baseline's evaluation folder (its generations.jsonl): "
+                       "also the win rate against its answers, each pair asked in both orders")
+    group.add_argument("--judge-examples", type=positive, help="judge the first N examples of each generation task (default: all)")
+    group.add_argument("--judge-temperature", type=float, default=0.0, help="the judge's sampling temperature (default 0)")
+    group.add_argument("--judge-timeout", type=float, default=60.0, help="seconds to wait for one answer (default 60)")
+    group.add_argument("--judge-retries", type=int, default=2, help="retries of a timed-out, rate-limited, failed or "
+                       "malformed answer before it is counted as failed (default 2)")
+    group.add_argument("--judge-cache", default=".cache/judge", help="folder of cached judgements (default .cache/judge)")
+
+
+def judge_from_args(args, request: Request):
+    """The judge the arguments ask for (None without --judge), every argument checked before a model loads."""
+    from tunebench import inputs, judge
+
+    if not args.judge:
+        given = [name for name in ("judge_model", "judge_prompt", "judge_pairwise_prompt", "judge_against", "judge_examples")
+                 if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} needs --judge URL (the judge is off unless --judge is given)")
+        return None
+    if not args.judge.startswith(("http://", "https://")):
+        raise UserError(f"--judge '{args.judge}' is not an http(s) URL; give the endpoint, e.g. http://127.0.0.1:8000/v1")
+    if not args.judge_model:
+        raise UserError("--judge needs --judge-model NAME (the judge's model name at that endpoint)")
+    if not any(task in GENERATION_TASKS for task in request.tasks):
+        raise UserError(f"--judge scores generated answers; --tasks has none of the generation tasks {', '.join(GENERATION_TASKS)}")
+    if not (0 <= args.judge_temperature <= 2) or args.judge_timeout <= 0 or not (0 <= args.judge_retries <= 10):
+        raise UserError("--judge-temperature must lie in 0..2, --judge-timeout above 0, --judge-retries in 0..10")
+    if args.judge_against and not (Path(args.judge_against) / "generations.jsonl").is_file():
+        raise UserError(f"--judge-against '{args.judge_against}' has no generations.jsonl; give the baseline's folder "
+                        "after evaluating it on the same generation task (evaluate.py --model ... --out DIR)")
+    inputs.writable_folder(args.judge_cache, "--judge-cache")
+    absolute = judge.load_prompt(args.judge_prompt or judge.PROMPTS / "absolute.txt", judge.ABSOLUTE_FIELDS, "--judge-prompt")
+    pairwise = judge.load_prompt(args.judge_pairwise_prompt or judge.PROMPTS / "pairwise.txt", judge.PAIRWISE_FIELDS,
+                                 "--judge-pairwise-prompt")
+    return judge.Judge(args.judge, args.judge_model, absolute, pairwise, temperature=args.judge_temperature,
+                       timeout_s=args.judge_timeout, retries=args.judge_retries, cache_dir=Path(args.judge_cache),
+                       key_env=args.judge_key_env, examples=args.judge_examples)
+
+
+def judge_generations(the_judge, args, generations: dict, results: dict) -> None:
+    """Each generation task's first --judge-examples answers scored, and with --judge-against compared
+    with the baseline's; the figures join the task's results, the verdicts its generations.jsonl lines."""
+    from tunebench import judge
+
+    baseline = read_generations(args.judge_against) if args.judge_against else []
+    for task, records in generations.items():
+        chosen = records[: the_judge.examples]
+        results[task].update(judge.score_absolute(the_judge, chosen))
+        if args.judge_against:
+            results[task].update(judge.win_rate(the_judge, chosen, [r for r in baseline if r.get("task") == task]))
+        print(f"judge {task}: score {results[task]['judge_score']}, win rate {results[task].get('judge_win_rate')}, "
+              f"{results[task]['judge_failed']} failed; {the_judge.requests} requests, {the_judge.cache_hits} cached")
 
 
 # ---- eval.json and the table -----------------------------------------------------------------------
@@ -606,8 +708,6 @@ def print_table(name: str, scorer: Scorer, results: dict) -> None:
     print(f"{'task':<14} {'metric':<20} value")
     for task, values in results.items():
         for i, (metric, value) in enumerate(values.items()):
-            if metric == "samples":
-                value = f"{len(value)} in eval.json"
             shown = f"{value:.4f}" if isinstance(value, float) else "null" if value is None else str(value)
             print(f"{task if i == 0 else '':<14} {metric:<20} {shown}")
 
@@ -621,6 +721,9 @@ def main(argv=None):
         return report.main(argv[1:])
     args = parse_args(argv)
     request = check_request(args)
+    the_judge = judge_from_args(args, request)
+    if the_judge is not None:
+        the_judge.check_reachable()
 
     from tunebench import measure
 
@@ -637,9 +740,16 @@ def main(argv=None):
         results[name] = perplexity_task("ppl", scorer, args, file)
         times[name] = round(time.perf_counter() - started, 3)
 
+    generations = take_generations(results)
+    if the_judge is not None:
+        judge_generations(the_judge, args, generations, results)
     evaluation = evaluation_record(args, request, scorer, results, times)
+    if the_judge is not None:
+        evaluation["judge"] = the_judge.settings(args.judge_against)
     if request.out_dir is not None:
         write_results(evaluation, request, args, scorer.model)
+        if generations:
+            write_generations(request.out_dir, generations)
     print_table(request.name, scorer, results)
     if request.out_dir is not None:
         print(f"\nwritten: {request.out_dir / 'eval.json'}")

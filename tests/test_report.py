@@ -1,7 +1,9 @@
 """tunebench.report on real run folders written by train.py (tiny GPT-2, a few steps): the table holds
 the runs' own numbers, seeds aggregate to mean ± std, a failed or unfinished run shows as failed while
 the others still report, and the plots are real PNG images."""
+import base64
 import csv
+import html.parser
 import json
 import os
 import shutil
@@ -151,8 +153,13 @@ def test_plots_are_png_images(runs):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "summary.json").write_text(json.dumps({"name": "damaged", "method": "baseline"}))
+    (damaged / "generations.jsonl").write_text('{"task": "instruction", "id": 0}\n{"task": "instr')  # cut short
     for argv, expected in [
         ([str(tmp_path / "missing"), "--out", str(tmp_path / "r")], "does not exist"),
+        ([str(damaged), "--out", str(tmp_path / "r")], "generations.jsonl', line 2 is not valid JSON"),
         ([str(tmp_path), "--out", str(tmp_path / "r")], "is not a run folder"),
         ([], "the following arguments are required"),
     ]:
@@ -183,3 +190,139 @@ def test_evaluate_py_report_writes_the_report(runs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "r" / "report.md")
     assert list(csv_rows(tmp_path / "r")) == ["lora_r4", "baseline"]
+
+
+def generations_of(folder) -> dict:
+    return {(g["prompt"], g["reference"]): g["output"] for g in map(json.loads, (folder / "generations.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs, assets, tmp_path_factory):
+    """Real generations: evaluate.py on the baseline and two trained runs (copies), then their report."""
+    from test_evaluate import evaluate, generation_data
+
+    base, _ = runs
+    tmp_path = tmp_path_factory.mktemp("generations")
+    data_file = generation_data(tmp_path / "g.jsonl")
+    task_args = ["--tasks", "instruction", "--data-file", data_file, "--max-new-tokens", 10]
+    evaluate("--model", assets / "gpt2", "--out", tmp_path / "baseline", *task_args)
+    for name in ("full-seed1", "lora_r4"):
+        shutil.copytree(base / name, tmp_path / name, ignore=shutil.ignore_patterns("eval.json", "checkpoints"))
+        evaluate("--run", tmp_path / name, *task_args)
+    folders = [tmp_path / n for n in ("baseline", "full-seed1", "lora_r4")]
+    report.main([str(f) for f in folders] + ["--out", str(tmp_path / "report")])
+    return folders, data_file, tmp_path / "report"
+
+
+def test_generations_side_by_side(evaluated):
+    """The report shows the same handful of prompts for every model, chosen by the evaluation seed, with
+    each model's own output."""
+    folders, data_file, out = evaluated
+    view = json.loads((out / "report.json").read_text())["generations"]
+    assert view["task"] == "instruction" and view["seed"] == 42 and view["prompts"] == 6
+    assert len(view["examples"]) == report.GENERATION_EXAMPLES  # 5 of the 6
+    references = [json.loads(line)["output"].strip() for line in data_file.read_text().splitlines()]
+    md = (out / "report.md").read_text()
+    section = md.split("## Generations side by side")[1].split("## Setting")[0]
+    for example in view["examples"]:
+        assert example["reference"] == references[example["id"]]
+        assert list(example["outputs"]) == ["baseline", "full-seed1", "lora_r4"]
+        for folder in folders:
+            output = generations_of(folder)[(example["prompt"], example["reference"])]
+            assert example["outputs"][folder.name] == output
+            assert output in section
+    assert section.count("**Reference**") == 5 and section.count("**lora_r4**") == 5
+    # Another evaluation seed picks another handful, the same for every model.
+    assert report.side_by_side([dict(report.load_run(f), eval_seed=7) for f in folders])["examples"] != view["examples"]
+
+
+# ---- report.html in a real browser ------------------------------------------------------------------------
+
+def chromium() -> str:
+    """Debian's chromium (.ci/run and `make test` install it as root); CI fails without it, elsewhere the test skips."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return found
+
+
+def open_in_browser(page, tmp_path, screenshot=None) -> tuple:
+    """Headless Chromium opens the page offline (every host name unresolvable): (its DOM after loading,
+    the console messages it logged: CSP violations, failed loads, script errors)."""
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+             "--enable-logging=stderr", "--log-level=0", "--hide-scrollbars", "--window-size=1400,2600"]
+    runs = [["--dump-dom"]] + ([[f"--screenshot={screenshot}"]] if screenshot else [])
+    dom, console = "", []
+    for extra in runs:
+        result = subprocess.run(flags + extra + [page.as_uri()], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        dom = dom or result.stdout
+        console += [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return dom, console
+
+
+class PageParts(html.parser.HTMLParser):
+    """What a reader sees: headings in order, tables, images, links, the side-by-side blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.headings, self.tables, self.images, self.links, self.prompts, self.cards = [], 0, [], [], 0, []
+        self._heading = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "h2":
+            self._heading = ""
+        elif tag == "table":
+            self.tables += 1
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag in ("a", "link", "script", "iframe"):
+            self.links.append((tag, attrs))
+        elif tag == "div" and attrs.get("class") == "prompt":
+            self.prompts += 1
+        elif tag == "div" and (attrs.get("class") or "").startswith("answer"):
+            self.cards.append(attrs["class"])
+
+    def handle_data(self, data):
+        if self._heading is not None:
+            self._heading += data
+
+    def handle_endtag(self, tag):
+        if tag == "h2" and self._heading is not None:
+            self.headings.append(self._heading.strip())
+            self._heading = None
+
+
+def test_report_page_opens_offline_in_chromium(evaluated, tmp_path):
+    _, _, out = evaluated
+    page = out / "report.html"
+    shot = tmp_path / "report.png"
+    dom, console = open_in_browser(page, tmp_path, screenshot=shot)
+    assert console == []  # no blocked load, no failed resource, no script error
+    parts = PageParts()
+    parts.feed(dom)
+    # The recommendation and the table first, then the plots, then the generations side by side.
+    assert parts.headings[:4] == ["Recommendation", "Results", "Plots", "Generations side by side"]
+    assert "Setting" in parts.headings and "Plots" not in parts.headings[4:]
+    assert parts.tables >= 2  # the recommendation's budget table and the results table
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(parts.images) == len(pngs) == 2  # every plot, embedded
+    for src in parts.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.partition(",")[2]).startswith(PNG_MAGIC)
+    assert parts.links == []  # nothing to fetch, nothing to run
+    assert parts.prompts == report.GENERATION_EXAMPLES
+    assert parts.cards == ["answer reference", "answer", "answer", "answer"] * report.GENERATION_EXAMPLES
+    # The screenshot is a real rendering: a page-sized image with text and plots on it, not a blank one.
+    image = matplotlib.image.imread(shot)
+    assert image.shape[:2] == (2600, 1400) and image[..., :3].std() > 0.05
+
+    # The checks can fail: a page that loads from the network or runs a script is caught.
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.read_text().replace("<h1>", '<img src="http://example.com/x.png"><script>go()</script><h1>', 1))
+    _, console = open_in_browser(broken, tmp_path)
+    assert len(console) == 2 and "example.com/x.png" in console[0] and "script" in console[1]

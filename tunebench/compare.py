@@ -316,6 +316,15 @@ def evaluate(what: str, run_dir: Path, source: list, tasks: list, args: list, en
     return step(what, run_dir, [sys.executable, str(ROOT / "evaluate.py"), *source, *args], env)
 
 
+def judge_against(run: dict, suite: dict, models: list) -> list:
+    """With a judge in eval_args, each run's answers are also compared with its untrained model's."""
+    if "--judge" not in suite["eval_args"]:
+        return []
+    model = model_source(run["recipe"]["model"])
+    name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
+    return ["--judge-against", str(suite["runs_dir"] / name)]
+
+
 @command
 def main(argv=None):
     parser = ArgumentParser(usage_hint="python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml]", description=__doc__.splitlines()[0])
@@ -405,7 +414,7 @@ def main(argv=None):
         if not finished and not step("training", run_dir, command, env):
             failed.append(run["name"])
             continue
-        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], tasks, eval_args, env):
+        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], tasks, eval_args + judge_against(run, suite, models), env):
             failed.append(run["name"])
 
     from tunebench.report import write_report

@@ -8,7 +8,8 @@
 - Text: the sections of Python's documentation (`pydoc_data.topics`), split by topic: in the
   sorted list of topic names, every tenth from the 4th is test, every tenth from the 8th is
   validation, the rest train. `data/lm/{train,validation}.jsonl` hold one topic per row (training
-  and validation loss); `data/test.txt` holds the test topics as one text (perplexity).
+  and validation loss); `data/test.txt` holds the test topics as one text, `data/test.jsonl` one per
+  row (perplexity, and the continuation task's prompts and references).
 - Conversations (`data/chat/{train,validation,test}.jsonl`, the same topic split): each topic as
   `messages`, a question about its title answered by its first paragraph, then "Go on." turns
   answered by the next ones (a prose paragraph with the code blocks after it), for fine-tuning the instruct model on chat data.
@@ -44,7 +45,7 @@ def split_topics() -> dict:
 
 
 def write_data(folder: Path) -> None:
-    if (folder / "test.txt").is_file():
+    if (folder / "test.jsonl").is_file():
         return
     tmp = rundir.temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,6 +55,9 @@ def write_data(folder: Path) -> None:
         rows = "".join(json.dumps({"text": text}) + "\n" for text in splits[split])
         (tmp / "lm" / f"{split}.jsonl").write_text(rows, encoding="utf-8")
     (tmp / "test.txt").write_text("\n\n".join(splits["test"]) + "\n", encoding="utf-8")
+    # The same topics one per row: perplexity reads them joined by blank lines (the text of test.txt),
+    # and the continuation task takes each topic's start as a prompt and what follows as the reference.
+    (tmp / "test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in splits["test"]), encoding="utf-8")
     rundir.publish(tmp, folder)
 
 

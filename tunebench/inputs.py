@@ -98,6 +98,29 @@ def read_json_object(path, what: str = "", advice: str = "") -> dict:
     return value
 
 
+def read_jsonl_records(path, advice: str = "") -> list:
+    """A JSON-lines file of objects (generations.jsonl); a UserError naming the file and line otherwise."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"'{path}' is not UTF-8 text (a damaged or binary file){advice}") from None
+    except OSError as e:
+        raise UserError(f"'{path}' cannot be read: {e.strerror or e}{advice}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"'{path}', line {number} is not valid JSON ({e.msg}){advice}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"'{path}', line {number} holds a JSON {type(record).__name__}, not an object{advice}")
+        records.append(record)
+    return records
+
+
 # ---- numbers on command lines -------------------------------------------------------------------------
 
 def positive(text):

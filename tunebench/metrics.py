@@ -186,7 +186,7 @@ def meteor(hypotheses: list, references: list) -> tuple:
     try:
         nltk.data.find("corpora/wordnet")
     except LookupError:
-        return None, "NLTK WordNet data is not installed; run: python -m nltk.downloader wordnet omw-1.4"
+        return None, "NLTK's WordNet data is not installed; run: python -m tunebench.wordnet (make install does)"
     scores = [single_meteor_score(r.split(), h.split()) for h, r in zip(hypotheses, references)]
     return sum(scores) / len(scores), None
 

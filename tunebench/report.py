@@ -1,4 +1,5 @@
-"""Runs -> one comparison: report.md, report.csv, report.json, loss_curves.png, pareto.png, and with
+"""Runs -> one comparison: report.md, report.html (the same, self-contained, with the plots and the generations
+side by side: tunebench/report_html.py), report.csv, report.json, loss_curves.png, pareto.png, and with
 what a suite adds: lr_sweep.png (its learning-rate search), learning_forgetting.png (a general text),
 grid.png (grids over recipe keys).
 
@@ -17,6 +18,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import statistics
 from pathlib import Path
@@ -43,7 +45,9 @@ TRAIN_COLUMNS = [
 # eval.json numbers that describe how a task was measured rather than a result: shown in the setting,
 # as are its text values (precision, data file). Every other number is a result column.
 EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", "max_tokens", "batch_size",
-                 "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed"}
+                 "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed",
+                 "judge_temperature", "judge_examples", "judge_scored", "judge_failed", "judge_pairwise_verdicts",
+                 "judge_pairwise_failed", "judge_pairwise_unmatched"}
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
@@ -99,10 +103,73 @@ def load_run(run_dir) -> dict:
         "recipe": recipe or {},
         "log": log,
         "error": None if summary is not None else _error_text(run_dir, log, recipe),
+        "generations": _read_generations(run_dir),
+        "eval_seed": (evaluation.get("settings") or {}).get("seed"),
     }
     if summary is not None and (run_dir / "error.txt").is_file():
         run["error"] = "evaluation failed: " + _error_text(run_dir, [], recipe)  # trained, then not evaluated
     return run
+
+
+def _read_generations(run_dir: Path) -> list:
+    path = run_dir / "generations.jsonl"
+    return inputs.read_jsonl_records(path, "; delete it and evaluate the run again") if path.is_file() else []
+
+
+# ---- generations side by side ------------------------------------------------------------------------
+
+GENERATION_EXAMPLES = 5  # prompts shown side by side
+PROMPT_CHARS = 1000  # a longer prompt shows its end (what the model read last); generations.jsonl has it whole
+
+
+def side_by_side(runs: list, count: int = GENERATION_EXAMPLES):
+    """A handful of held-out prompts of the first generation task the runs were evaluated on, chosen with
+    the evaluation seed among the prompts every such run answered, with the reference and each run's
+    output (and the judge's score where there is one). None without generations."""
+    with_texts = [r for r in runs if r["finished"] and r["generations"]]
+    if not with_texts:
+        return None
+    task = with_texts[0]["generations"][0]["task"]
+    per_run = {}
+    for run in with_texts:
+        records = {(g["prompt"], g["reference"]): g for g in run["generations"] if g.get("task") == task}
+        if records:
+            per_run[run["name"]] = records
+    first = next(iter(per_run.values()))
+    common = [key for key in first if all(key in records for records in per_run.values())]
+    seed = next((r["eval_seed"] for r in with_texts if r["eval_seed"] is not None), 42)
+    chosen = sorted(random.Random(seed).sample(range(len(common)), min(count, len(common))))
+    examples = []
+    for i in chosen:
+        key = common[i]
+        examples.append({"id": first[key].get("id"), "prompt": key[0], "reference": key[1],
+                         "outputs": {name: records[key].get("output", "") for name, records in per_run.items()},
+                         "judge_scores": {name: records[key].get("judge_score") for name, records in per_run.items()}})
+    return {"task": task, "seed": seed, "prompts": len(common), "examples": examples}
+
+
+def shown_prompt(prompt: str) -> str:
+    return prompt if len(prompt) <= PROMPT_CHARS else f"… ({len(prompt) - PROMPT_CHARS} characters before) " + prompt[-PROMPT_CHARS:]
+
+
+def _fenced(text: str) -> list:
+    fence = "~~~"
+    while fence in text:
+        fence += "~"
+    return [fence + "text", text if text else "(empty)", fence]
+
+
+def side_by_side_markdown(view: dict) -> list:
+    lines = [f"{len(view['examples'])} held-out prompts of task `{view['task']}`, chosen with seed {view['seed']} among the "
+             f"{view['prompts']} every model answered: the reference, then what each model wrote (`generations.jsonl` "
+             "in each run folder has them all)."]
+    for number, example in enumerate(view["examples"], 1):
+        lines += ["", f"### Prompt {number} (example {example['id']})", "", *_fenced(shown_prompt(example["prompt"])), "",
+                  "**Reference**", "", *_fenced(example["reference"])]
+        for name, output in example["outputs"].items():
+            score = example["judge_scores"].get(name)
+            lines += ["", f"**{name}**" + (f" (judge: {score:g}/100)" if _number(score) is not None else ""), "", *_fenced(output)]
+    return lines
 
 
 # ---- the table ---------------------------------------------------------------------------------------
@@ -199,7 +266,8 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return text
 
 
-METRIC_NAMES = {"word_ppl": "word ppl", "bits_per_byte": "bits/byte", "tokens_per_s": "eval tokens/s"}
+METRIC_NAMES = {"word_ppl": "word ppl", "bits_per_byte": "bits/byte", "tokens_per_s": "eval tokens/s",
+                "judge_score": "judge score (0-100)", "judge_win_rate": "judge win rate vs baseline"}
 
 
 def _eval_name(task: str, metric: str) -> str:
@@ -649,6 +717,9 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     failed = [r for r in rows if r["error"]]
     if failed:
         md += ["", "## Failed", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed]
+    view = side_by_side(runs)
+    if view:
+        md += ["", "## Generations side by side", "", *side_by_side_markdown(view)]
     md += ["", "## Setting", "", setting_markdown(the_setting), "", "## Plots", "", *plots, ""]
 
     buffer = io.StringIO()
@@ -662,9 +733,13 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
         "quality_in_pareto": q_key,
         "search": search,
         "grid": grid_data,
+        "generations": view,
         "runs": [{k: r[k] for k in ("name", "dir", "method", "finished", "error", "summary", "eval")} for r in runs],
     })
     write_atomic(out / "report.md", "\n".join(md))
+    from tunebench import report_html
+
+    write_atomic(out / "report.html", report_html.page("\n".join(md), out, view))
     return out / "report.md"
 
 
