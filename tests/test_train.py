@@ -183,11 +183,25 @@ def test_gpt2_small_parameter_counts():
     assert counts == {"full": 124_439_808, "lora_r16": 589_824, "prompt_tuning": 15_360, "lm_head_only": 38_597_376}
 
 
-@pytest.mark.parametrize("recipe_name", ["full", "lora_r16"])
-def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name):
+RESUMED = [
+    ("full", []),
+    ("lora_r16", []),
+    ("lora_dora", []),
+    ("lora_pissa", []),  # the residual base is made again on resume (seeded fast SVD)
+    ("lora_plus", ["train.optimizer=adamw_8bit"]),  # B's group at lr x 16, in 8-bit state
+    ("ia3", []),
+    ("vera", ["method.r=16"]),
+    ("prefix_tuning", ["method.num_virtual_tokens=8"]),
+    # stopped while ranks are pruned: the importance averages and rank pattern come back from the checkpoint
+    ("adalora", ["method.init_r=6", "method.target_r=4", "method.tinit=2", "method.tfinal=8", "method.delta_t=2"]),
+]
+
+
+@pytest.mark.parametrize("recipe_name,method_extra", RESUMED, ids=[r[0] for r in RESUMED])
+def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name, method_extra):
     # fraction 0.03 makes an epoch about 14 steps: the stop at 5 is mid-epoch, the run crosses an epoch end.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    extra = ["data.fraction=0.03", "train.lr=3e-3", "train.save_every=4"]
+    extra = ["data.fraction=0.03", "train.lr=3e-3", "train.save_every=4", *method_extra]
     train(recipe_name, *tiny_run(assets, straight, steps=20), *extra)
     first = train(recipe_name, *tiny_run(assets, resumed, steps=20), *extra, "--stop-after-steps", "5")
     assert "Resume with the same command" in first.stdout + first.stderr
