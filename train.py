@@ -204,9 +204,15 @@ def checkpoint_trained_weights_only(model, accelerator) -> set:
         return set()
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     if frozen:
+        def of_frozen_weight(name: str) -> bool:
+            """The weight itself, or a tensor of its own under its name (a 4-bit weight's quantization state)."""
+            while name not in frozen and "." in name:
+                name = name.rsplit(".", 1)[0]
+            return name in frozen
+
         def drop_frozen_weights(models, weights, output_dir):
             for weights_of_one_model in weights:
-                for name in frozen & weights_of_one_model.keys():
+                for name in [name for name in weights_of_one_model if of_frozen_weight(name)]:
                     del weights_of_one_model[name]
 
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
