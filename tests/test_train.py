@@ -72,8 +72,9 @@ def end_of_training_model(run, recipe):
 
 
 def initial_model(recipe):
-    """The model train.py starts from: the base, then the method applied right after set_seed(train.seed)."""
-    model = load_model(recipe["model"])
+    """The model train.py starts from: the base (4-bit for QLoRA), then the method applied right after
+    set_seed(train.seed)."""
+    model = load_model(recipe["model"], method=recipe["method"])
     set_seed(recipe["train"]["seed"])
     return apply_method(model, recipe["method"], load_tokenizer(recipe["model"]))
 
