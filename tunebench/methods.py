@@ -235,7 +235,11 @@ def _add_adalora(model, method: dict, tokenizer, task_type, total_steps=None):
         beta2=method["beta2"], orth_reg_weight=method["orth_reg_weight"], total_step=total_steps,
         fan_in_fan_out=_is_conv1d_model(model),
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    for name, p in peft_model.named_parameters():
+        if ".ranknum." in name:  # a constant (the rank); peft leaves it trainable when built on the meta device
+            p.requires_grad_(False)
+    return peft_model
 
 
 def _check_adalora_schedule(method: dict, total_steps: int) -> None:
