@@ -242,3 +242,15 @@ def test_plan_covers_the_method(assets, tmp_path, name, extra):
     trainable = count_params(initial_model(recipe))[0]
     assert f"({trainable:,} of " in result.stdout
     assert not (tmp_path / "r").exists()
+
+
+# ---- reports label each method with its settings ---------------------------------------------------------
+
+def test_report_labels_methods_with_their_settings(assets, tmp_path):
+    for name in ("lora_dora", "lora_r4"):
+        train(name, *tiny_run(assets, tmp_path / name, "train.eval_max_batches=1", steps=2))
+    result = run_script("evaluate.py", "report", tmp_path / "lora_dora", tmp_path / "lora_r4", "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| LoRA r16 + DoRA | lora_dora |" in table and "| LoRA r4 | lora_r4 |" in table
+    assert json.loads((tmp_path / "lora_dora" / "summary.json").read_text())["method_label"] == "LoRA r16 + DoRA"
