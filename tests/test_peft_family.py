@@ -4,6 +4,7 @@ prefix tuning on a Llama cache), the GPT-2 small counts the recipes state, and t
 show. The common checks of every method (counts, frozen weights, reload, resume) are rows of
 tests/test_train.py."""
 import json
+import math
 import subprocess
 import sys
 
@@ -203,6 +204,14 @@ def test_qlora_trains_on_a_4bit_base(assets, gpt2_64, tmp_path):
     trained_end = end_of_training_model(run, recipe)
     with torch.no_grad():
         torch.testing.assert_close(final(input_ids=IDS).logits, trained_end(input_ids=IDS).logits)
+
+    # evaluate.py scores the adapter on the 4-bit base it was trained on: the validation text's
+    # perplexity is below the untrained model's.
+    result = run_script("evaluate.py", "--run", run, "--tasks", "ppl", "--data-file", assets / "valid.txt",
+                        "--max-length", 64, "--stride", 64)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ppl = json.loads((run / "eval.json").read_text())["tasks"]["ppl"]["ppl"]
+    assert ppl < math.exp(val[0])
 
     # The checkpoint holds the adapter, not the 4-bit weights or their quantization state.
     checkpoint = load_file(run / "checkpoints" / "step-12" / "model.safetensors")
