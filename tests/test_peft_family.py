@@ -199,6 +199,8 @@ def test_qlora_trains_on_a_4bit_base(assets, gpt2_64, tmp_path):
     assert summary["method_label"] == "QLoRA r16 (4-bit NF4)"
     adapter = load_file(run / "final" / "adapter_model.safetensors")
     assert all("lora_" in k for k in adapter) and summary["trainable_params"] == sum(t.numel() for t in adapter.values())
+    lora = recipe_of("lora_r16", *[a for a in args if not a.startswith("method.")])  # the same model, unquantized
+    assert summary["total_params"] == count_params(initial_model(lora))[1]  # 4-bit weights by the shape they stand for
     assert summary["artifact_mb"] < 0.5 * sum(p.numel() * 4 for p in load_model(recipe["model"]).parameters()) / 2**20
     final = PeftModel.from_pretrained(base, run / "final").eval()
     trained_end = end_of_training_model(run, recipe)

@@ -69,8 +69,13 @@ def unique_params(model):
 
 def count_params(model) -> tuple:
     """(trainable, total), counting tied parameters once (and whole under ZeRO-3, which leaves each
-    process an empty placeholder and the full size in ds_numel)."""
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in unique_params(model)]
+    process an empty placeholder and the full size in ds_numel; and a 4-bit weight, packed two to a
+    byte, by the shape it stands for)."""
+    def numel(p):
+        quant_state = getattr(p, "quant_state", None)
+        return quant_state.shape.numel() if quant_state is not None else getattr(p, "ds_numel", p.numel())
+
+    sizes = [(numel(p), p.requires_grad) for p in unique_params(model)]
     return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 
