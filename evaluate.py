@@ -229,7 +229,8 @@ def load_scorer(args, request: Request) -> Scorer:
     virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
     max_length, stride = window(args, context_length(load_config(model_cfg)), virtual_tokens)
     tokenizer = load_tokenizer(tokenizer_cfg)
-    model = load_model(model_cfg)
+    # A QLoRA adapter is evaluated on the 4-bit base it was trained on.
+    model = load_model(model_cfg, method=recipe["method"] if run_dir and peft_config is not None else None)
     if peft_config is not None:
         model = load_adapter(model, run_dir / "final")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

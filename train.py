@@ -42,6 +42,9 @@ def parse_args(argv=None):
 
 # ---- the run's progress: what a checkpoint holds besides the tensors ------------------------------
 
+METHOD_STATE_FILE = "method_state.safetensors"  # a method's own tensors besides the weights (AdaLoRA's)
+
+
 @dataclass
 class Progress:
     """Where a run stands. Saved with every checkpoint as checkpoints/step-N/trainer_state.json (with
@@ -119,9 +122,11 @@ def check_setting(recipe: dict, config, accelerator) -> None:
     import torch
 
     from tunebench import distributed
+    from tunebench.methods import check_model
     from tunebench.models import check_context
 
     check_context(config, recipe)
+    check_model(config, recipe["method"])
     if recipe["train"]["optimizer"] == "paged_adamw_8bit" and not torch.cuda.is_available():
         raise UserError("train.optimizer paged_adamw_8bit pages optimizer state to a GPU; use adamw_8bit on a CPU")
     if accelerator.state.deepspeed_plugin is not None:
@@ -152,27 +157,35 @@ def make_loaders(train_set, val_set, collate, train_cfg: dict, max_length: int, 
     return train_loader, val_loader, steps_per_epoch
 
 
-def make_optimizer(model, train_cfg: dict, device):
+def make_optimizer(model, train_cfg: dict, device, method: dict):
+    """The optimizer over the trained parameters. With LoRA+ (method.loraplus_lr_ratio), peft's
+    create_loraplus_optimizer makes the parameter groups: the B matrices at lr x ratio."""
     import torch
 
     from tunebench.methods import unique_params
 
+    lr, betas = train_cfg["lr"], (train_cfg["adam_beta1"], train_cfg["adam_beta2"])
+    if train_cfg["optimizer"] == "adamw":
+        # One fused kernel per step instead of a loop of elementwise passes (the Trainer's default too).
+        optimizer_class, kwargs = torch.optim.AdamW, dict(betas=betas, fused=device.type in ("cpu", "cuda"))
+    elif train_cfg["optimizer"] == "sgd":
+        optimizer_class, kwargs = torch.optim.SGD, dict(momentum=0.9)
+    else:
+        import bitsandbytes as bnb
+
+        paged = train_cfg["optimizer"] == "paged_adamw_8bit"
+        optimizer_class, kwargs = (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit), dict(betas=betas)
+    if method.get("loraplus_lr_ratio"):
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, optimizer_class, lr=lr, loraplus_lr_ratio=method["loraplus_lr_ratio"],
+                                         loraplus_weight_decay=train_cfg["weight_decay"], **kwargs)
     params = [p for p in unique_params(model) if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg["weight_decay"]},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # no decay on biases and norms
     ]
-    groups = [g for g in groups if g["params"]]
-    lr, betas = train_cfg["lr"], (train_cfg["adam_beta1"], train_cfg["adam_beta2"])
-    if train_cfg["optimizer"] == "adamw":
-        # One fused kernel per step instead of a loop of elementwise passes (the Trainer's default too).
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cpu", "cuda"))
-    if train_cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    import bitsandbytes as bnb
-
-    paged = train_cfg["optimizer"] == "paged_adamw_8bit"
-    return (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)(groups, lr=lr, betas=betas)
+    return optimizer_class([g for g in groups if g["params"]], lr=lr, **kwargs)
 
 
 def make_scheduler(optimizer, train_cfg: dict, total_steps: int):
@@ -191,16 +204,22 @@ def checkpoint_trained_weights_only(model, accelerator) -> set:
         return set()
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     if frozen:
+        def of_frozen_weight(name: str) -> bool:
+            """The weight itself, or a tensor of its own under its name (a 4-bit weight's quantization state)."""
+            while name not in frozen and "." in name:
+                name = name.rsplit(".", 1)[0]
+            return name in frozen
+
         def drop_frozen_weights(models, weights, output_dir):
             for weights_of_one_model in weights:
-                for name in frozen & weights_of_one_model.keys():
+                for name in [name for name in weights_of_one_model if of_frozen_weight(name)]:
                     del weights_of_one_model[name]
 
         accelerator.register_save_state_pre_hook(drop_frozen_weights)
     return frozen
 
 
-def resume(run_dir: Path, accelerator, scheduler, frozen: set) -> tuple:
+def resume(run_dir: Path, accelerator, model, scheduler, frozen: set, method) -> tuple:
     """Load the latest checkpoint: (Progress, the loss totals since its last log line or None)."""
     if accelerator.is_main_process:
         rundir.recover(run_dir)
@@ -208,6 +227,10 @@ def resume(run_dir: Path, accelerator, scheduler, frozen: set) -> tuple:
     accelerator.wait_for_everyone()
     checkpoint = rundir.latest_checkpoint(run_dir)
     accelerator.load_state(str(checkpoint), **({"strict": False} if frozen else {}))
+    if method.load_extra_state:  # AdaLoRA's importance averages and rank pattern
+        from safetensors.torch import load_file
+
+        method.load_extra_state(accelerator.unwrap_model(model), load_file(checkpoint / METHOD_STATE_FILE))
     saved = rundir.read_json(checkpoint / rundir.STATE_FILE)
     scheduler.load_state_dict(saved.pop("scheduler"))  # kept as JSON: no pickle is ever loaded
     pending = saved.pop("pending", None)
@@ -228,10 +251,11 @@ def stop_on_signals() -> list:
 
 # ---- the loop's parts ------------------------------------------------------------------------------
 
-def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train_cfg: dict, since_log: SinceLastLog):
-    """One optimizer step over grad_accum micro-batches. The loss is the token-weighted mean over the
-    whole global batch: each micro-batch's summed NLL is divided by the number of scored tokens in
-    all micro-batches of all processes."""
+def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train_cfg: dict, since_log: SinceLastLog,
+               method, step: int):
+    """One optimizer step (number `step`) over grad_accum micro-batches. The loss is the token-weighted
+    mean over the whole global batch: each micro-batch's summed NLL is divided by the number of scored
+    tokens in all micro-batches of all processes; plus the method's own term, if it has one."""
     from tunebench.metrics import scored_targets
 
     local_scored = sum(scored_targets(batch["labels"]) for batch in micro_batches)
@@ -243,14 +267,29 @@ def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
                 nll, _ = nll_of(logits, batch["labels"])
                 del logits  # not kept past the loss: at the next forward it would be a second copy
-            accelerator.backward(nll * undo_averaging / scored)
+            loss, term = nll * undo_averaging / scored, method_loss_term(model, method, accelerator)
+            accelerator.backward(loss if term is None else loss + term)
             if accelerator.sync_gradients and train_cfg["max_grad_norm"]:
                 accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
             optimizer.step()
+            if accelerator.sync_gradients and method.after_optimizer_step:  # AdaLoRA reads the gradients
+                method.after_optimizer_step(accelerator.unwrap_model(model), step)
             optimizer.zero_grad(set_to_none=True)
         since_log.loss_sum += nll.detach().double()
+        if term is not None:  # logged as trained: the term once per scored token gives mean NLL + term
+            since_log.loss_sum += term.detach().double() * scored_targets(batch["labels"])
         since_log.tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
     since_log.loss_count += local_scored
+
+
+def method_loss_term(model, method, accelerator):
+    """The method's own term of the training objective (AdaLoRA's orthogonality penalty), or None.
+    It is the same in every micro-batch of a step, and accelerate's division by grad_accum and DDP's
+    averaging make the step's gradient that of the term once."""
+    if method.loss_term is None:
+        return None
+    with accelerator.autocast():
+        return method.loss_term(accelerator.unwrap_model(model))
 
 
 def stop_requested(step: int, stop_after_steps, signals: list, accelerator) -> bool:
@@ -293,7 +332,13 @@ def save_final(model, tokenizer, accelerator, run_dir: Path) -> None:
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process takes part
     if accelerator.is_main_process:
         tmp = rundir.temporary(run_dir / "final")
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        # PiSSA: saved as a plain LoRA (rank 2r) on the unchanged base, from the adapter as initialised.
+        initial = getattr(unwrapped, "initial_adapter_dir", None)
+        if initial:  # peft reads both adapters from the model itself (no ZeRO-3 gathering needed for LoRA)
+            unwrapped.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         rundir.publish(tmp, run_dir / "final")
     accelerator.wait_for_everyone()
@@ -354,7 +399,7 @@ def write_log_line(record: dict, accelerator, run_dir: Path, bar) -> None:
 
 
 def save_checkpoint(progress: Progress, pending: dict, model, scheduler, accelerator, run_dir: Path,
-                    keep_checkpoints: int, bar=None) -> None:
+                    keep_checkpoints: int, method, bar=None) -> None:
     """Write checkpoints/step-N whole or not at all; stop with a clear line when the disk is short."""
     from tunebench import measure
     from tunebench.methods import unique_params
@@ -370,6 +415,11 @@ def save_checkpoint(progress: Progress, pending: dict, model, scheduler, acceler
             accelerator.save_state(str(tmp))
             accelerator.wait_for_everyone()  # every process writes its own files (random states, ZeRO shards)
             if accelerator.is_main_process:
+                if method.extra_state:
+                    from safetensors.torch import save_file
+
+                    save_file({k: t.contiguous() for k, t in method.extra_state(accelerator.unwrap_model(model)).items()},
+                              tmp / METHOD_STATE_FILE)
                 state = {**asdict(progress), "pending": pending, "scheduler": scheduler.state_dict()}
                 rundir.seal(tmp, state)
                 rundir.publish(tmp, tmp.with_name(f"step-{progress.step}"))
@@ -401,6 +451,7 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
             params: tuple, memory_plan: dict, wall_time_s: float) -> dict:
     """summary.json: the run's figures, measured (see DESIGN.md for the keys that are contract)."""
     from tunebench import measure
+    from tunebench.methods import label
 
     trainable, total = params
     train_cfg, world = recipe["train"], accelerator.num_processes
@@ -408,6 +459,7 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
     return {
         "name": recipe["name"],
         "method": recipe["method"]["type"],
+        "method_label": label(recipe["method"]),
         "task": recipe["task"],
         "model": recipe["model"]["name"],
         "dataset": recipe["data"]["dataset"],
@@ -470,7 +522,7 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     from tunebench import data, measure, plan
-    from tunebench.methods import apply_method, count_params
+    from tunebench.methods import METHODS, apply_method, count_params
     from tunebench.metrics import causal_nll, classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
 
@@ -488,26 +540,27 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_cfg)
     with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
         train_set, val_set = data.build(data_cfg, tokenizer, train_cfg["seed"], recipe["task"])
-    model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id)
-    if model_cfg["gradient_checkpointing"]:
-        enable_gradient_checkpointing(model)
-    set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
-    model = apply_method(model, recipe["method"], tokenizer)
-    params = count_params(model)
-    if train_cfg["compile"]:
-        model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
     train_loader, val_loader, steps_per_epoch = make_loaders(
         train_set, val_set, data.collate(tokenizer.pad_token_id), train_cfg, data_cfg["max_length"], accelerator)
     total_steps = train_cfg["max_steps"] or train_cfg["epochs"] * steps_per_epoch
+    method = METHODS[recipe["method"]["type"]]
+    model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id, method=recipe["method"])
+    if model_cfg["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
+    model = apply_method(model, recipe["method"], tokenizer, total_steps)
+    params = count_params(model)
+    if train_cfg["compile"]:
+        model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
 
     # ---- optimizer, schedule, start fresh or resume ---------------------------------------------
-    optimizer = make_optimizer(model, train_cfg, accelerator.device)
+    optimizer = make_optimizer(model, train_cfg, accelerator.device, recipe["method"])
     scheduler = make_scheduler(optimizer, train_cfg, total_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     frozen = checkpoint_trained_weights_only(model, accelerator)
     progress, pending = Progress(), None
     if run_status == rundir.RESUME:
-        progress, pending = resume(run_dir, accelerator, scheduler, frozen)
+        progress, pending = resume(run_dir, accelerator, model, scheduler, frozen, method)
     elif accelerator.is_main_process:
         rundir.start(run_dir, recipe)
     accelerator.wait_for_everyone()
@@ -545,7 +598,7 @@ def main(argv=None):
             micro_batches = [batch for _, batch in zip(range(train_cfg["grad_accum"]), batches)]
             if len(micro_batches) < train_cfg["grad_accum"]:
                 break  # an incomplete accumulation at the end of an epoch is not trained on
-            train_step(model, micro_batches, optimizer, accelerator, nll_of, train_cfg, since_log)
+            train_step(model, micro_batches, optimizer, accelerator, nll_of, train_cfg, since_log, method, progress.step + 1)
             scheduler.step()
             progress.step += 1
             progress.batches_in_epoch += train_cfg["grad_accum"]
@@ -568,7 +621,7 @@ def main(argv=None):
                 write_log_line(record, accelerator, run_dir, bar)
             if checkpointing:
                 save_checkpoint(progress, since_log.totals(accelerator), model, scheduler, accelerator, run_dir,
-                                train_cfg["keep_checkpoints"], bar)
+                                train_cfg["keep_checkpoints"], method, bar)
             if stopping:
                 stopped_by = signals[0] if signals else "stop-after-steps"
                 break

@@ -62,6 +62,9 @@ def another_value(dotted: str, field: tuple):
     default, kind, allowed = field
     if dotted == "train.trackers":
         return ["tensorboard"]
+    special = {"method.init": "pissa", "method.loraplus_lr_ratio": 16.0}  # checked beyond their type
+    if dotted in special:
+        return special[dotted]
     if isinstance(allowed, tuple):
         return next(v for v in allowed if v != default)
     if kind is bool:
@@ -70,7 +73,9 @@ def another_value(dotted: str, field: tuple):
         return (default or 0) + 3
     if kind is float:
         return 0.25 if default != 0.25 else 0.5
-    return ["attn", "mlp"] if kind is list else "set-by-test"
+    if kind is list:
+        return ["attn"] if default == ["attn", "mlp"] else ["attn", "mlp"]
+    return "set-by-test"
 
 
 def as_override(dotted: str, value) -> str:

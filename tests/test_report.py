@@ -94,7 +94,7 @@ def test_table_holds_the_runs_own_numbers(runs):
     assert "ppl.tokens" not in rows["lora_r4"] and "continuation.meteor_reason" not in rows["lora_r4"]
 
     md = (out / "report.md").read_text()
-    lora_line = next(line for line in md.splitlines() if line.startswith("| lora | lora_r4 |"))
+    lora_line = next(line for line in md.splitlines() if line.startswith("| LoRA r4 | lora_r4 |"))  # the method as labelled
     assert f"{lora['trainable_params']:,} ({100 * lora['trainable_params'] / lora['total_params']:.3g}%)" in lora_line
     assert f"{lora['best_val_loss']:.4f}" in lora_line and f"{lora['tokens_per_s']:.0f}" in lora_line
     assert "| 370 |" in lora_line
@@ -125,7 +125,7 @@ def test_failed_and_unfinished_runs_show_as_failed_with_their_error(runs):
     assert rows["lora_unfinished"]["status"] == "failed" and "stops at step 4" in rows["lora_unfinished"]["error"]
     md = (out / "report.md").read_text()
     assert "- **broken**: error: data file 'nowhere.txt' does not exist" in md
-    assert "| lora | lora_unfinished | failed |" in md
+    assert "| LoRA r4 | lora_unfinished | failed |" in md  # labelled from its recipe.yaml
 
 
 def test_setting_is_printed_under_the_table(runs, assets):

@@ -35,13 +35,28 @@ METHODS = [
     ("top2_blocks", ["train.lr=3e-3", "method.top_blocks=1"], None),
     ("lm_head_only", ["train.lr=3e-3"], lambda cfg, total: cfg.vocab_size * cfg.n_embd),
     ("prompt_tuning", ["train.lr=3e-1", "method.num_virtual_tokens=8"], lambda cfg, total: 8 * cfg.n_embd),
+    # DoRA adds a magnitude per output feature of each adapted layer (c_attn: 3d)
+    ("lora_dora", ["train.lr=1e-2"], lambda cfg, total: cfg.n_layer * (16 * (cfg.n_embd + 3 * cfg.n_embd) + 3 * cfg.n_embd)),
+    ("lora_rslora", ["train.lr=1e-2"], lambda cfg, total: cfg.n_layer * 16 * (cfg.n_embd + 3 * cfg.n_embd)),
+    ("lora_pissa", ["train.lr=1e-2"], lambda cfg, total: cfg.n_layer * 16 * (cfg.n_embd + 3 * cfg.n_embd)),
+    ("lora_plus", ["train.lr=3e-3"], lambda cfg, total: cfg.n_layer * 16 * (cfg.n_embd + 3 * cfg.n_embd)),
+    # c_attn's output (3d), and the MLP's inputs: c_fc (d) and mlp.c_proj (4d)
+    ("ia3", ["train.lr=1e-1"], lambda cfg, total: cfg.n_layer * (3 * cfg.n_embd + cfg.n_embd + 4 * cfg.n_embd)),
+    # per adapted layer: lambda_d (r) and lambda_b (its outputs): c_attn 3d, c_fc 4d, mlp.c_proj d
+    ("vera", ["train.lr=1e-1", "method.r=16"], lambda cfg, total: cfg.n_layer * (3 * 16 + 3 * cfg.n_embd + 4 * cfg.n_embd + cfg.n_embd)),
+    # keys and values of 8 virtual tokens at every layer
+    ("prefix_tuning", ["train.lr=3e-2", "method.num_virtual_tokens=8"], lambda cfg, total: 8 * cfg.n_layer * 2 * cfg.n_embd),
+    # per layer: A (init_r x d), E (init_r), B (3d x init_r)
+    ("adalora", ["train.lr=1e-2", "method.init_r=6", "method.target_r=4", "method.tinit=2", "method.tfinal=4", "method.delta_t=2"],
+     lambda cfg, total: cfg.n_layer * 6 * (cfg.n_embd + 1 + 3 * cfg.n_embd)),
 ]
 
 
 def end_of_training_model(run, recipe):
     """The model as it was at the last step: the base model with the last checkpoint's tensors, which
-    must be exactly the trained ones (frozen weights are not written; a resume loads them from the base)."""
-    model = apply_method(load_model(recipe["model"]), recipe["method"], load_tokenizer(recipe["model"]))
+    must be exactly the trained ones (frozen weights are not written; a resume loads them from the base,
+    and applies the method after set_seed as train.py does: PiSSA's fast SVD draws random numbers)."""
+    model = initial_model(recipe)
     checkpoint = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     saved = load_file(checkpoint / "model.safetensors")
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -57,8 +72,9 @@ def end_of_training_model(run, recipe):
 
 
 def initial_model(recipe):
-    """The model train.py starts from: the base, then the method applied right after set_seed(train.seed)."""
-    model = load_model(recipe["model"])
+    """The model train.py starts from: the base (4-bit for QLoRA), then the method applied right after
+    set_seed(train.seed)."""
+    model = load_model(recipe["model"], method=recipe["method"])
     set_seed(recipe["train"]["seed"])
     return apply_method(model, recipe["method"], load_tokenizer(recipe["model"]))
 
@@ -128,9 +144,11 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
     end_params = dict(final.named_parameters(remove_duplicate=False))
     trained = {name for name, p in initial.named_parameters(remove_duplicate=False) if p.requires_grad}
     assert trained and trained <= end_params.keys()
-    frozen_changed = [n for n, p in end_params.items() if n not in trained and not torch.equal(p, on_disk[base_name(n)])]
-    assert frozen_changed == []
     start = dict(initial.named_parameters(remove_duplicate=False))
+    # (a frozen tensor the method adds, AdaLoRA's ranknum, stays as the method made it)
+    frozen_changed = [n for n, p in end_params.items()
+                      if n not in trained and not torch.equal(p, on_disk[base_name(n)] if base_name(n) in on_disk else start[n])]
+    assert frozen_changed == []
     for name in trained:
         if base_name(name) in on_disk:
             assert torch.equal(start[name], on_disk[base_name(name)]), name
@@ -141,7 +159,8 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
         # saves a LoRA-wrapped lm_head's base weight too, which then replaces the base's on reload).
         adapter = load_file(run / "final" / "adapter_model.safetensors")
         of_base = {k for k in adapter if base_name(k) in on_disk}
-        assert len(adapter) - len(of_base) == len(trained)
+        shared_projections = {k for k in adapter if k.endswith(("vera_A", "vera_B"))}  # VeRA's frozen random pair
+        assert len(adapter) - len(of_base) - len(shared_projections) == len(trained)
         assert [k for k in of_base if not torch.equal(adapter[k], on_disk[base_name(k)])] == []
 
     for key in ("artifact_mb", "train_time_s", "train_tokens", "tokens_per_s", "peak_cpu_rss_mb", "optimizer_state_mb"):
@@ -165,11 +184,25 @@ def test_gpt2_small_parameter_counts():
     assert counts == {"full": 124_439_808, "lora_r16": 589_824, "prompt_tuning": 15_360, "lm_head_only": 38_597_376}
 
 
-@pytest.mark.parametrize("recipe_name", ["full", "lora_r16"])
-def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name):
+RESUMED = [
+    ("full", []),
+    ("lora_r16", []),
+    ("lora_dora", []),
+    ("lora_pissa", []),  # the residual base is made again on resume (seeded fast SVD)
+    ("lora_plus", ["train.optimizer=adamw_8bit"]),  # B's group at lr x 16, in 8-bit state
+    ("ia3", []),
+    ("vera", ["method.r=16"]),
+    ("prefix_tuning", ["method.num_virtual_tokens=8"]),
+    # stopped while ranks are pruned: the importance averages and rank pattern come back from the checkpoint
+    ("adalora", ["method.init_r=6", "method.target_r=4", "method.tinit=2", "method.tfinal=8", "method.delta_t=2"]),
+]
+
+
+@pytest.mark.parametrize("recipe_name,method_extra", RESUMED, ids=[r[0] for r in RESUMED])
+def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name, method_extra):
     # fraction 0.03 makes an epoch about 14 steps: the stop at 5 is mid-epoch, the run crosses an epoch end.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    extra = ["data.fraction=0.03", "train.lr=3e-3", "train.save_every=4"]
+    extra = ["data.fraction=0.03", "train.lr=3e-3", "train.save_every=4", *method_extra]
     train(recipe_name, *tiny_run(assets, straight, steps=20), *extra)
     first = train(recipe_name, *tiny_run(assets, resumed, steps=20), *extra, "--stop-after-steps", "5")
     assert "Resume with the same command" in first.stdout + first.stderr

@@ -174,6 +174,28 @@ def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
     return apply_method(model, method, None)  # peft puts the new (small) weights where the base weights are
 
 
+def _quantized_weights(model, method: dict) -> dict:
+    """id(weight) -> (elements, bytes per element) for each weight a 4-bit base holds quantized (QLoRA): transformers
+    quantizes the frozen linear layers but the output layer. bitsandbytes packs two weights a byte,
+    with one absmax per 64-weight block: a float32, or with double quantization a byte, plus a
+    float32 per 256 blocks, the nested 256-entry code and a float32 offset; and the 16-entry NF4/FP4 code."""
+    from transformers.pytorch_utils import Conv1D
+
+    from tunebench.methods import METHODS
+
+    if METHODS[method["type"]].base_bits(method) != 4:
+        return {}
+    output = model.get_output_embeddings()
+    out = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output and not module.weight.requires_grad:
+            n = module.weight.numel()
+            blocks = math.ceil(n / 64)
+            absmax = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if method["double_quant"] else blocks * 4
+            out[id(module.weight)] = (n, (math.ceil(n / 2) + absmax + 16 * 4) / n)  # (elements, bytes per element)
+    return out
+
+
 def _to_fake(model, fake_mode, device: str):
     """Give a meta model fake parameters and buffers on the training device, in place (shared
     tensors stay shared). Fake tensors run the device's real kernels' shape logic, without data."""
@@ -322,9 +344,12 @@ class Planner:
         if dtype not in self._layouts:
             from tunebench.methods import unique_params
 
-            params = list(unique_params(_meta_model(self.recipe, self.config, dtype, checkpointing=False)))
+            model = _meta_model(self.recipe, self.config, dtype, checkpointing=False)
+            params = list(unique_params(model))
             trained = [p for p in params if p.requires_grad]
-            self._layouts[dtype] = ([(p.numel(), p.element_size()) for p in params],
+            quantized = _quantized_weights(model, self.recipe["method"])
+            self._layouts[dtype] = ([(p.numel(), p.element_size()) if id(p) not in quantized else quantized[id(p)]
+                                     for p in params],
                                     [(p.numel(), p.element_size()) for p in trained],
                                     [sum(p.numel() for p in trained if (p.ndim >= 2) == matrix) for matrix in (True, False)])
         return self._layouts[dtype]
@@ -365,7 +390,7 @@ class Planner:
         n, zero, on_gpu = setup.processes, setup.zero_stage, setup.device == "cuda"
 
         params, trained, groups = self._layout(setup)
-        weights = sum(numel * size for numel, size in params)
+        weights = round(sum(numel * size for numel, size in params))
         gradients = sum(numel * size for numel, size in trained)
         state = optimizer_state_bytes(trained, optimizer)
         largest = max((numel for numel, _ in trained), default=0)

@@ -19,6 +19,19 @@ from tunebench.methods import METHODS
 # key: (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
 # A default of None means "not set"; such keys also accept null.
 
+
+def _method_keys() -> dict:
+    """Every method's keys in one section. Methods may share a key (lora and qlora share LoRA's): it
+    then has one type and check; its default is each method's own (load_recipe applies it)."""
+    keys = {}
+    for name, method in METHODS.items():
+        for key, spec in method.keys.items():
+            if key in keys and keys[key][1:] != spec[1:]:
+                raise AssertionError(f"method key '{key}' of {name} differs in type or check from another method's")
+            keys.setdefault(key, spec)
+    return keys
+
+
 SCHEMA = {
     "name": (None, str, None),
     "output_dir": (None, str, None),
@@ -38,7 +51,7 @@ SCHEMA = {
     # method.type and each method's own keys: one entry per method in tunebench/methods.py.
     "method": {
         "type": ("full", str, tuple(METHODS)),
-        **{key: spec for method in METHODS.values() for key, spec in method.keys.items()},
+        **_method_keys(),
     },
     "data": {
         "dataset": (None, str, None),
@@ -219,8 +232,6 @@ def load_recipe(path, overrides=()) -> dict:
         key, value = parse_override(text)
         _merge(recipe, _nest(key, value), f" (override '{text}')", explicit=explicit)
     _check(recipe, explicit)
-    method = recipe["method"]["type"]  # keep only the chosen method's keys, so the resolved recipe reloads
-    recipe["method"] = {k: v for k, v in recipe["method"].items() if k == "type" or k in METHOD_KEYS[method]}
     return recipe
 
 
@@ -229,8 +240,11 @@ def _check(recipe: dict, explicit: set) -> None:
     for dotted in sorted(explicit):
         section, _, name = dotted.partition(".")
         if section == "method" and name != "type" and name not in METHOD_KEYS[method]:
-            owner = next(t for t, keys in METHOD_KEYS.items() if name in keys)
-            raise UserError(f"recipe key '{dotted}' applies to method.type {owner}, not {method}")
+            owners = [t for t, keys in METHOD_KEYS.items() if name in keys]
+            raise UserError(f"recipe key '{dotted}' applies to method.type {' or '.join(owners)}, not {method}")
+    # Keep only the chosen method's keys (so the resolved recipe reloads), unset ones at its own defaults.
+    recipe["method"] = {"type": method, **{k: recipe["method"][k] if f"method.{k}" in explicit else copy.deepcopy(spec[0])
+                                           for k, spec in METHODS[method].keys.items()}}
     if not recipe["model"]["name"]:
         raise UserError("recipe key 'model.name' is not set; give a hub id (gpt2), a local folder or a .gguf file")
     if not recipe["data"]["dataset"]:

@@ -97,6 +97,7 @@ def load_run(run_dir) -> dict:
         "name": run_dir.name,
         "dir": str(run_dir),
         "method": method,
+        "label": method_label(summary, recipe, method),
         "finished": summary is not None,
         "summary": summary or {},
         "eval": evaluation.get("tasks") or {},
@@ -109,6 +110,19 @@ def load_run(run_dir) -> dict:
     if summary is not None and (run_dir / "error.txt").is_file():
         run["error"] = "evaluation failed: " + _error_text(run_dir, [], recipe)  # trained, then not evaluated
     return run
+
+
+def method_label(summary, recipe, method: str) -> str:
+    """The method and its key settings ("LoRA r16 + DoRA"): summary.json's, else made from the recipe
+    (a failed run), else the method type (a run from before labels)."""
+    if (summary or {}).get("method_label"):
+        return summary["method_label"]
+    from tunebench.methods import label
+
+    try:
+        return label((recipe or {}).get("method") or {})
+    except (KeyError, TypeError, AttributeError):
+        return method
 
 
 def _read_generations(run_dir: Path) -> list:
@@ -218,6 +232,7 @@ def build_rows(runs: list, evals: list, derived: dict = None) -> list:
     for name, members in groups.items():
         per_run = [run_values(r, evals, derived) for r in members]
         row = {"name": name if len(members) > 1 else members[0]["name"], "method": members[0]["method"],
+               "label": members[0]["label"],
                "status": "finished" if len(members) == 1 else f"{len(members)} seeds",
                "runs": [r["name"] for r in members], "error": "; ".join(r["error"] for r in members if r["error"]) or None}
         std = {}
@@ -232,7 +247,7 @@ def build_rows(runs: list, evals: list, derived: dict = None) -> list:
         rows.append(row)
     for run in runs:
         if not run["finished"]:
-            row = {"name": run["name"], "method": run["method"], "status": "failed", "runs": [run["name"]],
+            row = {"name": run["name"], "method": run["method"], "label": run["label"], "status": "failed", "runs": [run["name"]],
                    "error": run["error"], "std": {}}
             row.update({key: None for key in run_values(run, evals, derived)})
             rows.append(row)
@@ -292,7 +307,7 @@ def markdown_table(rows: list, evals: list, derived: bool = False) -> str:
     header = ["method", "name", "status"] + [h for _, h, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
     for row in rows:
-        cells = [row["method"], row["name"], row["status"]]
+        cells = [row["label"], row["name"], row["status"]]
         for key, _, kind in columns:
             cell = _cell(row, key, kind)
             if key == "trainable_params" and row.get("trainable_pct") is not None:
@@ -498,7 +513,8 @@ def flat_rows(rows: list, evals: list, derived: bool = False) -> list:
     keys = ["total_params", "trainable_pct"] + [key for key, _, _ in table_columns(evals, derived)]
     out = []
     for row in rows:
-        flat = {"name": row["name"], "method": row["method"], "status": row["status"], "runs": " ".join(row["runs"])}
+        flat = {"name": row["name"], "method": row["method"], "label": row["label"], "status": row["status"],
+                "runs": " ".join(row["runs"])}
         for key in keys:
             flat[key] = row.get(key)
             if any(r["std"] for r in rows):
