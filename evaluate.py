@@ -476,8 +476,9 @@ def main(argv=None):
     args = parse_args(argv)
     request = check_request(args)
 
-    from tunebench import measure
+    from tunebench import distributed, measure
 
+    threads = distributed.use_every_core()
     measure.set_cpu_allocator(exact_rss=False)
     started = time.perf_counter()
     scorer = load_scorer(args, request)
@@ -492,6 +493,7 @@ def main(argv=None):
         times[name] = round(time.perf_counter() - started, 3)
 
     evaluation = evaluation_record(args, request, scorer, results, times)
+    evaluation["hardware"].update(threads)
     if request.out_dir is not None:
         write_results(evaluation, request, args, scorer.model)
     print_table(request.name, scorer, results)

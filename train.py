@@ -398,7 +398,7 @@ def exit_stopped(stopped_by, progress: Progress, total_steps: int, args, acceler
 
 
 def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, optimizer, accelerator, train_set,
-            params: tuple, memory_plan: dict, wall_time_s: float) -> dict:
+            params: tuple, memory_plan: dict, wall_time_s: float, threads: dict) -> dict:
     """summary.json: the run's figures, measured (see DESIGN.md for the keys that are contract)."""
     from tunebench import measure
 
@@ -437,7 +437,7 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
         "model_flops_per_token": measure.train_flops_per_token(
             getattr(unwrapped, "config", config), trainable, total, recipe["data"]["max_length"]
         ),
-        "hardware": measure.hardware(world, accelerator.mixed_precision, accelerator.distributed_type.value),
+        "hardware": {**measure.hardware(world, accelerator.mixed_precision, accelerator.distributed_type.value), **threads},
         "versions": measure.versions(),
     }
 
@@ -469,7 +469,7 @@ def main(argv=None):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from tunebench import data, measure, plan
+    from tunebench import data, distributed, measure, plan
     from tunebench.methods import apply_method, count_params
     from tunebench.metrics import causal_nll, classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
@@ -477,7 +477,9 @@ def main(argv=None):
     model_cfg, data_cfg, train_cfg = recipe["model"], recipe["data"], recipe["train"]
     classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
     nll_of = classification_nll if classify else causal_nll
+    threads = distributed.use_every_core()
     accelerator = make_accelerator(train_cfg, run_dir)
+    accelerator.print(f"cpu threads: {threads['threads_per_process']} per process ({threads['threads_set_by']})")
     set_seed(train_cfg["seed"])
 
     # ---- model, method, data ---------------------------------------------------------------------
@@ -582,7 +584,7 @@ def main(argv=None):
 
     # ---- summary -----------------------------------------------------------------------------------
     result = summary(recipe, progress, run_dir, model, config, optimizer, accelerator, train_set, params, memory_plan,
-                     wall_time_s=time.perf_counter() - wall_start)
+                     wall_time_s=time.perf_counter() - wall_start, threads=threads)
     if accelerator.is_main_process:
         rundir.write_json(run_dir / "summary.json", result)
         print(
