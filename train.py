@@ -228,6 +228,12 @@ def stop_on_signals() -> list:
 
 # ---- the loop's parts ------------------------------------------------------------------------------
 
+def model_inputs(batch: dict) -> dict:
+    """What the model reads of a batch: the tokens, and the attention mask and position ids where the
+    collator made them (padding; packed examples)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
 def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train_cfg: dict, since_log: SinceLastLog):
     """One optimizer step over grad_accum micro-batches. The loss is the token-weighted mean over the
     whole global batch: each micro-batch's summed NLL is divided by the number of scored tokens in
@@ -240,9 +246,10 @@ def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train
     for batch in micro_batches:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                nll, _ = nll_of(logits, batch["labels"])
-                del logits  # not kept past the loss: at the next forward it would be a second copy
+                # The logits, or the last hidden states where the loss is fused (tunebench/fused_loss.py).
+                out = model(**model_inputs(batch)).logits
+                nll, _ = nll_of(out, batch["labels"])
+                del out  # not kept past the loss: at the next forward it would be a second copy
             accelerator.backward(nll * undo_averaging / scored)
             if accelerator.sync_gradients and train_cfg["max_grad_norm"]:
                 accelerator.clip_grad_norm_(model.parameters(), train_cfg["max_grad_norm"])
@@ -276,7 +283,7 @@ def validation_loss(model, val_loader, accelerator, nll_of, max_batches: int, cl
                 break
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+                logits = model(**model_inputs(batch)).logits  # hidden states where the loss is fused
             nll, n = nll_of(logits, batch["labels"])
             nll_sum += nll.double()
             count += n
@@ -398,7 +405,7 @@ def exit_stopped(stopped_by, progress: Progress, total_steps: int, args, acceler
 
 
 def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, optimizer, accelerator, train_set,
-            params: tuple, memory_plan: dict, wall_time_s: float, threads: dict) -> dict:
+            params: tuple, memory_plan: dict, wall_time_s: float, threads: dict, loss_path: str) -> dict:
     """summary.json: the run's figures, measured (see DESIGN.md for the keys that are contract)."""
     from tunebench import measure
 
@@ -422,6 +429,7 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
         "peak_gpu_mem_mb": measure.peak_gpu_mem_mb(),
         "peak_cpu_rss_mb": measure.peak_cpu_rss_mb(),
         "optimizer_state_mb": measure.optimizer_state_mb(optimizer),
+        "loss": loss_path,
         "predicted_peak_mb": memory_plan.get("predicted_peak_mb"),
         "memory_plan": memory_plan,
         "initial_val_loss": progress.initial_val_loss,
@@ -469,7 +477,7 @@ def main(argv=None):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from tunebench import data, distributed, measure, plan
+    from tunebench import data, distributed, fused_loss, measure, plan
     from tunebench.methods import apply_method, count_params
     from tunebench.metrics import causal_nll, classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
@@ -496,6 +504,10 @@ def main(argv=None):
     set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
     model = apply_method(model, recipe["method"], tokenizer)
     params = count_params(model)
+    loss_path = "classification cross-entropy"
+    if not classify:
+        nll_of, loss_path = fused_loss.choose(model, train_cfg["fused_loss"])
+    accelerator.print(f"loss: {loss_path}")
     if train_cfg["compile"]:
         model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
     train_loader, val_loader, steps_per_epoch = make_loaders(
@@ -584,7 +596,7 @@ def main(argv=None):
 
     # ---- summary -----------------------------------------------------------------------------------
     result = summary(recipe, progress, run_dir, model, config, optimizer, accelerator, train_set, params, memory_plan,
-                     wall_time_s=time.perf_counter() - wall_start, threads=threads)
+                     wall_time_s=time.perf_counter() - wall_start, threads=threads, loss_path=loss_path)
     if accelerator.is_main_process:
         rundir.write_json(run_dir / "summary.json", result)
         print(

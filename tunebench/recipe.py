@@ -83,6 +83,9 @@ SCHEMA = {
         "log_every": (10, int, "positive"),
         "compile": (False, bool, None),
         "exact_cpu_rss": (False, bool, None),
+        # The causal LM loss from the hidden states in chunks, without the logits, where it is exact
+        # (tunebench/fused_loss.py); false: always the plain loss on the logits.
+        "fused_loss": (True, bool, None),
         "trackers": ([], list, None),
     },
     "eval": {
