@@ -38,7 +38,7 @@ def _compute_dtype(device_type: str, dtype):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed NLL of targets under logits = hidden @ weight.T + bias, for hidden (N, d) and targets (N,)
-    (all scored). Gradients are computed chunk by chunk in the forward pass and scaled in backward."""
+    (-100: not scored). Gradients are computed chunk by chunk in the forward pass and scaled in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
@@ -53,14 +53,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if want_bias else None
             for start in range(0, hidden.shape[0], chunk):
                 h, t = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
+                scored = (t != IGNORE_INDEX).float()
+                t = t.clamp(min=0)
                 logits = F.linear(h, w, b).float()
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * scored).sum()
                 if not (want_hidden or want_weight or want_bias):
                     continue
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad = grad.to(dtype)
+                grad = grad.mul_(scored[:, None]).to(dtype)
                 if want_hidden:
                     grad_hidden[start : start + chunk] = grad @ w
                 if want_weight:
@@ -82,14 +84,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return scale(grad_hidden, None), scale(grad_weight, weight_dtype), scale(grad_bias, bias_dtype), None, None
 
 
-def linear_nll(hidden, labels, weight, bias=None) -> tuple:
+def linear_nll(hidden, labels, weight, bias=None, only_scored=True) -> tuple:
     """(summed next-token NLL, scored tokens), as metrics.causal_nll(F.linear(hidden, weight, bias),
-    labels) gives it, without the logits. hidden may carry extra leading positions (a soft prompt's)."""
+    labels) gives it, without the logits. hidden may carry extra leading positions (a soft prompt's).
+    only_scored: multiply only the positions that are scored (not a prompt's or padding), which the
+    memory plan's fake tensors cannot select (their number depends on the data)."""
     hidden = hidden[:, -labels.shape[1] :]
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     scored = targets != IGNORE_INDEX
     chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    nll = _LinearCrossEntropy.apply(hidden[scored], weight, bias, targets[scored], chunk)
+    if only_scored:
+        hidden, targets = hidden[scored], targets[scored]
+    nll = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), chunk)
     return nll, scored.sum()
 
 
@@ -126,13 +132,13 @@ def _returns_its_logits(model, head) -> bool:
         logits.float(), F.linear(hidden, head.weight, head.bias).float(), rtol=1e-4, atol=1e-5)
 
 
-def install(model):
+def install(model, only_scored=True):
     """From now on the model's output layer returns its input; returns the nll_of(hidden, labels) for it."""
     head = model.get_output_embeddings()
     head.forward = _pass_through  # an instance attribute: save_pretrained and the weights are untouched
 
     def nll_of(hidden, labels):
-        return linear_nll(hidden, labels, head.weight, head.bias)
+        return linear_nll(hidden, labels, head.weight, head.bias, only_scored)
 
     return nll_of
 
