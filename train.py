@@ -129,6 +129,29 @@ def check_setting(recipe: dict, config, accelerator) -> None:
                                     accelerator.num_processes)
 
 
+def decide_packing(recipe: dict, model, tokenizer, train_set, val_set) -> tuple:
+    """(train set, validation set, what the run prints about packing): prompt/response examples
+    packed into rows of data.max_length tokens where data.packing allows it and it is exact."""
+    from tunebench import data
+
+    data_cfg = recipe["data"]
+    fmt, _ = data.resolve_format(data_cfg, recipe["task"], data.REGISTRY.get(data_cfg["dataset"], {}))
+    if data_cfg["packing"] is False or fmt in ("text", "classification"):
+        why = "data.packing is false" if data_cfg["packing"] is False else f"format {fmt}: " + (
+            "already cut into full blocks" if fmt == "text" else "one example per row")
+        return train_set, val_set, f"not packed ({why})"
+    if not data.packing_is_exact(model, len(tokenizer)):
+        why = ("this model with method " + recipe["method"]["type"] + " does not score packed examples as it scores "
+               "each alone (a soft prompt or prefix is shared by a row, or the model ignores position ids in attention)")
+        if data_cfg["packing"]:
+            raise UserError(f"data.packing is true but {why}; set data.packing=false (or leave it unset)")
+        return train_set, val_set, f"not packed ({why})"
+    packed = data.pack_examples(train_set, data_cfg["max_length"]), data.pack_examples(val_set, data_cfg["max_length"])
+    fill = train_set.num_tokens() / (len(packed[0]) * data_cfg["max_length"])
+    return (*packed, f"packed: {len(train_set):,} training examples into {len(packed[0]):,} rows of up to "
+                     f"{data_cfg['max_length']} tokens ({fill:.0%} full), each example attending only to itself")
+
+
 def make_loaders(train_set, val_set, collate, train_cfg: dict, max_length: int, accelerator) -> tuple:
     """(train loader, this process's validation loader, optimizer steps per epoch)."""
     import torch
@@ -228,10 +251,18 @@ def stop_on_signals() -> list:
 
 # ---- the loop's parts ------------------------------------------------------------------------------
 
+def batch_tokens(batch: dict):
+    """The tokens of a batch that are not padding."""
+    if "num_tokens" in batch:  # packed rows
+        return batch["num_tokens"]
+    return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def model_inputs(batch: dict) -> dict:
     """What the model reads of a batch: the tokens, and the attention mask and position ids where the
-    collator made them (padding; packed examples)."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    collator made them (padding; packed examples). No key-value cache: training never reads it, and
+    transformers derives packed examples' attention from position ids only without one."""
+    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
 
 
 def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train_cfg: dict, since_log: SinceLastLog):
@@ -256,7 +287,7 @@ def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         since_log.loss_sum += nll.detach().double()
-        since_log.tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        since_log.tokens += batch_tokens(batch)
     since_log.loss_count += local_scored
 
 
@@ -405,7 +436,7 @@ def exit_stopped(stopped_by, progress: Progress, total_steps: int, args, acceler
 
 
 def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, optimizer, accelerator, train_set,
-            params: tuple, memory_plan: dict, wall_time_s: float, threads: dict, loss_path: str) -> dict:
+            params: tuple, memory_plan: dict, wall_time_s: float, threads: dict, loss_path: str, packing: str) -> dict:
     """summary.json: the run's figures, measured (see DESIGN.md for the keys that are contract)."""
     from tunebench import measure
 
@@ -430,6 +461,7 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
         "peak_cpu_rss_mb": measure.peak_cpu_rss_mb(),
         "optimizer_state_mb": measure.optimizer_state_mb(optimizer),
         "loss": loss_path,
+        "packing": packing,
         "predicted_peak_mb": memory_plan.get("predicted_peak_mb"),
         "memory_plan": memory_plan,
         "initial_val_loss": progress.initial_val_loss,
@@ -504,6 +536,8 @@ def main(argv=None):
     set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
     model = apply_method(model, recipe["method"], tokenizer)
     params = count_params(model)
+    train_set, val_set, packing = decide_packing(recipe, model, tokenizer, train_set, val_set)
+    accelerator.print(f"data: {packing}")
     loss_path = "classification cross-entropy"
     if not classify:
         nll_of, loss_path = fused_loss.choose(model, train_cfg["fused_loss"])
@@ -596,7 +630,7 @@ def main(argv=None):
 
     # ---- summary -----------------------------------------------------------------------------------
     result = summary(recipe, progress, run_dir, model, config, optimizer, accelerator, train_set, params, memory_plan,
-                     wall_time_s=time.perf_counter() - wall_start, threads=threads, loss_path=loss_path)
+                     wall_time_s=time.perf_counter() - wall_start, threads=threads, loss_path=loss_path, packing=packing)
     if accelerator.is_main_process:
         rundir.write_json(run_dir / "summary.json", result)
         print(

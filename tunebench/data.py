@@ -14,9 +14,11 @@ format; every format ends in token sequences with labels, where label -100 is ne
                  answers, through the "oasst" template; the loss is on the reply.
   classification (task: classification) a text and a label; the text is cut to data.max_length.
 
-Formatted examples are not packed: each is one row, and the collator pads a batch to its longest
-row (dynamic padding) with label -100, so padding is never scored and no example attends to
-another. Batches are drawn in the data loader's seeded random order, never bucketed by length:
+Formatted examples are packed into rows of data.max_length tokens where that is exact
+(pack_examples: position ids restart per example, attention stays inside each example; train.py
+decides, see data.packing in the README); otherwise each is one row, and the collator pads a
+batch to its longest row (dynamic padding) with label -100. Padding is never scored and no
+example attends to another. Batches are drawn in the data loader's seeded random order, never bucketed by length:
 bucketing would change which examples share a batch, and so the gradient noise, by method.
 
 Tokenization is cached by the datasets library under a fingerprint of the data, the tokenizer and
@@ -551,7 +553,12 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
 def collate(pad_id: int):
     """Pad a batch to its longest example (right side); padded positions get label -100 and
     attention mask 0. A batch without padding gets no attention mask, so attention runs its plain
-    causal path. Class labels (one per row) become a (batch,) tensor."""
+    causal path. Class labels (one per row) become a (batch,) tensor.
+
+    Packed rows (with position_ids, see pack_examples) get no attention mask: transformers derives
+    the block-diagonal causal mask from position ids that restart per example. Their padding
+    continues with positions 0, 1, ..., a segment of its own that no example attends to; the
+    batch's "num_tokens" counts the tokens that are not padding."""
 
     def fn(examples):
         lengths = [len(e["input_ids"]) for e in examples]
@@ -566,8 +573,89 @@ def collate(pad_id: int):
             for row, e in enumerate(examples):
                 labels[row, : lengths[row]] = torch.as_tensor(e["labels"])
         batch = {"input_ids": input_ids, "labels": labels}
-        if min(lengths) < longest:
+        if "position_ids" in examples[0]:
+            position_ids = torch.arange(longest).repeat(len(examples), 1)
+            for row, e in enumerate(examples):
+                position_ids[row, : lengths[row]] = e["position_ids"]
+                position_ids[row, lengths[row] :] -= lengths[row]
+            batch.update(position_ids=position_ids, num_tokens=torch.tensor(sum(lengths)))
+        elif min(lengths) < longest:
             batch["attention_mask"] = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
         return batch
 
     return fn
+
+
+# ---- packing prompt/response examples ---------------------------------------------------------------
+
+class PackedExamples(torch.utils.data.Dataset):
+    """Examples (anything whose items hold input_ids and per-token labels) packed into rows of at
+    most max_length tokens. A row holds its examples one after another, with position ids that
+    restart at each example and the first label of each example set to -100: in a row of its own
+    that label is never a target either, and here it would be the previous example's last target."""
+
+    def __init__(self, examples, rows: list):
+        self.examples, self.rows, self.label_names = examples, rows, None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        parts = [self.examples[j] for j in self.rows[i]]
+        labels = []
+        for part in parts:
+            own = torch.as_tensor(part["labels"]).clone()
+            own[0] = IGNORE_INDEX
+            labels.append(own)
+        return {
+            "input_ids": torch.cat([torch.as_tensor(p["input_ids"]) for p in parts]),
+            "labels": torch.cat(labels),
+            "position_ids": torch.cat([torch.arange(len(p["input_ids"])) for p in parts]),
+        }
+
+    def num_tokens(self) -> int:
+        return self.examples.num_tokens()
+
+
+OPEN_ROWS = 64  # rows pack_examples keeps open for later examples
+
+
+def pack_examples(examples, max_length: int) -> PackedExamples:
+    """Pack examples into rows of at most max_length tokens, first fit in the data's order: each
+    example goes into the first of the last OPEN_ROWS rows with room for it. The result depends on the data and
+    max_length only, so every method trains the same rows in the same order."""
+    lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
+    rows, room, open_rows = [], [], []  # open_rows: rows that still have room for the shortest example
+    shortest = min(lengths, default=1)
+    for i, length in enumerate(lengths):
+        row = next((r for r in open_rows if room[r] >= length), None)
+        if row is None:
+            rows.append([]), room.append(max_length)
+            row = len(rows) - 1
+            open_rows.append(row)
+        rows[row].append(i)
+        room[row] -= length
+        if room[row] < shortest:
+            open_rows.remove(row)
+        elif len(open_rows) > OPEN_ROWS:
+            open_rows.pop(0)  # the oldest row stays as it is: bounded time per example
+    return PackedExamples(examples, rows)
+
+
+def packing_is_exact(model, vocab_size: int) -> bool:
+    """Whether this model (with its method) scores two examples packed in one row exactly as it
+    scores each alone: position ids must restart the attention too, and nothing the method adds
+    (a soft prompt, a prefix) may be shared across the row. Checked by running it, in eval mode."""
+    device = next(model.parameters()).device
+    first, second = torch.arange(5, device=device) % vocab_size, torch.arange(7, 11, device=device) % vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = [model(input_ids=ids[None], use_cache=False).logits[0, -len(ids) :] for ids in (first, second)]
+            positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)
+            packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions[None],
+                           use_cache=False).logits[0, -9:]
+    finally:
+        model.train(was_training)
+    return packed.shape[0] == 9 and torch.allclose(packed, torch.cat(alone), rtol=1e-4, atol=1e-5)

@@ -60,6 +60,10 @@ SCHEMA = {
         "fraction": (1.0, float, "fraction"),
         "max_length": (512, int, "positive"),
         "num_proc": (None, int, "positive"),
+        # Pack instruction, summarization and conversation examples into rows of max_length tokens,
+        # each example attending only to itself: null packs where train.py finds it exact for the
+        # model and method (not with a soft prompt or prefix), true requires it, false never packs.
+        "packing": (None, bool, None),
     },
     "train": {
         "epochs": (1, int, "positive"),
