@@ -646,6 +646,10 @@ def packing_is_exact(model, vocab_size: int) -> bool:
     """Whether this model (with its method) scores two examples packed in one row exactly as it
     scores each alone: position ids must restart the attention too, and nothing the method adds
     (a soft prompt, a prefix) may be shared across the row. Checked by running it, in eval mode."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # DeepSpeed ZeRO-3 holds a share of each weight until it runs: judge by the method instead.
+        config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+        return not getattr(config, "is_prompt_learning", False)
     device = next(model.parameters()).device
     first, second = torch.arange(5, device=device) % vocab_size, torch.arange(7, 11, device=device) % vocab_size
     was_training = model.training

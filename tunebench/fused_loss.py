@@ -108,6 +108,8 @@ def why_not(model) -> str | None:
     kind = f"{type(head).__module__}.{type(head).__name__}"
     if type(head) is not torch.nn.Linear:
         return f"the output layer is a {kind} (adapted, quantized or not a plain linear map), not a torch.nn.Linear"
+    if hasattr(head.weight, "ds_id"):
+        return "DeepSpeed ZeRO-3 partitions the output layer's weight across processes"
     if head._forward_hooks or head._forward_pre_hooks or getattr(head, "_hf_hook", None):
         return "the output layer has forward hooks (a method, an offload or DeepSpeed ZeRO-3 acts on it)"
     if type(head).forward is not torch.nn.Linear.forward or "forward" in vars(head):
