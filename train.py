@@ -147,7 +147,7 @@ def decide_packing(recipe: dict, model, tokenizer, train_set, val_set) -> tuple:
             raise UserError(f"data.packing is true but {why}; set data.packing=false (or leave it unset)")
         return train_set, val_set, f"not packed ({why})"
     packed = data.pack_examples(train_set, data_cfg["max_length"]), data.pack_examples(val_set, data_cfg["max_length"])
-    fill = train_set.num_tokens() / (len(packed[0]) * data_cfg["max_length"])
+    fill = packed[0].num_tokens() / (len(packed[0]) * data_cfg["max_length"])
     return (*packed, f"packed: {len(train_set):,} training examples into {len(packed[0]):,} rows of up to "
                      f"{data_cfg['max_length']} tokens ({fill:.0%} full), each example attending only to itself")
 

@@ -594,8 +594,8 @@ class PackedExamples(torch.utils.data.Dataset):
     restart at each example and the first label of each example set to -100: in a row of its own
     that label is never a target either, and here it would be the previous example's last target."""
 
-    def __init__(self, examples, rows: list):
-        self.examples, self.rows, self.label_names = examples, rows, None
+    def __init__(self, examples, rows: list, tokens: int):
+        self.examples, self.rows, self.tokens, self.label_names = examples, rows, tokens, None
 
     def __len__(self):
         return len(self.rows)
@@ -614,7 +614,7 @@ class PackedExamples(torch.utils.data.Dataset):
         }
 
     def num_tokens(self) -> int:
-        return self.examples.num_tokens()
+        return self.tokens
 
 
 OPEN_ROWS = 64  # rows pack_examples keeps open for later examples
@@ -639,7 +639,7 @@ def pack_examples(examples, max_length: int) -> PackedExamples:
             open_rows.remove(row)
         elif len(open_rows) > OPEN_ROWS:
             open_rows.pop(0)  # the oldest row stays as it is: bounded time per example
-    return PackedExamples(examples, rows)
+    return PackedExamples(examples, rows, sum(lengths))
 
 
 def packing_is_exact(model, vocab_size: int) -> bool:
