@@ -106,3 +106,20 @@ def test_train_py_says_which_path_and_both_train_the_same(assets, tmp_path):
     assert runs["true"]["loss"].startswith("fused linear cross-entropy")
     assert runs["false"]["loss"] == "plain cross-entropy on the logits (train.fused_loss is false)"
     assert_same_log(tmp_path / "true", tmp_path / "false")
+
+
+def test_plan_models_both_losses(assets, tmp_path):
+    import re
+
+    from conftest import run_script
+
+    args = [*tiny_run(assets, tmp_path / "never"), "data.max_length=128", "train.micro_batch_size=8", "--plan"]
+    fused = run_script("train.py", "--recipe", ROOT / "recipes/full.yaml", *args)
+    assert fused.returncode == 0, fused.stderr[-2000:]
+    assert "optimizer adamw, fused loss" in fused.stdout
+    peak = float(re.search(r"predicted peak\s+([\d,.]+) MB", fused.stdout)[1].replace(",", ""))
+    plain = float(re.search(r"with the plain loss instead \(train.fused_loss=false\): ([\d,.]+) MB", fused.stdout)[1].replace(",", ""))
+    # the plain loss keeps at least one (tokens x vocabulary) float32 tensor more: 8 x 128 x 512 x 4 bytes = 2 MB
+    assert plain - peak > 8 * 128 * 512 * 4 / 2**20
+    adapted = run_script("train.py", "--recipe", ROOT / "recipes/lora_all.yaml", *args)
+    assert "plain loss on the logits" in adapted.stdout and "instead" not in adapted.stdout
