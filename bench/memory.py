@@ -1,7 +1,7 @@
 """Memory benchmark: optimizer state per parameter, and the memory plan's predicted peak beside the
 measured one, for full fine-tuning, LoRA and prompt tuning on GPT-2 small and medium shapes.
 
-    python bench/memory.py [--shapes small,medium] [--only-loss] [--out runs/bench_memory]      (make bench-memory)
+    python bench/memory.py [--shapes small,medium] [--only-loss] [--loss-recipes full] [--out runs/bench_memory]      (make bench-memory)
 
 The models are GPT-2 shapes with random weights (GPT2Config: small 124M, medium 355M parameters; memory
 does not depend on the values), trained by train.py itself for a few steps at sequence length 512,
@@ -143,6 +143,7 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_memory"))
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "bench_memory"))
     parser.add_argument("--only-loss", action="store_true", help="only the fused-against-plain loss rows (GPT-2's vocabulary)")
+    parser.add_argument("--loss-recipes", default="full,lora_r16", help="recipes of the loss rows (default full,lora_r16)")
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     out = Path(args.out)
@@ -160,7 +161,7 @@ def main():
     full_vocab = assets(Path(args.cache), shapes, vocab_size=GPT2_VOCAB)
     loss_rows = []
     for shape, recipe, micro_batch in LOSS_RUNS:
-        if shape in shapes:
+        if shape in shapes and recipe in args.loss_recipes.split(","):
             for fused in (True, False):
                 name = f"{shape}-vocab{GPT2_VOCAB}-{recipe}-mb{micro_batch}-{'fused' if fused else 'plain'}"
                 loss_rows.append(train(name, recipe, full_vocab[shape], data, out, "adamw", False, micro_batch=micro_batch,
