@@ -509,7 +509,7 @@ def main(argv=None):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from tunebench import data, distributed, fused_loss, measure, plan
+    from tunebench import activations, data, distributed, fused_loss, measure, plan
     from tunebench.methods import apply_method, count_params
     from tunebench.metrics import causal_nll, classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
@@ -531,6 +531,7 @@ def main(argv=None):
     with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
         train_set, val_set = data.build(data_cfg, tokenizer, train_cfg["seed"], recipe["task"])
     model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id)
+    activations.use_fused_gelu(model)  # same function, fewer tensors kept for backward (tunebench/activations.py)
     if model_cfg["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)

@@ -160,6 +160,7 @@ def _meta_model(recipe: dict, config, dtype, checkpointing: bool):
 def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
+    from tunebench.activations import use_fused_gelu
     from tunebench.methods import METHODS, apply_method
     from tunebench.models import enable_gradient_checkpointing
 
@@ -168,6 +169,7 @@ def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
             config, dtype=dtype, attn_implementation=recipe["model"]["attn_implementation"],
             trust_remote_code=recipe["model"]["trust_remote_code"],
         )
+    use_fused_gelu(model)  # as train.py does
     if checkpointing:
         enable_gradient_checkpointing(model)
     method = {**recipe["method"], **METHODS[recipe["method"]["type"]].plan_keys}
