@@ -726,8 +726,9 @@ def main(argv=None):
     if the_judge is not None:
         the_judge.check_reachable()
 
-    from tunebench import measure
+    from tunebench import distributed, measure
 
+    threads = distributed.use_every_core()
     measure.set_cpu_allocator(exact_rss=False)
     started = time.perf_counter()
     scorer = load_scorer(args, request)
@@ -747,6 +748,7 @@ def main(argv=None):
     evaluation = evaluation_record(args, request, scorer, results, times)
     if the_judge is not None:
         evaluation["judge"] = the_judge.settings(args.judge_against)
+    evaluation["hardware"].update(threads)
     if request.out_dir is not None:
         write_results(evaluation, request, args, scorer.model)
         if generations:

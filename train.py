@@ -134,6 +134,34 @@ def check_setting(recipe: dict, config, accelerator) -> None:
                                     accelerator.num_processes)
 
 
+def decide_packing(recipe: dict, model, tokenizer, train_set, val_set) -> tuple:
+    """(train set, validation set, what the run prints about packing): prompt/response examples and
+    conversations packed into rows of data.max_length tokens where data.packing allows it and it is
+    exact. Judged before the method is applied (AdaLoRA's schedule needs the packed step count): the
+    base model must restart attention at position ids, and the method must add no context positions
+    (a soft prompt or a prefix would be shared by a row)."""
+    from tunebench import data
+    from tunebench.methods import context_tokens
+
+    data_cfg = recipe["data"]
+    if data_cfg["packing"] is False or not train_set.packable:
+        why = "data.packing is false" if data_cfg["packing"] is False else (
+            "one class per row" if train_set.label_names else "text already cut into full blocks")
+        return train_set, val_set, f"not packed ({why})"
+    if context_tokens(recipe["method"]):
+        why = f"method {recipe['method']['type']} puts virtual tokens before the text, which a packed row would share"
+    elif not data.packing_is_exact(model, len(tokenizer)):
+        why = "this model does not restart attention where position ids restart"
+    else:
+        packed = data.pack_examples(train_set, data_cfg["max_length"]), data.pack_examples(val_set, data_cfg["max_length"])
+        fill = packed[0].num_tokens() / (len(packed[0]) * data_cfg["max_length"])
+        return (*packed, f"packed: {len(train_set):,} training examples into {len(packed[0]):,} rows of up to "
+                         f"{data_cfg['max_length']} tokens ({fill:.0%} full), each example attending only to itself")
+    if data_cfg["packing"]:
+        raise UserError(f"data.packing is true but {why}; set data.packing=false (or leave it unset)")
+    return train_set, val_set, f"not packed ({why})"
+
+
 def make_loaders(train_set, val_set, collate, train_cfg: dict, max_length: int, accelerator) -> tuple:
     """(train loader, this process's validation loader, optimizer steps per epoch)."""
     import torch
@@ -251,6 +279,20 @@ def stop_on_signals() -> list:
 
 # ---- the loop's parts ------------------------------------------------------------------------------
 
+def batch_tokens(batch: dict):
+    """The tokens of a batch that are not padding."""
+    if "num_tokens" in batch:  # packed rows
+        return batch["num_tokens"]
+    return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model reads of a batch: the tokens, and the attention mask and position ids where the
+    collator made them (padding; packed examples). No key-value cache: training never reads it, and
+    transformers derives packed examples' attention from position ids only without one."""
+    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
+
+
 def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train_cfg: dict, since_log: SinceLastLog,
                method, step: int):
     """One optimizer step (number `step`) over grad_accum micro-batches. The loss is the token-weighted
@@ -264,9 +306,10 @@ def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train
     for batch in micro_batches:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                nll, _ = nll_of(logits, batch["labels"])
-                del logits  # not kept past the loss: at the next forward it would be a second copy
+                # The logits, or the last hidden states where the loss is fused (tunebench/fused_loss.py).
+                out = model(**model_inputs(batch)).logits
+                nll, _ = nll_of(out, batch["labels"])
+                del out  # not kept past the loss: at the next forward it would be a second copy
             loss, term = nll * undo_averaging / scored, method_loss_term(model, method, accelerator)
             accelerator.backward(loss if term is None else loss + term)
             if accelerator.sync_gradients and train_cfg["max_grad_norm"]:
@@ -278,7 +321,7 @@ def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train
         since_log.loss_sum += nll.detach().double()
         if term is not None:  # logged as trained: the term once per scored token gives mean NLL + term
             since_log.loss_sum += term.detach().double() * scored_targets(batch["labels"])
-        since_log.tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        since_log.tokens += batch_tokens(batch)
     since_log.loss_count += local_scored
 
 
@@ -315,7 +358,7 @@ def validation_loss(model, val_loader, accelerator, nll_of, max_batches: int, cl
                 break
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+                logits = model(**model_inputs(batch)).logits  # hidden states where the loss is fused
             nll, n = nll_of(logits, batch["labels"])
             nll_sum += nll.double()
             count += n
@@ -448,7 +491,7 @@ def exit_stopped(stopped_by, progress: Progress, total_steps: int, args, acceler
 
 
 def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, optimizer, accelerator, train_set,
-            params: tuple, memory_plan: dict, wall_time_s: float) -> dict:
+            params: tuple, memory_plan: dict, wall_time_s: float, threads: dict, loss_path: str, packing: str) -> dict:
     """summary.json: the run's figures, measured (see DESIGN.md for the keys that are contract)."""
     from tunebench import measure
     from tunebench.methods import label
@@ -474,6 +517,8 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
         "peak_gpu_mem_mb": measure.peak_gpu_mem_mb(),
         "peak_cpu_rss_mb": measure.peak_cpu_rss_mb(),
         "optimizer_state_mb": measure.optimizer_state_mb(optimizer),
+        "loss": loss_path,
+        "packing": packing,
         "predicted_peak_mb": memory_plan.get("predicted_peak_mb"),
         "memory_plan": memory_plan,
         "initial_val_loss": progress.initial_val_loss,
@@ -489,7 +534,7 @@ def summary(recipe: dict, progress: Progress, run_dir: Path, model, config, opti
         "model_flops_per_token": measure.train_flops_per_token(
             getattr(unwrapped, "config", config), trainable, total, recipe["data"]["max_length"]
         ),
-        "hardware": measure.hardware(world, accelerator.mixed_precision, accelerator.distributed_type.value),
+        "hardware": {**measure.hardware(world, accelerator.mixed_precision, accelerator.distributed_type.value), **threads},
         "versions": measure.versions(),
     }
 
@@ -521,7 +566,7 @@ def main(argv=None):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from tunebench import data, measure, plan
+    from tunebench import activations, data, distributed, fused_loss, measure, plan
     from tunebench.methods import METHODS, apply_method, count_params
     from tunebench.metrics import causal_nll, classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
@@ -529,7 +574,9 @@ def main(argv=None):
     model_cfg, data_cfg, train_cfg = recipe["model"], recipe["data"], recipe["train"]
     classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
     nll_of = classification_nll if classify else causal_nll
+    threads = distributed.use_every_core()
     accelerator = make_accelerator(train_cfg, run_dir)
+    accelerator.print(f"cpu threads: {threads['threads_per_process']} per process ({threads['threads_set_by']})")
     set_seed(train_cfg["seed"])
 
     # ---- model, method, data ---------------------------------------------------------------------
@@ -540,16 +587,23 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_cfg)
     with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
         train_set, val_set = data.build(data_cfg, tokenizer, train_cfg["seed"], recipe["task"])
+    method = METHODS[recipe["method"]["type"]]
+    model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id, method=recipe["method"])
+    activations.use_fused_gelu(model)  # same function, fewer tensors kept for backward (tunebench/activations.py)
+    if model_cfg["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    train_set, val_set, packing = decide_packing(recipe, model, tokenizer, train_set, val_set)
+    accelerator.print(f"data: {packing}")
     train_loader, val_loader, steps_per_epoch = make_loaders(
         train_set, val_set, data.collate(tokenizer.pad_token_id), train_cfg, data_cfg["max_length"], accelerator)
     total_steps = train_cfg["max_steps"] or train_cfg["epochs"] * steps_per_epoch
-    method = METHODS[recipe["method"]["type"]]
-    model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id, method=recipe["method"])
-    if model_cfg["gradient_checkpointing"]:
-        enable_gradient_checkpointing(model)
     set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
-    model = apply_method(model, recipe["method"], tokenizer, total_steps)
+    model = apply_method(model, recipe["method"], tokenizer, total_steps)  # AdaLoRA schedules by total_steps
     params = count_params(model)
+    loss_path = "classification cross-entropy"
+    if not classify:
+        nll_of, loss_path = fused_loss.choose(model, train_cfg["fused_loss"])
+    accelerator.print(f"loss: {loss_path}")
     if train_cfg["compile"]:
         model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
 
@@ -635,7 +689,7 @@ def main(argv=None):
 
     # ---- summary -----------------------------------------------------------------------------------
     result = summary(recipe, progress, run_dir, model, config, optimizer, accelerator, train_set, params, memory_plan,
-                     wall_time_s=time.perf_counter() - wall_start)
+                     wall_time_s=time.perf_counter() - wall_start, threads=threads, loss_path=loss_path, packing=packing)
     if accelerator.is_main_process:
         rundir.write_json(run_dir / "summary.json", result)
         print(

@@ -22,6 +22,7 @@ a table.
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -48,6 +49,9 @@ QUICK = dict(n_layer=2, n_embd=64, n_head=2, max_length=64, batch=4, warmup=1, s
 # case -> (recipe, what train.py runs with, what the Trainer runs with)
 CASES = {
     "full-fp32": ("full", "fp32", "fp32"),
+    # train.py with the plain loss on the logits (train.fused_loss=false): how train.py ran before
+    # the fused loss, for a before/after in one run.
+    "full-fp32-plain-loss": ("full", "fp32-plain-loss", "fp32"),
     "lora_r16-fp32": ("lora_r16", "fp32", "fp32"),
     "full-bf16": ("full", "bf16", "bf16"),
     "lora_r16-bf16": ("lora_r16", "bf16", "bf16"),
@@ -149,8 +153,10 @@ def train_py(case, rnd, args, work, env) -> dict:
         overrides.append(f"train.micro_batch_size={args.batch}")
     if setting == "compile":
         overrides.append("train.compile=true")
+    if setting == "fp32-plain-loss":
+        overrides.append("train.fused_loss=false")
     launcher = [sys.executable]
-    if setting == "bf16":  # the accelerate config's mixed_precision, as a user sets it
+    if setting == "bf16":  # as a user launches it: accelerate launch without a config (it sets OMP_NUM_THREADS=1)
         launcher += ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                      "--mixed_precision", "bf16", "--dynamo_backend", "no"]
     load = run([*launcher, "train.py", "--recipe", f"recipes/{recipe}.yaml", *overrides], work / "logs" / f"{out.name}.log", env)
@@ -163,6 +169,7 @@ def train_py(case, rnd, args, work, env) -> dict:
         "whole_run_tokens_per_s": summary["tokens_per_s"], "peak_cpu_rss_mb": summary["peak_cpu_rss_mb"],
         "peak_gpu_mem_mb": summary["peak_gpu_mem_mb"], "model_flops_per_token": summary["model_flops_per_token"],
         "micro_batch_size": summary["global_batch"], "precision": summary["hardware"]["mixed_precision"],
+        "threads_per_process": summary["hardware"].get("threads_per_process"), "loss": summary.get("loss"),
     }
 
 
@@ -187,6 +194,60 @@ def trainer(case, rnd, args, work, env) -> dict:
         "model_flops_per_token": result["model_flops_per_token"], "micro_batch_size": result["micro_batch_size"],
         "precision": result["precision"], "optimizer": result["optimizer"],
     }
+
+
+def alpaca_shaped(work: Path, n: int, seed: int = 0) -> None:
+    """Instruction rows shaped like Alpaca's (instruction, empty input, output; 50 to 400 tokens through
+    the Alpaca template, log-uniform: many short rows and a long tail) made from pydoc_data's prose,
+    as train.jsonl and validation.jsonl in work/alpaca."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "gpt2")
+    rng, paragraphs = random.Random(seed), tiny.prose()
+    head = len(tokenizer(data_template_head())["input_ids"])
+    rows = []
+    while len(rows) < n:
+        text = paragraphs[len(rows) % len(paragraphs)].split()
+        instruction = " ".join(text[: rng.randint(4, 16)])
+        total = round(math.exp(rng.uniform(math.log(50), math.log(400))))
+        room = max(4, total - head - len(tokenizer(instruction)["input_ids"]))
+        stream = paragraphs[rng.randrange(len(paragraphs))] + " " + paragraphs[rng.randrange(len(paragraphs))]
+        output = tokenizer.decode(tokenizer(stream)["input_ids"][:room])
+        rows.append({"instruction": instruction, "input": "", "output": output.strip()})
+    (work / "alpaca").mkdir(exist_ok=True)
+    tiny.write_jsonl(work / "alpaca" / "train.jsonl", rows[: n - 16])
+    tiny.write_jsonl(work / "alpaca" / "validation.jsonl", rows[n - 16 :])
+
+
+def data_template_head() -> str:
+    from tunebench.data import TEMPLATES
+
+    return TEMPLATES["alpaca"][0].split("{prompt}")[0] + TEMPLATES["alpaca"][0].split("{prompt}")[1].split("{response}")[0]
+
+
+def packing_run(packing: bool, rnd, args, work, env) -> dict:
+    """train.py (full fine-tuning) on the Alpaca-shaped rows, packed or padded: useful (non-pad) tokens/s."""
+    out = work / "runs" / f"packing-{packing}-{rnd}"
+    shutil.rmtree(out, ignore_errors=True)
+    total = args.warmup + args.steps
+    overrides = [
+        f"model.name={work / 'gpt2'}", f"data.dataset={work / 'alpaca'}", "data.format=instruction",
+        "data.max_length=512", f"data.packing={str(packing).lower()}", f"train.micro_batch_size={args.batch}",
+        f"train.max_steps={total}", "train.log_every=1", "train.eval_every=0", "train.eval_max_batches=1",
+        f"train.save_every={total}", f"output_dir={out}",
+    ]
+    load = run([sys.executable, "train.py", "--recipe", "recipes/full.yaml", *overrides], work / "logs" / f"{out.name}.log", env)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    shutil.rmtree(out)
+    measured = [r for r in log if r["step"] > args.warmup]
+    start = next(r for r in log if r["step"] == args.warmup)
+    seconds, tokens = measured[-1]["time"] - start["time"], measured[-1]["tokens"] - start["tokens"]
+    return {"useful_tokens_per_s": tokens / seconds, "useful_tokens_per_step": tokens / len(measured),
+            "step_s": seconds / len(measured), "packing": summary["packing"], "load_average": load,
+            "peak_cpu_rss_mb": summary["peak_cpu_rss_mb"]}
 
 
 def evaluate_py(rnd, args, work, env) -> dict:
@@ -252,6 +313,8 @@ def main():
     parser.add_argument("--lever-reps", type=int, help="rounds of the lever measurements (default 2; 0 skips them)")
     parser.add_argument("--lever-steps", type=int, help="measured steps per lever and round, after the warm-up steps (default 3)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation speed")
+    parser.add_argument("--packing-reps", type=int, default=1,
+                        help="rounds of the packed-against-padded case on Alpaca-shaped rows (default 1; 0 skips it)")
     parser.add_argument("--out", default="reports/bench", help="where bench.json goes (default reports/bench)")
     args = parser.parse_args()
     preset = QUICK if args.quick else FULL
@@ -295,6 +358,20 @@ def main():
         rows = {side: summarize(runs[case, side], args.warmup, peaks[precision]["flops_per_s"]) for side in sides}
         training[case] = {"recipe": CASES[case][0], "setting": CASES[case][1], "peak": precision, **rows,
                           "ratio": rows["train.py"]["tokens_per_s"] / rows["Trainer"]["tokens_per_s"]}
+
+    # ---- packed against padded instruction rows: useful tokens/s of train.py ---------------------------
+    packing = {"skipped": "--packing-reps 0"}
+    if args.packing_reps:
+        alpaca_shaped(work, 400)
+        pk = {"packed": [], "padded": []}
+        for rnd in range(args.packing_reps):
+            for side in pk:
+                pk[side].append(packing_run(side == "packed", rnd, args, work, env))
+                print(f"round {rnd + 1}/{args.packing_reps}  alpaca-shaped {side:<7} "
+                      f"{pk[side][-1]['useful_tokens_per_s']:7.0f} useful tokens/s", flush=True)
+        packing = {side: {"useful_tokens_per_s": statistics.median(r["useful_tokens_per_s"] for r in rs), "runs": rs}
+                   for side, rs in pk.items()}
+        packing["ratio"] = packing["packed"]["useful_tokens_per_s"] / packing["padded"]["useful_tokens_per_s"]
 
     # ---- evaluation: evaluate.py against the plain loop -------------------------------------------------
     evaluation = None
@@ -356,6 +433,7 @@ def main():
         },
         "peaks": peaks,
         "training": training,
+        "packing": packing,
         "evaluation": evaluation,
         "levers": levers,
         "wall_time_s": time.time() - started,
@@ -383,6 +461,15 @@ def targets(report) -> list:
         if case in training:
             check(f"train.py / Trainer tokens/s at equal precision, {case}", ratio(case), 1.2)
     check("train.py / Trainer tokens/s, each with its defaults", ratio("full-defaults"), 1.5)
+    if "ratio" in report.get("packing", {}):
+        check("packed / padded useful tokens/s, Alpaca-shaped rows", report["packing"]["ratio"], 2.0)
+    if "full-fp32" in training and "full-fp32-plain-loss" in training:
+        out.append({"target": "peak RSS, full fp32: fused loss below 0.7x the plain loss's and below the Trainer's",
+                    "value": training["full-fp32"]["train.py"]["peak_cpu_rss_mb"]
+                    / training["full-fp32-plain-loss"]["train.py"]["peak_cpu_rss_mb"], "goal": 0.7,
+                    "met": training["full-fp32"]["train.py"]["peak_cpu_rss_mb"]
+                    < min(0.7 * training["full-fp32-plain-loss"]["train.py"]["peak_cpu_rss_mb"],
+                          training["full-fp32"]["Trainer"]["peak_cpu_rss_mb"])})
     bf16_case = "full-bf16" if "full-bf16" in training else None
     if bf16_case:
         check("full fine-tuning MFU of the bf16 matrix-product peak", training[bf16_case]["train.py"]["mfu"], 0.40)
@@ -412,6 +499,13 @@ def print_table(report) -> None:
             ratio = f"{row['ratio']:.2f}" if side == "train.py" else ""
             print(f"{case if side == 'train.py' else '':<26}{side:<10}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.2f}"
                   f"{100 * r['mfu']:>6.1f}%{r['peak_cpu_rss_mb']:>13.0f}{r['whole_run_tokens_per_s']:>17.0f}{ratio:>7}")
+    pk = report.get("packing", {})
+    print()
+    if "ratio" in pk:
+        for side in ("packed", "padded"):
+            print(f"alpaca-shaped rows, full, train.py {side:<7}{pk[side]['useful_tokens_per_s']:>8.0f} useful tokens/s  "
+                  f"({pk[side]['runs'][-1]['packing']})")
+        print(f"packed / padded useful tokens/s: {pk['ratio']:.2f}")
     ev = report["evaluation"]
     print()
     if "skipped" in ev:

@@ -68,6 +68,7 @@ def test_baseline_perplexity_and_summary(assets, tmp_path, capsys):
     assert ppl["words"] == len(tokenizer.decode(ids).split())
     assert ppl["word_ppl"] == pytest.approx(ppl["ppl"] ** (500 / ppl["words"]), rel=1e-6)
     assert f"{ppl['ppl']:.4f}" in printed  # the table
+    assert read(out / "eval.json")["hardware"]["threads_per_process"] == torch.get_num_threads()
     summary = read(out / "summary.json")
     assert summary == {"name": "baseline", "method": "baseline", "model": str(assets / "gpt2"),
                        "trainable_params": 0, "total_params": count_params(model)[1]}

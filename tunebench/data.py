@@ -20,9 +20,11 @@ format; every format ends in token sequences with labels, where label -100 is ne
                  prompter message it answers, through the "oasst" template.
   classification (task: classification) a text and a label; the text is cut to data.max_length.
 
-Formatted examples are not packed: each is one row, and the collator pads a batch to its longest
-row (dynamic padding) with label -100, so padding is never scored and no example attends to
-another. Batches are drawn in the data loader's seeded random order, never bucketed by length:
+Formatted examples are packed into rows of data.max_length tokens where that is exact
+(pack_examples: position ids restart per example, attention stays inside each example; train.py
+decides, see data.packing in the README); otherwise each is one row, and the collator pads a
+batch to its longest row (dynamic padding) with label -100. Padding is never scored and no
+example attends to another. Batches are drawn in the data loader's seeded random order, never bucketed by length:
 bucketing would change which examples share a batch, and so the gradient noise, by method.
 
 Tokenization is cached by the datasets library under a fingerprint of the data, the tokenizer and
@@ -369,8 +371,10 @@ class Examples(torch.utils.data.Dataset):
     """Token sequences with labels (per token, or one class per row); the collator pads them.
     Packed blocks are one case of it; formatted rows are read lazily from the tokenized table."""
 
-    def __init__(self, input_ids, labels, label_names: list = None):
+    def __init__(self, input_ids, labels, label_names: list = None, packable: bool = False):
         self.input_ids, self.labels, self.label_names = input_ids, labels, label_names
+        # One prompt/response example or conversation per row, labels per token: rows train.py may pack.
+        self.packable = packable
 
     def __len__(self):
         return len(self.input_ids)
@@ -619,9 +623,9 @@ def tokenize_labelled(ds, tokenizer, text_field: str, label_field: str, names: l
 
 # ---- build ------------------------------------------------------------------------------------------
 
-def _lazy(token_ds, names=None) -> Examples:
+def _lazy(token_ds, names=None, packable=False) -> Examples:
     token_ds = token_ds.with_format("torch", columns=["input_ids", "labels"])
-    return Examples(token_ds["input_ids"], token_ds["labels"], names)
+    return Examples(token_ds["input_ids"], token_ds["labels"], names, packable)
 
 
 def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tuple:
@@ -698,7 +702,7 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
                 f"{data_cfg['max_length']} (the {'article' if fmt == 'summarization' else 'response'}), "
                 f"{dropped:,} dropped (too long to cut)"
             )
-        out.append(_lazy(tokens))
+        out.append(_lazy(tokens, packable=True))
     return tuple(out)
 
 
@@ -722,14 +726,19 @@ def conversations(splits: dict, tokenizer, source, fields: dict, data_cfg: dict,
         if split == "train":
             ds = subsample(ds, data_cfg["fraction"], seed)
         tokens = tokenize_conversations(turn_rows(ds, source, wheres[split]), tokenizer, template, data_cfg, num_proc)
-        out.append(_lazy(usable_conversations(tokens, wheres[split], data_cfg["max_length"])))
+        out.append(_lazy(usable_conversations(tokens, wheres[split], data_cfg["max_length"]), packable=True))
     return tuple(out)
 
 
 def collate(pad_id: int):
     """Pad a batch to its longest example (right side); padded positions get label -100 and
     attention mask 0. A batch without padding gets no attention mask, so attention runs its plain
-    causal path. Class labels (one per row) become a (batch,) tensor."""
+    causal path. Class labels (one per row) become a (batch,) tensor.
+
+    Packed rows (with position_ids, see pack_examples) get no attention mask: transformers derives
+    the block-diagonal causal mask from position ids that restart per example. Their padding
+    continues with positions 0, 1, ..., a segment of its own that no example attends to; the
+    batch's "num_tokens" counts the tokens that are not padding."""
 
     def fn(examples):
         lengths = [len(e["input_ids"]) for e in examples]
@@ -744,8 +753,93 @@ def collate(pad_id: int):
             for row, e in enumerate(examples):
                 labels[row, : lengths[row]] = torch.as_tensor(e["labels"])
         batch = {"input_ids": input_ids, "labels": labels}
-        if min(lengths) < longest:
+        if "position_ids" in examples[0]:
+            position_ids = torch.arange(longest).repeat(len(examples), 1)
+            for row, e in enumerate(examples):
+                position_ids[row, : lengths[row]] = e["position_ids"]
+                position_ids[row, lengths[row] :] -= lengths[row]
+            batch.update(position_ids=position_ids, num_tokens=torch.tensor(sum(lengths)))
+        elif min(lengths) < longest:
             batch["attention_mask"] = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
         return batch
 
     return fn
+
+
+# ---- packing prompt/response examples ---------------------------------------------------------------
+
+class PackedExamples(torch.utils.data.Dataset):
+    """Examples (anything whose items hold input_ids and per-token labels) packed into rows of at
+    most max_length tokens. A row holds its examples one after another, with position ids that
+    restart at each example and the first label of each example set to -100: in a row of its own
+    that label is never a target either, and here it would be the previous example's last target."""
+
+    def __init__(self, examples, rows: list, tokens: int):
+        self.examples, self.rows, self.tokens, self.label_names = examples, rows, tokens, None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        parts = [self.examples[j] for j in self.rows[i]]
+        labels = []
+        for part in parts:
+            own = torch.as_tensor(part["labels"]).clone()
+            own[0] = IGNORE_INDEX
+            labels.append(own)
+        return {
+            "input_ids": torch.cat([torch.as_tensor(p["input_ids"]) for p in parts]),
+            "labels": torch.cat(labels),
+            "position_ids": torch.cat([torch.arange(len(p["input_ids"])) for p in parts]),
+        }
+
+    def num_tokens(self) -> int:
+        return self.tokens
+
+
+OPEN_ROWS = 64  # rows pack_examples keeps open for later examples
+
+
+def pack_examples(examples, max_length: int) -> PackedExamples:
+    """Pack examples into rows of at most max_length tokens, first fit in the data's order: each
+    example goes into the first of the last OPEN_ROWS rows with room for it. The result depends on the data and
+    max_length only, so every method trains the same rows in the same order."""
+    lengths = [len(examples[i]["input_ids"]) for i in range(len(examples))]
+    rows, room, open_rows = [], [], []  # open_rows: rows that still have room for the shortest example
+    shortest = min(lengths, default=1)
+    for i, length in enumerate(lengths):
+        row = next((r for r in open_rows if room[r] >= length), None)
+        if row is None:
+            rows.append([]), room.append(max_length)
+            row = len(rows) - 1
+            open_rows.append(row)
+        rows[row].append(i)
+        room[row] -= length
+        if room[row] < shortest:
+            open_rows.remove(row)
+        elif len(open_rows) > OPEN_ROWS:
+            open_rows.pop(0)  # the oldest row stays as it is: bounded time per example
+    return PackedExamples(examples, rows, sum(lengths))
+
+
+def packing_is_exact(model, vocab_size: int) -> bool:
+    """Whether this model (with its method) scores two examples packed in one row exactly as it
+    scores each alone: position ids must restart the attention too, and nothing the method adds
+    (a soft prompt, a prefix) may be shared across the row. Checked by running it, in eval mode."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        # DeepSpeed ZeRO-3 holds a share of each weight until it runs: judge by the method instead.
+        config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+        return not getattr(config, "is_prompt_learning", False)
+    device = next(model.parameters()).device
+    first, second = torch.arange(5, device=device) % vocab_size, torch.arange(7, 11, device=device) % vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = [model(input_ids=ids[None], use_cache=False).logits[0, -len(ids) :] for ids in (first, second)]
+            positions = torch.cat([torch.arange(5), torch.arange(4)]).to(device)
+            packed = model(input_ids=torch.cat([first, second])[None], position_ids=positions[None],
+                           use_cache=False).logits[0, -9:]
+    finally:
+        model.train(was_training)
+    return packed.shape[0] == 9 and torch.allclose(packed, torch.cat(alone), rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ optimizer offload would replace an 8-bit optimizer with DeepSpeed's own CPU Adam
 check_deepspeed() refuses those with one line instead.
 """
 import os
+from pathlib import Path
 
 import torch
 
@@ -84,3 +85,59 @@ def check_deepspeed(ds_config: dict, train: dict, num_processes: int) -> None:
         )
     # accelerate fills an "auto" gradient_clipping with 1.0, whatever the recipe says; DeepSpeed clips by it.
     ds_config["gradient_clipping"] = train["max_grad_norm"]
+
+
+# ---- threads per process ---------------------------------------------------------------------------
+# Launchers that set OMP_NUM_THREADS for the processes they start when the user's environment has
+# none: accelerate launch (1 unless its config says use_cpu), torchrun (1 with several processes),
+# DeepSpeed's launcher (only with --bind_cores_to_rank). Each reads its own environment to decide, so
+# the trace is the launcher's environment as it was started (/proc/PID/environ, which later changes
+# made inside the launcher do not alter). Launcher arguments that set the count on purpose:
+_LAUNCHERS = {"accelerate launch": ("--num_cpu_threads_per_process",), "torchrun": (), "deepspeed": ("--bind_cores_to_rank",)}
+_LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def _launcher(pid: int):
+    """(launcher name, its command line, its starting environment) of process pid, or None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # not Linux, or not allowed to read it
+        return None
+    line = " ".join(argv)
+    name = ("accelerate launch" if "accelerate" in line and "launch" in argv[1:] or "accelerate.commands.launch" in line
+            else "torchrun" if "torchrun" in line or "torch.distributed.run" in line or "torch.distributed.launch" in line
+            else "deepspeed" if "deepspeed.launcher" in line else None)
+    if name is None:
+        return None
+    return name, argv, {kv.split("=", 1)[0]: kv.split("=", 1)[1] for kv in environ if "=" in kv}
+
+
+def _cores() -> int:
+    import psutil
+
+    return max(1, min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, len(os.sched_getaffinity(0))))
+
+
+def use_every_core() -> dict:
+    """Set this process's CPU threads: cores / local processes where a launcher chose the count by
+    default (or nobody chose it and several processes share the machine); a count the user set
+    (OMP_NUM_THREADS in their environment, or a launcher argument) is kept. Call at start-up.
+    Returns {"threads_per_process", "threads_set_by"} for summary.json's hardware."""
+    local = next((int(os.environ[v]) for v in _LOCAL_SIZE_VARS if os.environ.get(v, "").isdigit()), 1)
+    given = os.environ.get("OMP_NUM_THREADS")
+    launcher = _launcher(os.getppid())
+    by_default = given is None and local > 1
+    if given is not None and launcher is not None:
+        name, argv, start_env = launcher
+        chosen_by_argument = any(a.split("=")[0] in _LAUNCHERS[name] for a in argv)
+        by_default = "OMP_NUM_THREADS" not in start_env and not chosen_by_argument
+    if by_default:
+        threads = max(1, _cores() // local)
+        why = (f"{_cores()} cores / {local} local process{'es' if local > 1 else ''}"
+               + (f"; OMP_NUM_THREADS={given} was {launcher[0]}'s default" if given is not None else ""))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything this process starts
+        torch.set_num_threads(threads)
+    else:
+        why = "OMP_NUM_THREADS set by the user" if given is not None else "PyTorch's default (one process)"
+    return {"threads_per_process": torch.get_num_threads(), "threads_set_by": why}

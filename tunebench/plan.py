@@ -14,10 +14,10 @@ weights, gradients, optimizer state: exact sizes from that model's parameters (t
   offload moves the optimizer state (and at stage 3 the weights) to CPU memory. DDP (several
   processes without DeepSpeed) keeps a second copy of the gradients in its buckets.
 activations: one forward and backward pass of the real model code as the training loop runs it
-  (the loss included, under autocast with mixed precision) on fake tensors, under a dispatch mode
-  that follows every tensor storage created until it is freed: what is alive at the peak besides
-  weights and gradients is activations and temporaries; gradients computed by then count as
-  gradients.
+  (the loss included, fused or plain as train.py takes it, under autocast with mixed precision) on
+  fake tensors, under a dispatch mode that follows every tensor storage created until it is freed:
+  what is alive at the peak besides weights and gradients is activations and temporaries;
+  gradients computed by then count as gradients. `--plan` also prints the other loss's peak.
 optimizer step: all gradients plus the step's temporaries: PyTorch AdamW, one copy of the trained
   parameters on a GPU (foreach) or two of the largest tensor on a CPU; 8-bit AdamW on a CPU, five
   float32 copies of the largest tensor (it dequantizes). The peak is the larger of the two phases.
@@ -160,6 +160,7 @@ def _meta_model(recipe: dict, config, dtype, checkpointing: bool):
 def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
+    from tunebench.activations import use_fused_gelu
     from tunebench.methods import METHODS, apply_method
     from tunebench.models import enable_gradient_checkpointing
 
@@ -168,6 +169,7 @@ def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
             config, dtype=dtype, attn_implementation=recipe["model"]["attn_implementation"],
             trust_remote_code=recipe["model"]["trust_remote_code"],
         )
+    use_fused_gelu(model)  # as train.py does
     if checkpointing:
         enable_gradient_checkpointing(model)
     method = {**recipe["method"], **METHODS[recipe["method"]["type"]].plan_keys}
@@ -261,6 +263,7 @@ class Prediction:
     runtime: int
     offloaded: int  # moved to CPU memory by DeepSpeed offload, outside the GPU's peak
     phase: str  # where the peak falls: "backward" or "optimizer step"
+    loss: str  # "fused" (tunebench/fused_loss.py) or "plain"
     trainable: int
     total_params: int
 
@@ -279,6 +282,7 @@ class Prediction:
             "runtime_mb": self.runtime / MB,
             "offloaded_mb": self.offloaded / MB,
             "peak_phase": self.phase,
+            "loss": self.loss,
             "setup": setup.describe(),
         }
 
@@ -335,7 +339,7 @@ class Planner:
             raise UserError(f"the memory plan covers causal language modelling (task causal_lm), not task {recipe['task']}")
         self.recipe, self.config, self.setup = recipe, config, setup
         self.runtime = runtime_bytes(setup)
-        self._layouts, self._passes = {}, {}
+        self._layouts, self._passes, self._loss_paths = {}, {}, {}
 
     def _layout(self, setup: Setup):
         """([(numel, element size)] of all parameters, the same of the trained ones, and the trained
@@ -354,35 +358,53 @@ class Planner:
                                     [sum(p.numel() for p in trained if (p.ndim >= 2) == matrix) for matrix in (True, False)])
         return self._layouts[dtype]
 
-    def _pass(self, setup: Setup, micro_batch: int, checkpointing: bool) -> dict:
+    def loss_path(self, setup: Setup, fused=None) -> str:
+        """"fused" or "plain": the loss train.py takes (fused_loss.choose; ZeRO-3 hooks every layer),
+        or the one asked for where it can apply."""
+        from tunebench import fused_loss
+
+        wanted = self.recipe["train"]["fused_loss"] if fused is None else fused
+        if not wanted or setup.zero_stage >= 3:
+            return "plain"
+        dtype = model_dtype(self.recipe, self.config, setup)
+        if dtype not in self._loss_paths:
+            model = _meta_model(self.recipe, self.config, dtype, checkpointing=False)
+            self._loss_paths[dtype] = "fused" if fused_loss.why_not(model) is None else "plain"
+        return self._loss_paths[dtype]
+
+    def _pass(self, setup: Setup, micro_batch: int, checkpointing: bool, loss: str) -> dict:
         """Bytes alive at the peak of one forward and backward pass: gradients, and the rest."""
         dtype = model_dtype(self.recipe, self.config, setup)
         autocast = None if setup.zero_stage or setup.mixed_precision == "no" else setup.mixed_precision
-        key = (dtype, autocast, setup.device, micro_batch, checkpointing)
+        key = (dtype, autocast, setup.device, micro_batch, checkpointing, loss)
         if key not in self._passes:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            from tunebench import fused_loss
             from tunebench.metrics import causal_nll
 
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft keeps small index tensors on the CPU
             model = _to_fake(_meta_model(self.recipe, self.config, dtype, checkpointing), fake_mode, setup.device)
             model.train()
+            nll_of = fused_loss.install(model, only_scored=False) if loss == "fused" else causal_nll
             seq = self.recipe["data"]["max_length"]
             with fake_mode, _LiveBytes(model) as live:
                 ids = torch.zeros((micro_batch, seq), dtype=torch.long, device=setup.device)
                 with torch.autocast(setup.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast),
                                     enabled=autocast is not None):
-                    logits = model(input_ids=ids).logits
+                    out = model(input_ids=ids).logits  # the last hidden states where the loss is fused
                     if autocast:
-                        logits = logits.float()  # accelerate returns a mixed-precision model's outputs in float32
-                    nll, _ = causal_nll(logits, ids)
-                    del logits  # as train.py's loop: not kept past the loss
+                        out = out.float()  # accelerate returns a mixed-precision model's outputs in float32
+                    nll, _ = nll_of(out, ids)
+                    del out  # as train.py's loop: not kept past the loss
                 nll.backward()
             self._passes[key] = {"gradients": live.peak_gradients, "activations": live.peak_other}
         return self._passes[key]
 
-    def predict(self, micro_batch=None, checkpointing=None, optimizer=None, grad_accum=None, setup=None) -> Prediction:
-        """The run as the recipe sets it, or with the given settings changed."""
+    def predict(self, micro_batch=None, checkpointing=None, optimizer=None, grad_accum=None, setup=None,
+                fused=None) -> Prediction:
+        """The run as the recipe sets it, or with the given settings changed (fused: the fused loss
+        where it applies, or the plain one)."""
         t = self.recipe["train"]
         micro_batch = micro_batch or t["micro_batch_size"]
         checkpointing = self.recipe["model"]["gradient_checkpointing"] if checkpointing is None else checkpointing
@@ -409,7 +431,8 @@ class Planner:
         elif n > 1:
             buckets = gradients
 
-        passed = self._pass(setup, micro_batch, checkpointing)
+        loss = self.loss_path(setup, fused)
+        passed = self._pass(setup, micro_batch, checkpointing, loss)
         computed_grads = gradients if grad_accum > 1 or zero >= 2 else min(gradients, passed["gradients"])
         backward = (computed_grads + buckets, passed["activations"])
         # The optimizer updates the trained tensors in their dtype, or under ZeRO its float32 partition.
@@ -421,7 +444,7 @@ class Planner:
         grads, activations = backward if sum(backward) >= sum(step) else step
         return Prediction(
             weights=weights, gradients=grads, optimizer_state=state, activations=activations, runtime=self.runtime,
-            offloaded=offloaded, phase="backward" if sum(backward) >= sum(step) else "optimizer step",
+            offloaded=offloaded, phase="backward" if sum(backward) >= sum(step) else "optimizer step", loss=loss,
             trainable=sum(self._layout(self.setup)[2]), total_params=sum(numel for numel, _ in self._layout(self.setup)[0]),
         )
 
@@ -461,7 +484,7 @@ def format_prediction(recipe: dict, setup: Setup, p: Prediction) -> str:
         f"({p.trainable:,} of {p.total_params:,} parameters trained)",
         f"  {setup.describe()}; micro-batch {t['micro_batch_size']} x {recipe['data']['max_length']} tokens, "
         f"grad_accum {t['grad_accum']}, gradient checkpointing {'on' if m['gradient_checkpointing'] else 'off'}, "
-        f"optimizer {t['optimizer']}",
+        f"optimizer {t['optimizer']}, {p.loss} loss" + ("" if p.loss == "fused" else " on the logits"),
         f"  weights          {_mb(p.weights):>12}",
         f"  gradients        {_mb(p.gradients):>12}   (alive at the peak)",
         f"  optimizer state  {_mb(p.optimizer_state):>12}" + ("   (with DeepSpeed's float32 master weights)" if setup.zero_stage else ""),
@@ -537,6 +560,10 @@ def show(recipe: dict, setup: Setup, budget_gb=None) -> None:
     planner = Planner(recipe, config, setup)
     prediction = planner.predict()
     print(format_prediction(recipe, setup, prediction))
+    other = planner.predict(fused=prediction.loss != "fused")
+    if other.loss != prediction.loss:
+        print(f"  with the {other.loss} loss instead ({'train.fused_loss=' + str(other.loss == 'fused').lower()}): "
+              f"{_mb(other.peak)}")
     if budget_gb is None:
         return
     budget = int(budget_gb * GB)

@@ -76,6 +76,10 @@ SCHEMA = {
         "fraction": (1.0, float, "fraction"),
         "max_length": (512, int, "positive"),
         "num_proc": (None, int, "positive"),
+        # Pack instruction, summarization and conversation examples into rows of max_length tokens,
+        # each example attending only to itself: null packs where train.py finds it exact for the
+        # model and method (not with a soft prompt or prefix), true requires it, false never packs.
+        "packing": (None, bool, None),
     },
     "train": {
         "epochs": (1, int, "positive"),
@@ -99,6 +103,9 @@ SCHEMA = {
         "log_every": (10, int, "positive"),
         "compile": (False, bool, None),
         "exact_cpu_rss": (False, bool, None),
+        # The causal LM loss from the hidden states in chunks, without the logits, where it is exact
+        # (tunebench/fused_loss.py); false: always the plain loss on the logits.
+        "fused_loss": (True, bool, None),
         "trackers": ([], list, None),
     },
     "eval": {
