@@ -81,10 +81,10 @@ def test_a_soft_prompt_is_not_packed(assets, tmp_path):
                                                          "data.validation_file=null", "method.num_virtual_tokens=4",
                                                          "data.template=plain"]
     refused = run_script("train.py", "--recipe", ROOT / "recipes/prompt_tuning.yaml", *args, "data.packing=true")
-    assert_one_clear_line(refused, "data.packing is true but this model with method prompt_tuning does not score packed")
+    assert_one_clear_line(refused, "data.packing is true but method prompt_tuning puts virtual tokens before the text")
     assert not (tmp_path / "run").exists()
     ran = train("prompt_tuning", *args)
-    assert "data: not packed (this model with method prompt_tuning" in ran.stdout
+    assert "data: not packed (method prompt_tuning puts virtual tokens before the text" in ran.stdout
 
 
 def test_train_py_packs_instructions_by_default(assets, tmp_path):
