@@ -569,16 +569,6 @@ def take_generations(results: dict) -> dict:
     return {task: values.pop(GENERATIONS_KEY) for task, values in results.items() if GENERATIONS_KEY in values}
 
 
-def read_generations(folder) -> list:
-    """generations.jsonl of an evaluated run or baseline folder, [] when there is none."""
-    path = Path(folder) / "generations.jsonl"
-    if not path.is_file():
-        return []
-    from tunebench import inputs
-
-    return inputs.read_jsonl_records(path, "; delete it and evaluate again")
-
-
 def write_generations(out_dir: Path, generations: dict) -> None:
     """generations.jsonl beside eval.json: one line per example ({task, id, prompt, reference, output}
     and the judge's verdicts when asked); the lines of tasks not evaluated this time are kept."""
@@ -586,7 +576,7 @@ def write_generations(out_dir: Path, generations: dict) -> None:
 
     from tunebench import rundir
 
-    kept = [r for r in read_generations(out_dir) if r.get("task") not in generations]
+    kept = [r for r in rundir.read_generations(out_dir) if r.get("task") not in generations]
     records = kept + [{"task": task, **record} for task, task_records in generations.items() for record in task_records]
     rundir.write_atomic(out_dir / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -652,9 +642,9 @@ def judge_from_args(args, request: Request):
 def judge_generations(the_judge, args, generations: dict, results: dict) -> None:
     """Each generation task's first --judge-examples answers scored, and with --judge-against compared
     with the baseline's; the figures join the task's results, the verdicts its generations.jsonl lines."""
-    from tunebench import judge
+    from tunebench import judge, rundir
 
-    baseline = read_generations(args.judge_against) if args.judge_against else []
+    baseline = rundir.read_generations(args.judge_against) if args.judge_against else []
     for task, records in generations.items():
         chosen = records[: the_judge.examples]
         results[task].update(judge.score_absolute(the_judge, chosen))

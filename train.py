@@ -568,12 +568,11 @@ def main(argv=None):
 
     from tunebench import activations, data, distributed, fused_loss, measure, plan
     from tunebench.methods import METHODS, apply_method, count_params
-    from tunebench.metrics import causal_nll, classification_nll
+    from tunebench.metrics import classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
 
     model_cfg, data_cfg, train_cfg = recipe["model"], recipe["data"], recipe["train"]
     classify = recipe["task"] == "classification"  # a classification head, scored by validation accuracy
-    nll_of = classification_nll if classify else causal_nll
     threads = distributed.use_every_core()
     accelerator = make_accelerator(train_cfg, run_dir)
     accelerator.print(f"cpu threads: {threads['threads_per_process']} per process ({threads['threads_set_by']})")
@@ -600,9 +599,9 @@ def main(argv=None):
     set_seed(train_cfg["seed"])  # the method's random init (LoRA A) must not depend on how loading drew numbers (ZeRO-3 does)
     model = apply_method(model, recipe["method"], tokenizer, total_steps)  # AdaLoRA schedules by total_steps
     params = count_params(model)
-    loss_path = "classification cross-entropy"
-    if not classify:
-        nll_of, loss_path = fused_loss.choose(model, train_cfg["fused_loss"])
+    # The causal loss is fused with the output layer where it can be (tunebench/fused_loss.py).
+    nll_of, loss_path = ((classification_nll, "classification cross-entropy") if classify
+                         else fused_loss.choose(model, train_cfg["fused_loss"]))
     accelerator.print(f"loss: {loss_path}")
     if train_cfg["compile"]:
         model.compile()  # in place: the same module and state_dict keys, compiled on the first batches

@@ -95,6 +95,10 @@ def linear_nll(hidden, labels, weight, bias=None, only_scored=True) -> tuple:
     chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
     if only_scored:
         hidden, targets = hidden[scored], targets[scored]
+    if not torch.is_grad_enabled():
+        # Validation: the loss only. A Function's needs_input_grad ignores torch.no_grad(), so without
+        # this the forward pass would compute (and hold) every gradient for nothing.
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     nll = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), chunk)
     return nll, scored.sum()
 

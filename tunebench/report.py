@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from tunebench import inputs, verdict
+from tunebench import inputs, rundir, verdict
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.rundir import write_atomic, write_json
 
@@ -104,7 +104,7 @@ def load_run(run_dir) -> dict:
         "recipe": recipe or {},
         "log": log,
         "error": None if summary is not None else _error_text(run_dir, log, recipe),
-        "generations": _read_generations(run_dir),
+        "generations": rundir.read_generations(run_dir),
         "eval_seed": (evaluation.get("settings") or {}).get("seed"),
     }
     if summary is not None and (run_dir / "error.txt").is_file():
@@ -123,11 +123,6 @@ def method_label(summary, recipe, method: str) -> str:
         return label((recipe or {}).get("method") or {})
     except (KeyError, TypeError, AttributeError):
         return method
-
-
-def _read_generations(run_dir: Path) -> list:
-    path = run_dir / "generations.jsonl"
-    return inputs.read_jsonl_records(path, "; delete it and evaluate the run again") if path.is_file() else []
 
 
 # ---- generations side by side ------------------------------------------------------------------------

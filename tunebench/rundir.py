@@ -92,6 +92,12 @@ def status(run_dir, recipe: dict) -> str:
     return RESUME if found else NEW
 
 
+def read_generations(folder) -> list:
+    """generations.jsonl of an evaluated run or baseline folder (evaluate.py writes it), [] when there is none."""
+    path = Path(folder) / "generations.jsonl"
+    return inputs.read_jsonl_records(path, "; delete it and evaluate again") if path.is_file() else []
+
+
 def start(run_dir, recipe: dict) -> None:
     """Make a fresh run directory (replacing an old run only when the recipe says overwrite)."""
     run_dir = Path(run_dir)
