@@ -326,6 +326,7 @@ def perplexity_task(task: str, scorer: Scorer, args, data_file=None) -> dict:
         "max_length": scorer.max_length, "stride": scorer.stride, "windows": result["windows"],
         "tokens_per_s": len(ids) / (time.perf_counter() - scoring),
         "batch_size": batch_size, "precision": scorer.precision, "data": source,
+        ITEMS_KEY: {"unit": "window", "nll": result["window_nll"], "tokens": result["window_tokens"]},
     }
 
 
@@ -443,17 +444,20 @@ def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
     examples = tokens.with_format("torch", columns=["input_ids", "labels"])
     batch_size = args.batch_size or 8
     collate = data.collate(scorer.tokenizer.pad_token_id)
-    nll, scored = 0.0, 0
+    example_nll, example_tokens = [], []
     with torch.no_grad(), scorer.autocast():
         for start in range(0, len(examples), batch_size):
             batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
             batch = {k: v.to(scorer.device) for k, v in batch.items()}
             logits = scorer.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            batch_nll, batch_scored = metrics.causal_nll(logits.float(), batch["labels"])
-            nll, scored = nll + batch_nll.item(), scored + int(batch_scored)
+            batch_nll, batch_scored = metrics.row_nll(logits, batch["labels"])
+            example_nll += batch_nll.double().tolist()
+            example_tokens += batch_scored.tolist()
+    nll, scored = math.fsum(example_nll), sum(example_tokens)
     return {"ppl": math.exp(nll / scored) if scored else None, "nll_per_token": nll / scored if scored else None,
             "tokens": scored, "examples": len(examples), "scored": "assistant turns" if args.assistant_only else "every token",
-            "max_length": scorer.max_length, "batch_size": batch_size, "precision": scorer.precision, "data": source}
+            "max_length": scorer.max_length, "batch_size": batch_size, "precision": scorer.precision, "data": source,
+            ITEMS_KEY: {"unit": "example", "nll": example_nll, "tokens": example_tokens}}
 
 
 def conversation_examples(scorer: Scorer, args, recipe, room: int) -> tuple:
@@ -545,11 +549,13 @@ def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
     if task in STOP:
         hypotheses = [h.split(STOP[task])[0] for h in hypotheses]
     scores = metrics.generation_scores([h.strip() for h in hypotheses], [r.strip() for _, r in examples])
+    per_example = scores.pop("per_example")
     return {
         **scores, "decoding": "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams",
         "max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "precision": scorer.precision, "data": source,
         **({"prompt_tokens": args.prompt_tokens} if task == "continuation" else {}),
         GENERATIONS_KEY: generation_records(scorer, examples, hypotheses),
+        ITEMS_KEY: {"unit": "example", **per_example},
     }
 
 
@@ -567,6 +573,15 @@ def generation_records(scorer: Scorer, examples: list, hypotheses: list) -> list
 def take_generations(results: dict) -> dict:
     """{task: records} taken out of the task results (eval.json holds scores; generations.jsonl the texts)."""
     return {task: values.pop(GENERATIONS_KEY) for task, values in results.items() if GENERATIONS_KEY in values}
+
+
+# Per-item losses and scores (windows of a text, examples), kept in eval.json's "items" for the report's
+# paired bootstrap: every run is scored on the same items, so differences are paired item by item.
+ITEMS_KEY = "_items"
+
+
+def take_items(results: dict) -> dict:
+    return {task: values.pop(ITEMS_KEY) for task, values in results.items() if ITEMS_KEY in values}
 
 
 def write_generations(out_dir: Path, generations: dict) -> None:
@@ -687,6 +702,7 @@ def write_results(evaluation: dict, request: Request, args, model) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluation["tasks"] = {**request.earlier.get("tasks", {}), **evaluation["tasks"]}
     evaluation["time_s"] = {**request.earlier.get("time_s", {}), **evaluation["time_s"]}
+    evaluation["items"] = {**request.earlier.get("items", {}), **evaluation["items"]}
     rundir.write_json(out_dir / "eval.json", evaluation)
     if args.model:
         _, total = count_params(model)
@@ -733,9 +749,11 @@ def main(argv=None):
         times[name] = round(time.perf_counter() - started, 3)
 
     generations = take_generations(results)
+    items = take_items(results)
     if the_judge is not None:
         judge_generations(the_judge, args, generations, results)
     evaluation = evaluation_record(args, request, scorer, results, times)
+    evaluation["items"] = items
     if the_judge is not None:
         evaluation["judge"] = the_judge.settings(args.judge_against)
     evaluation["hardware"].update(threads)

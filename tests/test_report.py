@@ -5,6 +5,7 @@ import base64
 import csv
 import html.parser
 import json
+import math
 import os
 import shutil
 import statistics
@@ -234,6 +235,35 @@ def test_generations_side_by_side(evaluated):
     assert section.count("**Reference**") == 5 and section.count("**lora_r4**") == 5
     # Another evaluation seed picks another handful, the same for every model.
     assert report.side_by_side([dict(report.load_run(f), eval_seed=7) for f in folders])["examples"] != view["examples"]
+
+
+def test_gains_have_paired_intervals_over_the_test_windows_and_ties_share_a_rank(runs, assets, tmp_path):
+    """evaluate.py keeps every window's loss; the report gives each gain a 95% interval from a paired bootstrap
+    over those windows, ranks only differences whose interval excludes zero, and says so."""
+    from test_evaluate import evaluate
+
+    base, _ = runs
+    task_args = ["--tasks", "ppl", "--data-file", assets / "valid.txt", "--max-length", 32, "--stride", 32]
+    evaluate("--model", assets / "gpt2", "--out", tmp_path / "baseline", *task_args)
+    for name in ("full-seed1", "lora_r4"):
+        shutil.copytree(base / name, tmp_path / name, ignore=shutil.ignore_patterns("eval.json", "checkpoints"))
+        evaluate("--run", tmp_path / name, *task_args)
+    evaluation = json.loads((tmp_path / "lora_r4" / "eval.json").read_text())
+    items, ppl = evaluation["items"]["ppl"], evaluation["tasks"]["ppl"]
+    assert items["unit"] == "window" and len(items["nll"]) == ppl["windows"] > 10 and sum(items["tokens"]) == ppl["tokens"]
+    assert math.exp(math.fsum(items["nll"]) / sum(items["tokens"])) == pytest.approx(ppl["ppl"], rel=1e-9)
+
+    report.main([str(tmp_path / n) for n in ("baseline", "full-seed1", "lora_r4")] + ["--out", str(tmp_path / "report")])
+    rows = csv_rows(tmp_path / "report")
+    for name in ("full-seed1", "lora_r4"):
+        gain, low, high = (float(rows[name][k]) for k in ("gain", "gain_low", "gain_high"))
+        assert low <= gain <= high and rows[name]["rank"] in ("1", "2")
+    md = (tmp_path / "report").joinpath("report.md").read_text()
+    assert f"paired bootstrap over the {ppl['windows']} test items" in md and "## Noise" in md
+    ranks = {rows[n]["rank"] for n in ("full-seed1", "lora_r4")}
+    verdict_line = next(line for line in md.splitlines() if line.startswith("| full-seed1 − lora_r4 |"))
+    # Two ranks exactly when the pair's interval excludes zero; otherwise a tie, both first.
+    assert (ranks == {"1", "2"}) == ("beyond noise" in verdict_line)
 
 
 # ---- report.html in a real browser ------------------------------------------------------------------------

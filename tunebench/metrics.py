@@ -45,6 +45,13 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nll.view(targets.shape)
 
 
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """(summed NLL per row in float32, scored tokens per row): causal_nll row by row, for statistics over
+    examples."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return token_nll(logits, targets).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
 def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list:
     """(begin, end, first) per window over a stream s[0..T]: s[0] is a start token, s[1..T] the text.
     Window k reads s[b:e], b = k * stride, e = min(b + max_length, T), and scores s[first..e], the
@@ -78,11 +85,12 @@ def perplexity(model, token_ids: list, start_id: int, max_length: int, stride: i
                desc: str = "perplexity") -> dict:
     """Summed NLL of every token of a text, scored once in sliding windows (see sliding_windows).
     Windows are batched; the last, shorter one is right-padded and its padding never scored, so
-    the result does not depend on batch_size. Returns {"nll": summed NLL, "tokens", "windows"}."""
+    the result does not depend on batch_size. Returns {"nll": summed NLL, "tokens", "windows", and per window
+    "window_nll" and "window_tokens": the items a paired bootstrap resamples}."""
     stream = [start_id] + list(token_ids)
     windows = sliding_windows(len(token_ids), max_length, stride)
     device = next(model.parameters()).device
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    window_nll = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch"):
         batch = windows[i : i + batch_size]
         ids, mask = padded([stream[b:e] for b, e, _ in batch], pad_id)
@@ -91,8 +99,9 @@ def perplexity(model, token_ids: list, start_id: int, max_length: int, stride: i
             # position p predicts s[b + p + 1]: the new tokens s[first..e] sit at positions first-1-b .. e-1-b
             targets[row, first - 1 - b : e - b] = torch.as_tensor(stream[first : e + 1])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        nll_sum += token_nll(logits, targets.to(device)).sum().double()
-    return {"nll": nll_sum.item(), "tokens": len(token_ids), "windows": len(windows)}
+        window_nll += token_nll(logits, targets.to(device)).sum(dim=1).double().tolist()
+    return {"nll": math.fsum(window_nll), "tokens": len(token_ids), "windows": len(windows),
+            "window_nll": window_nll, "window_tokens": [e - first + 1 for _, e, first in windows]}
 
 
 def text_perplexities(nll: float, tokens: int, text: str) -> dict:
@@ -197,7 +206,8 @@ def generation_scores(hypotheses: list, references: list) -> dict:
                or Hugging Face evaluate's "bleu", times 100); 0 when some n-gram order has no match
     sacrebleu  sacreBLEU's default signature (13a tokens, exponential smoothing of empty n-gram orders)
     rouge*     rouge-score F1 with Porter stemming, mean over examples; rougeLsum splits sentences at newlines
-    ter, chrf  sacreBLEU's defaults.  BLEU, TER and chrF are on 0-100, ROUGE and METEOR on 0-1."""
+    ter, chrf  sacreBLEU's defaults.  BLEU, TER and chrF are on 0-100, ROUGE and METEOR on 0-1.
+    per_example: ROUGE-L and sentence chrF of each example, the items of a paired bootstrap."""
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU, CHRF, TER
 
@@ -210,6 +220,9 @@ def generation_scores(hypotheses: list, references: list) -> dict:
     scores = [scorer.score(r, h) for h, r in zip(hypotheses, references)]
     for kind in kinds:
         out[kind] = sum(s[kind].fmeasure for s in scores) / len(scores)
+    sentence_chrf = CHRF()
+    out["per_example"] = {"rougeL": [s["rougeL"].fmeasure for s in scores],
+                          "chrf": [sentence_chrf.sentence_score(h, [r]).score for h, r in zip(hypotheses, references)]}
     out["meteor"], reason = meteor(hypotheses, references)
     if reason:
         out["meteor_reason"] = reason

@@ -101,6 +101,7 @@ def load_run(run_dir) -> dict:
         "finished": summary is not None,
         "summary": summary or {},
         "eval": evaluation.get("tasks") or {},
+        "items": evaluation.get("items") or {},
         "recipe": recipe or {},
         "log": log,
         "error": None if summary is not None else _error_text(run_dir, log, recipe),
@@ -209,7 +210,8 @@ def run_values(run: dict, evals: list, derived: dict = None) -> dict:
     values["trainable_pct"] = 100.0 * values["trainable_params"] / total if total and values["trainable_params"] is not None else None
     for task, metric in evals:
         values[f"{task}.{metric}"] = _number((run["eval"].get(task) or {}).get(metric))
-    values.update((derived or {}).get(run["name"]) or {"gain": None, "forgetting": None})
+    learned = (derived or {}).get(run["name"]) or {}
+    values.update(gain=learned.get("gain"), forgetting=learned.get("forgetting"))
     return values
 
 
@@ -266,11 +268,15 @@ def _format(value, kind: str) -> str:
         return f"{value:.3g}"
     if kind == "nats":
         return f"{value:+.4f}"
+    if kind == "rank":
+        return f"{value:d}"
     return f"{value:.4g}"
 
 
 def _cell(row: dict, key: str, kind: str) -> str:
     text = _format(row.get(key), kind)
+    if row.get(f"{key}_low") is not None:  # an interval (gain, forgetting) says more than a standard deviation
+        return f"{text} [{_format(row[f'{key}_low'], kind)}, {_format(row[f'{key}_high'], kind)}]"
     if row["std"].get(key):  # identical values across seeds (a parameter count) need no "± 0"
         text += f" ± {_format(row['std'][key], kind)}"
     return text
@@ -291,7 +297,8 @@ def table_columns(evals: list, derived: bool = False) -> list:
     """(key, header, kind) of every column after name, method and status."""
     columns = [("lr", "lr", "lr")] + TRAIN_COLUMNS + [(f"{task}.{metric}", _eval_name(task, metric), "metric") for task, metric in evals]
     if derived:
-        columns += [("gain", "gain (nats/token)", "nats"), ("forgetting", "forgetting (nats/token)", "nats")]
+        columns += [("gain", "gain (nats/token) [95%]", "nats"), ("rank", "rank", "rank"),
+                    ("forgetting", "forgetting (nats/token) [95%]", "nats")]
     return columns
 
 
@@ -506,6 +513,8 @@ def plot_pareto(rows: list, evals: list, path: Path) -> tuple:
 def flat_rows(rows: list, evals: list, derived: bool = False) -> list:
     """The rows as flat dicts of plain values: what report.csv and report.json hold."""
     keys = ["total_params", "trainable_pct"] + [key for key, _, _ in table_columns(evals, derived)]
+    if derived:
+        keys += ["gain_low", "gain_high", "forgetting_low", "forgetting_high"]
     out = []
     for row in rows:
         flat = {"name": row["name"], "method": row["method"], "label": row["label"], "status": row["status"],
@@ -557,21 +566,31 @@ def plot_lr_sweep(search: dict, path: Path) -> None:
 
 
 def plot_learning_forgetting(rows: list, path: Path, gain_label: str) -> None:
-    """Gain on the target against forgetting on the general text, one point per method (error bars: seed std)."""
+    """Gain on the target against forgetting on the general text, one point per method (error bars: the 95%
+    intervals; a hollow point: a gain not measurably above zero)."""
     import matplotlib.pyplot as plt
+
+    def bar(row, key):
+        if row.get(f"{key}_low") is None:
+            return None
+        return [[row[key] - row[f"{key}_low"]], [row[f"{key}_high"] - row[key]]]
 
     points = [r for r in rows if r["status"] != "failed" and r.get("gain") is not None and r.get("forgetting") is not None]
     colors = _colors([r["name"] for r in points])
     fig, ax = plt.subplots(figsize=(7, 5))
     for row in points:
-        ax.errorbar(row["gain"], row["forgetting"], xerr=row["std"].get("gain"), yerr=row["std"].get("forgetting"),
-                    fmt="o", color=colors[row["name"]], capsize=3, label=row["name"])
+        tied = row.get("gain_low") is None or row["gain_low"] <= 0
+        ax.errorbar(row["gain"], row["forgetting"], xerr=bar(row, "gain"), yerr=bar(row, "forgetting"),
+                    fmt="o", mfc="white" if tied else colors[row["name"]], color=colors[row["name"]], capsize=3,
+                    label=f"{row['name']} (rank {row.get('rank', '—')})")
         ax.annotate(row["name"], (row["gain"], row["forgetting"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(0, color="black", linestyle="--", linewidth=1)
     ax.axvline(0, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel(f"learning: gain on the target (nats/token; {gain_label})")
     ax.set_ylabel("forgetting: loss on the general text vs untrained (nats/token)")
-    ax.set_title("Learning against forgetting (right: learns more; down: forgets less)", fontsize=10)
+    ax.set_title("Learning against forgetting (right: learns more; down: forgets less)\n"
+                 "bars: 95% intervals; hollow: gain not measurably above zero; equal ranks: tied", fontsize=9)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -665,6 +684,18 @@ def search_lines(search: dict) -> list:
     return lines
 
 
+def add_intervals(rows: list, derived: dict) -> None:
+    """Each trained row's 95% intervals of gain and forgetting and its rank (tied rows share one)."""
+    trained = [r for r in rows if r["status"] != "failed" and r["method"] != "baseline" and r.get("gain") is not None]
+    rank = verdict.ranks(trained, derived)
+    for row in trained:
+        row["rank"] = rank[row["name"]]
+        for key in ("gain", "forgetting"):
+            if row.get(key) is not None:
+                found = verdict.estimate(row, derived, key)
+                row[f"{key}_low"], row[f"{key}_high"] = found["low"], found["high"]
+
+
 def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) -> Path:
     import matplotlib
 
@@ -674,6 +705,7 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     derived = verdict.learning_and_forgetting(runs)
     has_derived = any(v["gain"] is not None for v in derived.values())
     rows = build_rows(runs, evals, derived)
+    add_intervals(rows, derived)
     use_gpu = any(r.get("peak_gpu_mem_mb") is not None for r in rows)
     for row in rows:
         row["peak_mem_mb"] = row.get("peak_gpu_mem_mb" if use_gpu else "peak_cpu_rss_mb")
@@ -702,7 +734,7 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     if any(r["std"] for r in rows):
         md.append("Rows with several seeds (runs named NAME-seedN) show mean ± sample standard deviation.")
     if has_derived:
-        md += ["", "## Seed noise", "", *verdict.noise_lines(rows, derived, seeded)]
+        md += ["", "## Noise", "", *verdict.noise_lines(rows, derived, seeded)]
     if search:
         plot_lr_sweep(search, out / "lr_sweep.png")
         plots.append("- `lr_sweep.png`: the search's validation metric against the learning rate, per method and rung; "
