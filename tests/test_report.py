@@ -233,6 +233,13 @@ def test_generations_side_by_side(evaluated):
             assert example["outputs"][folder.name] == output
             assert output in section
     assert section.count("**Reference**") == 5 and section.count("**lora_r4**") == 5
+    # Every example's ROUGE-L and chrF are kept, and each method's difference from the untrained model on the
+    # same examples has a paired interval in the report.
+    items = json.loads((folders[2] / "eval.json").read_text())["items"]["instruction"]
+    rouge = [g["output"] for g in map(json.loads, (folders[2] / "generations.jsonl").read_text().splitlines())]
+    assert len(items["rougeL"]) == len(items["chrf"]) == len(rouge) == 6
+    scores = md.split("## Generation scores against the untrained model")[1].split("##")[0]
+    assert "same 6 examples" in scores and scores.count("| lora_r4 |") == 1 and "[" in scores
     # Another evaluation seed picks another handful, the same for every model.
     assert report.side_by_side([dict(report.load_run(f), eval_seed=7) for f in folders])["examples"] != view["examples"]
 

@@ -735,6 +735,9 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
         md.append("Rows with several seeds (runs named NAME-seedN) show mean ± sample standard deviation.")
     if has_derived:
         md += ["", "## Noise", "", *verdict.noise_lines(rows, derived, seeded)]
+    scores = verdict.score_lines(runs, rows)
+    if scores:
+        md += ["", "## Generation scores against the untrained model", "", *scores]
     if search:
         plot_lr_sweep(search, out / "lr_sweep.png")
         plots.append("- `lr_sweep.png`: the search's validation metric against the learning rate, per method and rung; "

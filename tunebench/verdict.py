@@ -383,3 +383,39 @@ def noise_lines(rows: list, values: dict, seeded: bool) -> list:
     lines += ["", "Ranking (methods in one bracket are not told apart): "
               + " > ".join("[" + ", ".join(r["name"] for r in g) + "]" for g in groups)]
     return lines
+
+
+def score_lines(runs: list, rows: list) -> list:
+    """Markdown lines: each method's per-example generation scores (ROUGE-L, sentence chrF) against the
+    untrained model's on the same examples, with paired bootstrap intervals; [] without such items."""
+    baselines = [r for r in runs if r["finished"] and r["method"] == "baseline"]
+    by_name = {r["name"]: r for r in runs}
+    tasks = list(dict.fromkeys(t for r in runs for t, items in (r.get("items") or {}).items() if "rougeL" in items))
+    lines = []
+    for task in tasks:
+        table = []
+        for row in rows:
+            if row["status"] == "failed" or row["method"] == "baseline":
+                continue
+            members = [by_name[n] for n in row["runs"] if n in by_name]
+            base = baseline_for(members[0], baselines) if members else None
+            cells = []
+            for metric in ("rougeL", "chrf"):
+                diffs = [np.subtract(m["items"][task][metric], base["items"][task][metric]) for m in members
+                         if base and task in (m.get("items") or {}) and task in (base.get("items") or {})
+                         and len(m["items"][task][metric]) == len(base["items"][task][metric])]
+                if len(diffs) != len(members) or not diffs:
+                    cells.append("—")
+                    continue
+                diff = np.mean(diffs, axis=0)
+                boot = diff[resamples(len(diff))].mean(axis=1)
+                low, high = np.quantile(boot, [0.025, 0.975])
+                tie = "" if low > 0 or high < 0 else " (tie)"
+                cells.append(f"{diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]{tie}")
+            table.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+        if table:
+            count = len(next(iter(r["items"][task]["rougeL"] for r in runs if task in (r.get("items") or {}))))
+            lines += [f"{task}: each method's score minus the untrained model's on the same {count} examples "
+                      "(mean, paired bootstrap 95% interval; a tie when it holds zero):", "",
+                      "| method | ROUGE-L | chrF |", "|---|---:|---:|", *table, ""]
+    return lines
