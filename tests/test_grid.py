@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from test_search import base_suite, read, write
+from test_search import RECIPES, base_suite, read, write
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,27 @@ def test_report_plots_the_metric_against_each_key(gridded):
     md = (out / "report.md").read_text()
     assert "## Grid" in md and "| method.r | 2 | 4 |" in md and "| train.max_steps | 2 | 3 |" in md
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_search_tunes_every_grid_point(assets, tmp_path):
+    """Each grid point is a method of its own for the search: its own study and trials, and its runs train
+    at its own rate. One rate each keeps it short: the trial is then the comparison run itself."""
+    from tunebench import search
+
+    suite = base_suite(assets, grid={"method.r": [2, 4]}, search={"rates": 1})
+    suite["recipes"] = RECIPES[1:]
+    suite["overrides"]["train.eval_every"] = 6  # the trials' (one rung: validated at its end)
+    path = write(tmp_path / "tiny.yaml", suite)
+    result = subprocess.run([sys.executable, "-m", "tunebench.compare", "--suite", str(path)], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = read(tmp_path / "runs" / "tiny" / "search" / "search.json")["methods"]
+    assert sorted(found) == ["lora_r4-r2", "lora_r4-r4"]
+    for point, r in (("lora_r4-r2", 2), ("lora_r4-r4", 4)):
+        trial = tmp_path / found[point]["folder"] / search.run_name(found[point]["best_lr"])
+        assert yaml.safe_load((trial / "recipe.yaml").read_text())["method"]["r"] == r
+        run = yaml.safe_load((tmp_path / "runs" / "tiny" / point / "recipe.yaml").read_text())
+        assert (run["method"]["r"], run["train"]["lr"]) == (r, found[point]["best_lr"])
+        assert f"=== {point}: the search's trial at rate" in result.stdout
+    md = (tmp_path / "reports" / "tiny" / "report.md").read_text()
+    assert "| lora_r4-r2 | 0.0002 |" in md and "| lora_r4-r4 | 0.0002 |" in md  # the search table, a row each

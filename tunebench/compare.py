@@ -13,7 +13,7 @@ A suite file (recipes/suites/NAME.yaml):
       eval.tasks: [wikitext2]
     seeds: [1, 2, 3]              # optional: each recipe once per seed, runs named RECIPE-seedN
     eval_args: [--max-tokens, "40000"]   # optional: extra evaluate.py arguments, the same for every model
-    search: {rates: 3, ...}       # optional: tune each recipe's learning rate first (tunebench/search.py)
+    search: {rates: 3, ...}       # optional: tune the learning rate of each recipe (and grid point) first (tunebench/search.py)
     grid: {method.r: [4, 16]}     # optional: every recipe once per combination of these recipe keys
     forgetting: {data_file: general.txt}   # optional: also score every model on a general text
 
@@ -174,11 +174,12 @@ def plan(suite: dict) -> list:
     for key, paths in applies.items():
         if not paths:
             raise UserError(f"suite grid key '{key}' applies to no recipe of the suite (a method key needs a recipe of that method)")
-    runs = []
+    runs, tunings = [], []
     for recipe_path, _ in bases:
         for suffix, grid_overrides in grid_points(suite, recipe_path):
+            tuning = Path(recipe_path).stem + suffix  # the search tunes each grid point on its own
             for seed in suite["seeds"] or [None]:
-                name = Path(recipe_path).stem + suffix + (f"-seed{seed}" if seed is not None else "")
+                name = tuning + (f"-seed{seed}" if seed is not None else "")
                 run_dir = suite["runs_dir"] / name
                 overrides = suite["overrides"] + grid_overrides + [f"name={name}", f"output_dir={run_dir}"]
                 if seed is not None:
@@ -186,9 +187,11 @@ def plan(suite: dict) -> list:
                 try:
                     recipe = load_recipe(recipe_path, overrides)
                 except UserError as e:
-                    raise UserError(f"{e} (suite grid point {Path(recipe_path).stem}{suffix})" if grid_overrides else str(e)) from None
-                runs.append({"name": name, "recipe_path": recipe_path, "method": Path(recipe_path).stem, "overrides": overrides,
-                             "recipe": recipe, "dir": run_dir})
+                    raise UserError(f"{e} (suite grid point {tuning})" if grid_overrides else str(e)) from None
+                runs.append({"name": name, "recipe_path": recipe_path, "method": Path(recipe_path).stem, "tuning": tuning,
+                             "overrides": overrides, "recipe": recipe, "dir": run_dir})
+            tunings.append((tuning, recipe_path, grid_overrides,
+                            load_recipe(recipe_path, suite["overrides"] + grid_overrides + [f"name={tuning}"])))
     if len({r["name"] for r in runs}) < len(runs):
         raise UserError("two runs of the suite have the same name (two recipes with one file name, or grid values that "
                         "read the same in a run name); their runs would share a folder")
@@ -201,7 +204,7 @@ def plan(suite: dict) -> list:
             raise UserError(f"forgetting data_file '{suite['forgetting']['data_file']}' does not exist"
                             + ("; run `python -m tunebench.demo` first (make demo does)" if ".cache/demo" in suite["forgetting"]["data_file"] else ""))
     if suite["search_section"] is not None:
-        suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", bases, suite["runs_dir"],
+        suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", tunings, suite["runs_dir"],
                                        suite["overrides"])
     return runs
 
@@ -345,7 +348,7 @@ def main(argv=None):
     if suite["search"]:
         from tunebench import search
 
-        search.check_studies(search.storage_of(suite["search"]), suite["search"])
+        search.storage_of(suite["search"])  # reachable, or one line now
     if offline:
         print("the Hugging Face hub is out of reach: working offline from local files and the cache")
 
@@ -392,18 +395,19 @@ def main(argv=None):
         run_dir = run["dir"]
         clear_failure(run_dir)
         overrides = run["overrides"]
-        if run["method"] in tuned:
-            if isinstance(tuned[run["method"]], UserError):
-                record_failure(run_dir, "training", ["(search)"], 1, [f"error: {tuned[run['method']]}"])
-                failed.append(run["name"])
-                continue
-            overrides = overrides + [f"train.lr={tuned[run['method']]}"]
+        rate = tuned.get(run["tuning"])
+        if isinstance(rate, UserError):
+            record_failure(run_dir, "training", ["(search)"], 1, [f"error: {rate}"])
+            failed.append(run["name"])
+            continue
+        if rate is not None:
+            overrides = overrides + [f"train.lr={rate}"]
         from tunebench.recipe import load_recipe
 
         try:
             recipe = load_recipe(run["recipe_path"], overrides)
-            if run["method"] in tuned and search.adopt(method_of[run["method"]], tuned[run["method"]], recipe, run_dir):
-                print(f"\n=== {run['name']}: the search's trial at rate {tuned[run['method']]:g} is this run (same recipe, "
+            if rate is not None and search.adopt(method_of[run["tuning"]], rate, recipe, run_dir):
+                print(f"\n=== {run['name']}: the search's trial at rate {rate:g} is this run (same recipe, "
                       f"seed and steps): reused, not trained again")
             finished = rundir.status(run_dir, recipe) == rundir.FINISHED
         except UserError:

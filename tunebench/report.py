@@ -669,18 +669,20 @@ def search_lines(search: dict) -> list:
              + ", then ".join(f"the best {r['rates']} to step {r['steps']}" for r in search["rungs"][1:])
              + f" ({search['tuning_steps_per_method']} optimizer steps per method; seed {search['seed']}"
              + (f"; trial settings {', '.join(f'{k}={v}' for k, v in search['trial_overrides'].items())}" if search["trial_overrides"] else "")
-             + f"). Study: {search['storage']}.", "",
-             "| method | recipe's rate | rates tried | chosen rate | its " + search["metric"] + " | tuning tokens | note |",
-             "|---|---:|---|---:|---:|---:|---|"]
+             + f"). A best rate at the edge of the rates tried got up to {search['extend']} more rate(s) past that edge, "
+             f"each through the same rungs; tuning tokens count every rate tried. Study: {search['storage']}.", "",
+             "| method | recipe's rate | rates tried | chosen rate | its " + search["metric"] + " | added past an edge | tuning tokens | note |",
+             "|---|---:|---|---:|---:|---|---:|---|"]
     for name, m in search["methods"].items():
-        note = m.get("error") or (f"at the {m['edge']} edge of the range" if m.get("edge") else "")
+        note = m.get("error") or (f"still at the {m['edge']} edge of the rates tried" if m.get("edge") else "")
         best = f"{m['best_lr']:.3g}" if m.get("best_lr") is not None else "—"
         value = f"{m['best_value']:.4f}" if m.get("best_value") is not None and math.isfinite(m["best_value"]) else "—"
         diverged = [f"{t['lr']:.3g}" for t in m["trials"] if t["diverged"] and t["rung"] == 0]
         if diverged:
             note = "; ".join(filter(None, [note, f"diverged at {', '.join(diverged)}"]))
+        added = ", ".join(f"{r:.3g}" for r in m["extension_rates"]) or "—"
         lines.append(f"| {name} | {m['recipe_lr']:.3g} | {', '.join(f'{r:.3g}' for r in m['rates'])} | {best} | {value} | "
-                     f"{m['tuning_tokens']:,} | {note or '—'} |")
+                     f"{added} | {m['tuning_tokens']:,} | {note or '—'} |")
     return lines
 
 
@@ -709,7 +711,7 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     use_gpu = any(r.get("peak_gpu_mem_mb") is not None for r in rows)
     for row in rows:
         row["peak_mem_mb"] = row.get("peak_gpu_mem_mb" if use_gpu else "peak_cpu_rss_mb")
-        row["recipe"] = (grid or {}).get("methods", {}).get(row["runs"][0], group_key(row["name"]))  # its search entry
+        row["recipe"] = group_key(row["name"])  # its search entry (a recipe, or a recipe at a grid point)
     search = _read_json(Path(search_dir) / "search.json", "; delete it and run the suite again") if search_dir else None
     seeded = any(len(r["runs"]) > 1 for r in rows if r["status"] != "failed")
     out.mkdir(parents=True, exist_ok=True)
@@ -723,7 +725,8 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
     flat = flat_rows(rows, evals, has_derived)
 
     memory = "peak GPU memory" if use_gpu else "peak CPU memory (RSS)"
-    md = [f"# Comparison of {len(runs)} runs", "", "## Recommendation", "",
+    warnings = verdict.edge_warnings(search)
+    md = [f"# Comparison of {len(runs)} runs", "", "## Recommendation", "", *(line for w in warnings for line in (w, "")),
           *verdict.recommendation(rows, derived, search, seeded, memory), "",
           f"Gain: {verdict.gain_source(runs)}; forgetting: ln(perplexity) on the general text, trained minus untrained "
           "(positive: worse than before training). Both in nats per token.", "",

@@ -16,20 +16,31 @@ The suite's `search:` section (all keys optional; see the README):
       reduction: 3        # at each rung the best 1/reduction of the rates go on
       seed: 42            # the trials' seed (default: the suite's train.seed)
       overrides: {}       # recipe keys for the trials only, the same for every method
+      extend: 2           # rates added past an edge the best rate sits at, per side (0: none)
       storage: sqlite:///runs/SUITE/search/optuna.db   # default; a database URL shares the study between machines
 
 Successive halving, synchronous: every rate trains `first_rung` steps (train.py --stop-after-steps) and is
 scored on the metric; the best 1/reduction resume exactly from their checkpoints to reduction x first_rung
 steps, and so on until max_steps. Every method therefore gets the same rates count, the same rungs and the
 same tuning tokens, and a rate cut at a rung costs only its rung. The best rate at the last rung is the
-method's rate for the comparison runs.
+method's rate for the comparison runs. A method is a recipe, or a recipe at one grid point of the suite
+(RECIPE-r64): each is tuned on its own.
 
-The Optuna study (one per recipe, `SUITE-RECIPE`) holds one trial per piece of work: a rate's first rung, or
-"the k-th best rate of the rung below" for the later rungs, all enqueued when the study is made. A worker
-claims a trial whose rung below is complete (WAITING -> RUNNING: under a file lock for SQLite, a row lock
-for a server database), so no trial runs twice; a trial whose worker died (same machine: its process is
-gone; elsewhere: no heartbeat for GRACE_S seconds) is failed and enqueued again, so none is lost. The
-trials' runs live in runs/SUITE/search/RECIPE/lr-RATE/ and are reused by a rerun.
+When that best rate is the lowest or highest rate tried, a rate one spacing beyond it (the ratio of the edge
+rate to its neighbour) is added and runs through the same rungs: it goes on from a rung only if it is as good
+as the worst rate that went on from there, and at the last rung it is ranked with the others. Rates are
+added until the best lies inside the rates tried, `extend` rates were added on that side, or an added rate
+is cut or diverges (that side is then closed). Every method follows this rule.
+
+The Optuna study (one per method, `SUITE-METHOD-HASH`) holds one trial per piece of work: a rate's first
+rung, or "the k-th best rate of the rung below" for the later rungs, all enqueued when the study is made;
+an added rate's rungs (slots low1, high1, ...) are enqueued one at a time, by the worker that finds every
+trial before them complete. A worker claims a trial whose rung below is complete (WAITING -> RUNNING: under
+a file lock for SQLite, a row lock for a server database), so no trial runs twice; a trial whose worker died
+(same machine: its process is gone; elsewhere: no heartbeat for GRACE_S seconds) is failed and enqueued
+again, so none is lost. HASH is that of the trial setting (the resolved trial recipe but its rate, the rates,
+rungs and metric): a changed recipe gets a new study, and the old one is left as it was. The trials' runs
+live in runs/SUITE/search/METHOD-HASH/lr-RATE/ and are reused by a rerun.
 """
 import contextlib
 import datetime
@@ -49,8 +60,10 @@ from pathlib import Path
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive
 
-SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "storage"}
+SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "extend",
+               "storage"}
 METRICS = {"val_loss": "minimize", "val_acc": "maximize"}
+HASH_CHARS = 12  # of a trial setting's hash in study and folder names
 HEARTBEAT_S, GRACE_S, POLL_S = 30, 180, 2.0
 DIVERGED = "training loss became"  # train.py's line when the loss is no longer finite
 
@@ -81,6 +94,15 @@ def log_spaced(lr: float, n: int, spacing: float) -> list:
     return [float(f"{lr * spacing ** (i - (n - 1) / 2):.3g}") for i in range(n)]
 
 
+def setting_hash(trial_recipe: dict, rates: list, rungs: list, metric: str) -> str:
+    """What a study's trials mean: the resolved trial recipe but its rate, name and folder; the rates, rungs, metric."""
+    from tunebench.recipe import flatten
+
+    recipe = {k: v for k, v in flatten(trial_recipe).items() if k not in ("train.lr", "name", "output_dir")}
+    text = json.dumps({"recipe": recipe, "rates": rates, "rungs": rungs, "metric": metric}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:HASH_CHARS]
+
+
 def _positive_number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise UserError(f"{what} must be a positive number, got {value!r}")
@@ -93,9 +115,9 @@ def _whole(value, what: str, least: int) -> int:
     return value
 
 
-def parse(section, where: str, recipes: list, runs_dir: Path, overrides: list) -> dict:
-    """The suite's `search:` section checked against its recipes: every rate, rung and trial recipe.
-    `recipes` holds (recipe file, resolved base recipe) per recipe of the suite."""
+def parse(section, where: str, methods: list, runs_dir: Path, overrides: list) -> dict:
+    """The suite's `search:` section checked against its methods: every rate, rung and trial recipe.
+    `methods` holds (name, recipe file, grid overrides, resolved recipe) per recipe and grid point of the suite."""
     from tunebench.recipe import load_recipe
 
     if not isinstance(section, dict):
@@ -106,10 +128,10 @@ def parse(section, where: str, recipes: list, runs_dir: Path, overrides: list) -
     metric = section.get("metric", "val_loss")
     if metric not in METRICS:
         raise UserError(f"{where}: search metric '{metric}' is not one of {', '.join(METRICS)}")
-    tasks = {recipe["task"] for _, recipe in recipes}
+    tasks = {recipe["task"] for _, _, _, recipe in methods}
     if metric == "val_acc" and tasks != {"classification"}:
         raise UserError(f"{where}: search metric 'val_acc' needs task classification; a causal_lm run logs val_loss only")
-    names = [Path(path).stem for path, _ in recipes]
+    names = list(dict.fromkeys(Path(path).stem for _, path, _, _ in methods))
     lrs = section.get("lrs") or {}
     if not isinstance(lrs, dict):
         raise UserError(f"{where}: search 'lrs' must map recipe names to lists of rates, e.g. {{full: [1e-5, 3e-5]}}")
@@ -132,10 +154,11 @@ def parse(section, where: str, recipes: list, runs_dir: Path, overrides: list) -
     if spacing <= 1 and n_rates > 1:
         raise UserError(f"{where}: search 'spacing' must be above 1 (the factor between neighbouring rates), got {spacing}")
     reduction = _whole(section.get("reduction", 3), f"{where}: search 'reduction'", 2)
-    base_steps = {recipe["train"]["max_steps"] for _, recipe in recipes}
+    base_steps = {recipe["train"]["max_steps"] for _, _, _, recipe in methods}
     max_steps = section.get("max_steps", base_steps.pop() if len(base_steps) == 1 else None)
     if max_steps is None:
-        raise UserError(f"{where}: set search 'max_steps' (the longest trial) or train.max_steps in the suite's overrides")
+        raise UserError(f"{where}: set search 'max_steps' (the longest trial), or one train.max_steps for every recipe "
+                        "and grid point of the suite")
     max_steps = _whole(max_steps, f"{where}: search 'max_steps'", 1)
     first_rung = _whole(section.get("first_rung", default_first_rung(n_rates, reduction, max_steps)),
                         f"{where}: search 'first_rung'", 1)
@@ -147,9 +170,10 @@ def parse(section, where: str, recipes: list, runs_dir: Path, overrides: list) -
     for key in ("train.lr", "train.max_steps", "train.seed", "name", "output_dir"):
         if key in trial_overrides:
             raise UserError(f"{where}: search 'overrides' cannot set {key}; the search sets it (see search 'max_steps', 'seed')")
-    seed = section.get("seed", recipes[0][1]["train"]["seed"])
+    seed = section.get("seed", methods[0][3]["train"]["seed"])
     if type(seed) is not int:
         raise UserError(f"{where}: search 'seed' must be a whole number, got {seed!r}")
+    extend = _whole(section.get("extend", 2), f"{where}: search 'extend'", 0)
     storage = section.get("storage") or default_storage(runs_dir)
     if not isinstance(storage, str):
         raise UserError(f"{where}: search 'storage' must be a database URL, e.g. sqlite:///runs/search.db")
@@ -157,22 +181,21 @@ def parse(section, where: str, recipes: list, runs_dir: Path, overrides: list) -
     from tunebench.compare import override_text
 
     rungs = rungs_for(n_rates, first_rung, reduction, max_steps)
-    shared = overrides + [override_text(k, v) for k, v in trial_overrides.items()] + [
+    trial_settings = [override_text(k, v) for k, v in trial_overrides.items()] + [
         f"train.max_steps={max_steps}", f"train.seed={seed}", f"train.eval_every={first_rung}",
         f"train.save_every={max_steps}", "train.keep_checkpoints=1"]
-    methods = []
-    for (path, recipe), name in zip(recipes, names):
-        rates = lrs.get(name) or log_spaced(recipe["train"]["lr"], n_rates, spacing)
-        folder = runs_dir / "search" / name
-        trial = load_recipe(path, shared + [f"train.lr={rates[0]}", f"output_dir={folder / 'x'}"])  # checks the keys
-        plan_text = json.dumps({"rates": rates, "rungs": rungs, "metric": metric, "recipe": path, "overrides": shared},
-                               sort_keys=True)
-        methods.append({"name": name, "recipe_path": path, "recipe_lr": recipe["train"]["lr"], "rates": rates,
-                        "dir": folder, "overrides": shared, "task": trial["task"],
-                        "study": f"{runs_dir.name}-{name}", "plan_id": hashlib.sha1(plan_text.encode()).hexdigest()[:12]})
+    planned = []
+    for name, path, grid_overrides, recipe in methods:
+        rates = lrs.get(Path(path).stem) or log_spaced(recipe["train"]["lr"], n_rates, spacing)
+        shared = overrides + grid_overrides + trial_settings
+        trial = load_recipe(path, shared + [f"train.lr={rates[0]}", f"output_dir={runs_dir / 'search' / name}"])  # checks the keys
+        tag = f"{name}-{setting_hash(trial, rates, rungs, metric)}"
+        planned.append({"name": name, "recipe_path": path, "recipe_lr": recipe["train"]["lr"], "rates": rates,
+                        "dir": runs_dir / "search" / tag, "overrides": shared, "task": trial["task"],
+                        "study": f"{runs_dir.name}-{tag}"})
     return {"metric": metric, "direction": METRICS[metric], "rungs": rungs, "n_rates": n_rates, "reduction": reduction,
-            "max_steps": max_steps, "first_rung": first_rung, "seed": seed, "storage": storage,
-            "methods": methods, "dir": runs_dir / "search", "trial_overrides": trial_overrides}
+            "max_steps": max_steps, "first_rung": first_rung, "seed": seed, "extend": extend, "storage": storage,
+            "methods": planned, "dir": runs_dir / "search", "trial_overrides": trial_overrides}
 
 
 def tuning_steps(plan: dict) -> int:
@@ -249,17 +272,6 @@ def claim_lock(url: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def check_studies(storage, plan: dict) -> None:
-    """An existing study must be the one this plan makes (else its trials would mean something else)."""
-    optuna = _optuna()
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    for method in plan["methods"]:
-        found = existing.get(method["study"])
-        if found is not None and found.user_attrs.get("plan_id") not in (None, method["plan_id"]):
-            raise UserError(f"study '{method['study']}' in {plan['storage']} was made for another search (other rates, rungs, "
-                            f"metric or trial settings); delete {plan['dir']} (or name another search 'storage') to search again")
-
-
 def ensure_study(storage, plan: dict, method: dict):
     """Load the method's study, making it (every trial enqueued) when this worker is the first."""
     optuna = _optuna()
@@ -271,7 +283,6 @@ def ensure_study(storage, plan: dict, method: dict):
         creator = False
     study = optuna.load_study(study_name=method["study"], storage=storage)
     if creator:
-        study.set_user_attr("plan_id", method["plan_id"])
         study.set_user_attr("rates", method["rates"])
         study.set_user_attr("rungs", [steps for steps, _ in plan["rungs"]])
         study.set_user_attr("recipe_lr", method["recipe_lr"])
@@ -293,7 +304,8 @@ def ensure_study(storage, plan: dict, method: dict):
 # ---- the state of a study ---------------------------------------------------------------------------
 
 def latest_attempts(trials: list) -> dict:
-    """(rung, slot) -> its latest trial (a failed trial enqueued again has a later attempt)."""
+    """(rung, slot) -> its latest trial (a failed trial enqueued again has a later attempt). Of two trials
+    with one attempt number (enqueued twice at once by workers on a server database) the first counts."""
     latest = {}
     for t in trials:
         key = (t.user_attrs["rung"], t.user_attrs["slot"])
@@ -302,11 +314,19 @@ def latest_attempts(trials: list) -> dict:
     return latest
 
 
+def is_added(slot) -> bool:
+    """A rate added past an edge has a slot named by its side and count ("high1"); a base rate's is a number."""
+    return isinstance(slot, str)
+
+
+def base_attempts(latest: dict) -> dict:
+    return {key: t for key, t in latest.items() if not is_added(key[1])}
+
+
 def ranked(latest: dict, rung: int, direction: str) -> list:
-    """The rates of a finished rung, best first (a diverged rate last; ties: the lower rate first)."""
-    done = [t for (r, _), t in latest.items() if r == rung]
+    """The trials of a finished rung, best first (a diverged rate last; ties: the lower rate first)."""
     sign = 1 if direction == "minimize" else -1
-    return [t.user_attrs["lr"] for t in sorted(done, key=lambda t: (sign * t.value, t.user_attrs["lr"]))]
+    return sorted((t for (r, _), t in latest.items() if r == rung), key=lambda t: (sign * t.value, t.user_attrs["lr"]))
 
 
 def rung_done(latest: dict, rung: int) -> bool:
@@ -315,14 +335,58 @@ def rung_done(latest: dict, rung: int) -> bool:
     return all(t.state == TrialState.COMPLETE for (r, _), t in latest.items() if r == rung)
 
 
-def study_status(study, n_rungs: int) -> str:
-    """'done', 'failed' (a trial failed in train.py: see its error) or 'running'."""
+def rates_tried(latest: dict) -> list:
+    return sorted({t.user_attrs["lr"] for (rung, _), t in latest.items() if rung == 0})
+
+
+def edge(latest: dict, plan: dict, rates: list):
+    """'lowest' or 'highest' when the best rate at the last rung is that edge of the rates tried (of at least
+    two rates offered, and not diverged), else None."""
+    finished = ranked(latest, len(plan["rungs"]) - 1, plan["direction"])
+    if len(rates) < 2 or not finished or not math.isfinite(finished[0].value):
+        return None
+    best, tried = finished[0].user_attrs["lr"], rates_tried(latest)
+    return "lowest" if best == tried[0] else "highest" if best == tried[-1] else None
+
+
+def survives(latest: dict, trial, plan: dict) -> bool:
+    """Whether an added rate goes on from its rung: as good as the worst base rate that went on from there."""
+    rung, sign = trial.user_attrs["rung"], 1 if plan["direction"] == "minimize" else -1
+    went_on = ranked(base_attempts(latest), rung, plan["direction"])[:plan["rungs"][rung + 1][1]]
+    return math.isfinite(trial.value) and sign * trial.value <= max(sign * t.value for t in went_on)
+
+
+def next_extension(latest: dict, plan: dict, rates: list):
+    """The next piece of work past an edge, given every trial so far complete: the newest added rate's next
+    rung when it survived its last, else a rate one spacing beyond the edge the best rate sits at (while that
+    side has had fewer than `extend`); None when there is none: the search is done. An added rate that was cut
+    or diverged lies beyond the best, so its side is closed."""
+    last = len(plan["rungs"]) - 1
+    for (rung, slot), t in latest.items():
+        if is_added(slot) and rung < last and (rung + 1, slot) not in latest and survives(latest, t, plan):
+            return {"rung": rung + 1, "slot": slot, "attempt": 0, "lr": t.user_attrs["lr"]}
+    side = edge(latest, plan, rates)
+    if side is None:
+        return None
+    prefix = side[:-3]  # "low" or "high"
+    count = len({slot for _, slot in latest if is_added(slot) and slot.startswith(prefix)})
+    tried = rates_tried(latest)
+    rate, neighbour = (tried[0], tried[1]) if side == "lowest" else (tried[-1], tried[-2])
+    beyond = float(f"{rate * rate / neighbour:.3g}")
+    if count >= plan["extend"] or beyond in tried:  # the limit, or a spacing too fine for 3 significant digits
+        return None
+    return {"rung": 0, "slot": f"{prefix}{count + 1}", "attempt": 0, "lr": beyond}
+
+
+def study_status(latest: dict, plan: dict, method: dict) -> str:
+    """'done', 'failed' (a trial failed in train.py: see its error) or 'running' (trials to run or to add)."""
     from optuna.trial import TrialState
 
-    latest = latest_attempts(study.get_trials(deepcopy=False))
     if any(t.state == TrialState.FAIL and t.user_attrs.get("error") for t in latest.values()):
         return "failed"
-    return "done" if rung_done(latest, n_rungs - 1) else "running"
+    if any(t.state != TrialState.COMPLETE for t in latest.values()):
+        return "running"
+    return "running" if next_extension(latest, plan, method["rates"]) else "done"
 
 
 def _alive(pid: int) -> bool:
@@ -353,23 +417,35 @@ def requeue_lost(study, retry_failed: bool) -> None:
     for (rung, slot), t in latest_attempts(study.get_trials(deepcopy=False)).items():
         if t.state == TrialState.FAIL and (retry_failed or not t.user_attrs.get("error")):
             attrs = {"rung": rung, "slot": slot, "attempt": t.user_attrs["attempt"] + 1}
-            if rung == 0:
+            if rung == 0 or is_added(slot):  # the pieces enqueued with their rate keep it
                 attrs["lr"] = t.user_attrs["lr"]
             study.enqueue_trial({}, user_attrs=attrs)
+
+
+def enqueue_extension(study, plan: dict, method: dict) -> None:
+    """Once every trial is complete, enqueue the next piece of work past an edge, if any (waiting, it stops
+    the next worker from enqueueing it again)."""
+    from optuna.trial import TrialState
+
+    latest = latest_attempts(study.get_trials(deepcopy=False))
+    if all(t.state == TrialState.COMPLETE for t in latest.values()):
+        piece = next_extension(latest, plan, method["rates"])
+        if piece:
+            study.enqueue_trial({}, user_attrs=piece)
 
 
 def claim(study, storage, plan: dict):
     """A waiting trial whose rung below is done, now RUNNING for this worker, with its rate; or None."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    latest = latest_attempts(trials)
+    latest = latest_attempts(study.get_trials(deepcopy=False))
+    base = base_attempts(latest)
     for t in sorted((t for t in latest.values() if t.state == TrialState.WAITING), key=lambda t: t.number):
-        rung = t.user_attrs["rung"]
-        if rung > 0 and not rung_done(latest, rung - 1):
+        rung, slot = t.user_attrs["rung"], t.user_attrs["slot"]
+        if rung > 0 and not is_added(slot) and not rung_done(base, rung - 1):
             continue
         if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-            lr = t.user_attrs.get("lr") or ranked(latest, rung - 1, plan["direction"])[t.user_attrs["slot"]]
+            lr = t.user_attrs.get("lr") or ranked(base, rung - 1, plan["direction"])[slot].user_attrs["lr"]
             return t, lr
     return None
 
@@ -377,7 +453,7 @@ def claim(study, storage, plan: dict):
 # ---- running a trial's rung ---------------------------------------------------------------------------
 
 def run_name(lr: float) -> str:
-    return f"lr-{lr:.3g}"
+    return f"lr-{lr:.3g}".replace("e+", "e")  # a name train.py accepts: lr-1e10, not lr-1e+10
 
 
 def diverged_file(run_dir: Path) -> Path:
@@ -386,16 +462,19 @@ def diverged_file(run_dir: Path) -> Path:
 
 
 def logged_value(run_dir: Path, step: int, metric: str):
-    """The metric logged at `step` by train.py, +-inf when the loss diverged before it, None when not there."""
+    """The metric logged at `step` by train.py, None when not there. A rate whose loss diverged before it, or
+    whose metric is NaN there, gets the worst value: +inf (minimize) or -inf (maximize)."""
     from tunebench.report import _read_log
 
+    worst = math.inf if METRICS[metric] == "minimize" else -math.inf
     log = _read_log(run_dir / "log.jsonl")
     for record in log:
         if record.get("step") == step and record.get(metric) is not None:
-            return float(record[metric])
+            value = float(record[metric])
+            return worst if math.isnan(value) else value
     error = diverged_file(run_dir)
     if error.is_file() and int(error.read_text().split()[0]) <= step:
-        return math.inf if METRICS[metric] == "minimize" else -math.inf
+        return worst
     return None
 
 
@@ -407,7 +486,7 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
     optuna = _optuna()
     rung = trial.user_attrs["rung"]
     steps = plan["rungs"][rung][0]
-    distribution = optuna.distributions.FloatDistribution(min(method["rates"]), max(method["rates"]), log=True)
+    distribution = optuna.distributions.FloatDistribution(min(method["rates"][0], lr), max(method["rates"][-1], lr), log=True)
     storage.set_trial_param(trial._trial_id, "lr", distribution.to_internal_repr(lr), distribution)
     for key, value in {"lr": lr, "steps": steps, "host": socket.gethostname(), "pid": os.getpid()}.items():
         storage.set_trial_user_attr(trial._trial_id, key, value)
@@ -461,7 +540,6 @@ def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
 def work(plan: dict, launcher: list, env: dict) -> None:
     """Take trials from every method's study until all are done (or failed)."""
     storage = storage_of(plan)
-    n_rungs = len(plan["rungs"])
     with claim_lock(plan["storage"]):
         studies = [(method, ensure_study(storage, plan, method)) for method in plan["methods"]]
         for _, study in studies:
@@ -470,10 +548,11 @@ def work(plan: dict, launcher: list, env: dict) -> None:
         pending, claimed = False, None
         with claim_lock(plan["storage"]):
             for method, study in studies:
-                if study_status(study, n_rungs) != "running":
+                if study_status(latest_attempts(study.get_trials(deepcopy=False)), plan, method) != "running":
                     continue
                 pending = True
                 requeue_lost(study, retry_failed=False)
+                enqueue_extension(study, plan, method)
                 claimed = claim(study, storage, plan)
                 if claimed:
                     break
@@ -533,31 +612,35 @@ def tokens_trained(run_dir: Path) -> int:
 
 
 def results(plan: dict) -> dict:
-    """Every method's trials, its best rate and the caveats, as search.json holds them."""
+    """Every method's trials, its best rate and the caveats, as search.json holds them. A method's `rates` are
+    every rate tried (those added past an edge too, also listed in `extension_rates`); `edge` says that its
+    best rate is still the lowest or highest of them after `extend` rates were added on that side."""
     optuna = _optuna()
     storage = storage_of(plan)
-    n_rungs = len(plan["rungs"])
     out = {"metric": plan["metric"], "direction": plan["direction"], "storage": plan["storage"],
            "rungs": [{"steps": s, "rates": a} for s, a in plan["rungs"]], "rates_per_method": plan["n_rates"],
            "reduction": plan["reduction"], "seed": plan["seed"], "tuning_steps_per_method": tuning_steps(plan),
-           "trial_overrides": plan["trial_overrides"], "methods": {}}
+           "extend": plan["extend"], "trial_overrides": plan["trial_overrides"], "methods": {}}
     for method in plan["methods"]:
         study = optuna.load_study(study_name=method["study"], storage=storage)
         latest = latest_attempts(study.get_trials(deepcopy=False))
-        trials = [{"lr": t.user_attrs.get("lr"), "rung": r, "steps": plan["rungs"][r][0], "value": t.value,
+        trials = [{"lr": t.user_attrs.get("lr"), "rung": r, "slot": slot, "steps": plan["rungs"][r][0], "value": t.value,
                    "state": t.state.name, "diverged": bool(t.user_attrs.get("diverged")), "error": t.user_attrs.get("error"),
                    "trial": t.number}
-                  for (r, _), t in sorted(latest.items())]
-        status = study_status(study, n_rungs)
-        entry = {"recipe": method["recipe_path"], "recipe_lr": method["recipe_lr"], "rates": method["rates"],
-                 "study": method["study"], "status": status, "trials": trials,
-                 "tuning_tokens": sum(tokens_trained(method["dir"] / run_name(lr)) for lr in method["rates"])}
+                  for (r, slot), t in sorted(latest.items(), key=lambda item: item[1].number)]
+        status = study_status(latest, plan, method)
+        tried = rates_tried(latest)
+        entry = {"recipe": method["recipe_path"], "recipe_lr": method["recipe_lr"], "rates": tried,
+                 "extension_rates": [t["lr"] for t in trials if t["rung"] == 0 and is_added(t["slot"])],
+                 "study": method["study"], "folder": str(method["dir"]), "status": status, "trials": trials,
+                 "tuning_tokens": sum(tokens_trained(method["dir"] / run_name(lr)) for lr in tried)}
         if status == "done":
-            best = ranked(latest, n_rungs - 1, plan["direction"])[0]
-            value = next(t["value"] for t in trials if t["rung"] == n_rungs - 1 and t["lr"] == best)
-            entry.update(best_lr=best, best_value=value)
-            if len(method["rates"]) > 1 and best in (method["rates"][0], method["rates"][-1]):
-                entry["edge"] = "lowest" if best == method["rates"][0] else "highest"
+            best = ranked(latest, len(plan["rungs"]) - 1, plan["direction"])[0]
+            value = best.value
+            entry.update(best_lr=best.user_attrs["lr"], best_value=value)
+            side = edge(latest, plan, method["rates"])
+            if side:
+                entry["edge"] = side
             if not math.isfinite(value):
                 entry["status"], entry["error"] = "failed", "every rate diverged"
         elif status == "failed":
@@ -584,7 +667,7 @@ def main(argv=None):
         raise UserError(f"suite file '{args.suite}' has no search: section; nothing to tune")
     compare.plan(suite)
     plan = suite["search"]
-    check_studies(storage_of(plan), plan)
+    storage_of(plan)  # reachable, or one line now
     env = compare.child_env()
     launcher = compare.launcher(args.accel)
     if args.workers == 1:

@@ -293,7 +293,7 @@ def caveats(row: dict, rows: list, values: dict, search: dict, seeded: bool) -> 
         out.append("rate not tuned (the recipe's own)")
     elif method:
         if method.get("edge"):
-            out.append(f"best rate at the {method['edge']} edge of the rates tried ({_rates(method['rates'])}): the optimum may lie beyond")
+            out.append(f"rate at the {method['edge']} edge of the rates tried: see the warning above")
         if small_search(search):
             out.append(f"small tuning budget ({search['rates_per_method']} rates, at most {search['rungs'][-1]['steps']} steps each)")
     if not seeded or len(row["runs"]) < 2:
@@ -303,6 +303,20 @@ def caveats(row: dict, rows: list, values: dict, search: dict, seeded: bool) -> 
     if tied:
         out.append(f"tied with {', '.join(tied)} (the 95% interval of the difference holds zero)")
     return out
+
+
+def edge_warnings(search) -> list:
+    """A line per method whose best rate is still the lowest or highest tried after the rates added past that
+    edge: its row may understate it. The report puts these first."""
+    lines = []
+    for name, method in ((search or {}).get("methods") or {}).items():
+        if method.get("edge"):
+            added = (f"even after {len(method['extension_rates'])} rate(s) added past it" if search["extend"]
+                     else "and the search added none past it (search `extend: 0`)")
+            lines.append(f"**Warning: {name}'s best rate, {method['best_lr']:g}, is the {method['edge']} of the rates tried "
+                         f"({_rates(method['rates'])}), {added}: its best rate may lie beyond, and its row may understate "
+                         f"it.**")
+    return lines
 
 
 def small_search(search: dict) -> bool:
