@@ -129,7 +129,7 @@ def test_report_opens_with_the_recommendation_and_measures_forgetting(searched):
     sections = [line for line in md.splitlines() if line.startswith("## ")]
     assert sections[:2] == ["## Recommendation", "## Results"] and "## Learning-rate search" in sections
     assert "| if your budget is | pick |" in md and "small tuning budget (3 rates, at most 6 steps each)" in md
-    assert "one seed: seed noise not measured" in md
+    assert "one seed: the interval covers the test items, not training noise" in md
     found = read(tmp / "runs" / "tiny" / "search" / "search.json")
     # At rates this low for the tiny model the highest wins, and extend: 0 adds none past it: a warning
     # above the recommendation table, not a footnote.
