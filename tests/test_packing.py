@@ -122,7 +122,7 @@ def test_train_py_packs_smollm2_when_asked(smollm2, tmp_path):
     train("lora_r4", f"model.name={smollm2}", f"data.dataset={tmp_path}", "data.format=instruction",
           "data.template=plain", "data.max_length=64", "data.packing=true", "train.micro_batch_size=2",
           "train.max_steps=1", "train.eval_max_batches=1", "train.warmup_ratio=0", f"output_dir={run}")
-    assert json.loads((run / "summary.json").read_text())["packing"].startswith("packed: 40 training examples into")
+    assert json.loads((run / "summary.json").read_text())["packing"].startswith("packed: 38 training examples into")
 
 
 def test_train_py_packs_instructions_by_default(assets, tmp_path):
@@ -134,9 +134,9 @@ def test_train_py_packs_instructions_by_default(assets, tmp_path):
         train("lora_r4", *tiny_run(assets, run, steps=2), f"data.dataset={tmp_path}", "data.format=instruction",
               "data.validation_file=null", "data.template=plain", f"data.packing={packing}", "train.micro_batch_size=2")
         runs[packing] = json.loads((run / "summary.json").read_text())
-    assert runs["null"]["packing"].startswith("packed: 40 training examples into")
+    assert runs["null"]["packing"].startswith("packed: 38 training examples into")
     assert runs["false"]["packing"] == "not packed (data.packing is false)"
-    assert runs["null"]["train_blocks"] < runs["false"]["train_blocks"] == 40
+    assert runs["null"]["train_blocks"] < runs["false"]["train_blocks"] == 38
     # the same validation examples, scored the same before training, packed or not
     assert runs["null"]["initial_val_loss"] == pytest.approx(runs["false"]["initial_val_loss"], rel=1e-5)
     # two packed rows of 128 tokens carry more real tokens than two padded examples
