@@ -81,7 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=positive, default=64, help="generation length limit (default 64)")
     parser.add_argument("--prompt-tokens", type=positive, default=64, help="continuation: prompt length in tokens (default 64)")
     parser.add_argument("--seed", type=seed, default=42, help="generation seed; without a run's recipe, also the seed of "
-                        "the held-out share of a data set that has no test split (train.seed's default, 42)")
+                        "the test share held out of a data set that has no test split (train.seed's default, 42)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
     add_judge_args(parser)
@@ -264,17 +264,17 @@ def test_rows(data_cfg: dict) -> tuple:
 
 
 def held_out_rows(data_cfg: dict, seed: int, data_file) -> tuple:
-    """Rows no run trained on: --data-file's, the data set's test split, or else the validation
-    split train.py holds out of its training data (the same rows for the same recipe and seed)."""
+    """Rows no run trained or validated on: --data-file's, or else the test rows of the run's data
+    set, its test split or the test share train.py holds out (the same rows for the same recipe and seed)."""
     from tunebench import data
 
-    raw, spec = data.load_raw(data_cfg)
-    if data_file or "test" in raw:
+    if data_file:
         return test_rows(data_cfg)
-    _, validation = data.split_train_validation(raw, data_cfg, spec, seed)
-    if data_cfg["validation_file"]:
-        return validation, data_cfg["validation_file"]
-    return validation, f"{data_cfg['dataset']} validation (share {data_cfg['validation_share']}, seed {seed})"
+    raw, spec = data.load_raw(data_cfg)
+    *_, test = data.split_rows(raw, data_cfg, spec, seed)
+    if "test" in raw and test is raw["test"]:
+        return test, f"{data_cfg['dataset']} test"
+    return test, f"{data_cfg['dataset']} test (share {data_cfg['validation_share']}, seed {seed})"
 
 
 def column(rows, name: str, source: str) -> list:

@@ -59,8 +59,8 @@ def scored_runs(example) -> list:
 
 
 def build_talks(tmp_path, tokenizer, rows, *overrides):
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "validation.jsonl", rows)
+    for part in ("train", "validation", "test"):  # with all three splits, train is the train file in its order
+        write_jsonl(tmp_path / f"{part}.jsonl", rows)
     return data.build(data_cfg(tmp_path, "data.max_length=512", *overrides), tokenizer, 0)
 
 
@@ -159,7 +159,7 @@ def test_a_file_of_bad_rows_is_one_line_and_exit_2(tmp_path, assets, row, reason
     result = run_script("train.py", "--recipe", ROOT / "recipes" / "lora_r16.yaml", f"model.name={assets / 'llama'}",
                         f"data.dataset={tmp_path / 'bad.jsonl'}", f"data.chat_template={tmp_path / 'template.jinja'}",
                         "data.max_length=64", "train.max_steps=1", f"output_dir={tmp_path / 'run'}")
-    assert_one_clear_line(result, f"has no conversation to train on: of 5 rows, 5 {reason}")
+    assert_one_clear_line(result, f"has no conversation to train on: of 4 rows, 4 {reason}")  # 1 validation, 1 test
     assert not (tmp_path / "run").exists()
 
 
@@ -308,8 +308,8 @@ def test_pair_keys_do_not_apply_to_conversations_of_turns(tmp_path, tiny_tokeniz
 
 def test_prompt_and_completion_as_turns_score_the_completion_only(tmp_path, smollm_tokenizer):
     rows = [{"prompt": talk[:-1], "completion": talk[-1:]} for talk in TALKS[:2]] * 2  # earlier replies are context
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "validation.jsonl", rows)
+    for part in ("train", "validation", "test"):  # with all three splits, train is the train file in its order
+        write_jsonl(tmp_path / f"{part}.jsonl", rows)
     train, _ = data.build(data_cfg(tmp_path, "data.max_length=512"), smollm_tokenizer, 0)
     for row, example in zip(rows, train):
         messages = row["prompt"] + row["completion"]

@@ -34,7 +34,7 @@ def reviews(n, seed):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("toy")
-    write_jsonl(folder / "train.jsonl", reviews(256, 0))  # 16 batches of 16
+    write_jsonl(folder / "train.jsonl", reviews(256, 0))  # 243 after the 5% test share: 15 batches of 16
     write_jsonl(folder / "valid.jsonl", reviews(64, 1))
     return folder
 
@@ -50,7 +50,7 @@ def recipe(assets, toy, method, *overrides):
 def test_labelled_text_tokens_never_hold_the_pad_token(assets, toy):
     tokenizer = load_tokenizer({"name": str(assets / "gpt2")})
     train, val = data.build(recipe(assets, toy, "full")["data"], tokenizer, 0, "classification")
-    assert train.label_names == ["neg", "pos"] and len(train) == 256 and len(val) == 64
+    assert train.label_names == ["neg", "pos"] and len(train) == 256 - 13 and len(val) == 64  # 13 held out for test
     assert all(tokenizer.pad_token_id not in e["input_ids"].tolist() for e in train)
     assert sorted({int(e["labels"]) for e in val}) == [0, 1]
 

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_suite
+from conftest import ROOT, assert_one_clear_line, read_log, tiny_suite
+from test_packing import instruction_rows
+from tiny import write_jsonl
 
 
 def compare(suite, cwd, env=None, timeout=1200):
@@ -152,3 +155,37 @@ def test_a_judge_in_eval_args_compares_each_run_with_its_own_baseline(tmp_path):
     suite["eval_args"] += ["--judge", "http://127.0.0.1:8000/v1", "--judge-model", "m"]
     assert compare.judge_against(run("gpt2"), suite, ["gpt2"]) == ["--judge-against", str(tmp_path / "baseline")]
     assert compare.judge_against(run("models/b"), suite, ["models/a", "models/b"]) == ["--judge-against", str(tmp_path / "baseline-b")]
+
+
+def instruction_suite(assets, tmp_path, **overrides) -> Path:
+    """full and prompt_tuning on short instruction examples, which full alone would pack."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", instruction_rows())
+    write_jsonl(tmp_path / "data" / "validation.jsonl", instruction_rows(8, seed=1))
+    shared = {"data.dataset": str(tmp_path / "data"), "data.validation_file": None, "data.format": "instruction",
+              "data.template": "plain", "data.max_length": 64, "train.max_steps": 2, "train.eval_every": 2,
+              "train.save_every": 2, **overrides}
+    suite = tiny_suite(assets, [ROOT / "recipes" / "full.yaml", ROOT / "recipes" / "prompt_tuning.yaml"], shared)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+def test_a_suite_with_a_soft_prompt_packs_no_run(assets, tmp_path):
+    """A soft prompt is never packed: packed, full would see several times more examples per step."""
+    result = compare(instruction_suite(assets, tmp_path), tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = tmp_path / "runs" / "tiny"
+    logs = {name: [(r["step"], r["tokens"]) for r in read_log(runs / name)] for name in ("full", "prompt_tuning")}
+    assert logs["full"] == logs["prompt_tuning"]
+    for name in ("full", "prompt_tuning"):
+        assert read(runs / name / "summary.json")["packing"] == "not packed (data.packing is false)"
+    md = (tmp_path / "reports" / "tiny" / "report.md").read_text()
+    assert ("- **packing**: off for every run (prompt_tuning adds virtual tokens), so every method saw the same "
+            "examples in the same order") in md
+
+
+def test_a_suite_that_packs_a_soft_prompt_is_one_line_and_exit_2(assets, tmp_path):
+    result = compare(instruction_suite(assets, tmp_path, **{"data.packing": True}), tmp_path)
+    assert_one_clear_line(result, "data.packing is true, but prompt_tuning adds virtual tokens")
+    assert not (tmp_path / "runs").exists()

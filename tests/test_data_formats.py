@@ -57,6 +57,7 @@ def test_instruction_loss_is_on_the_response_and_end_of_text_only(tmp_path, toke
     rows = alpaca_rows()
     write_jsonl(tmp_path / "train.jsonl", rows[:20])
     write_jsonl(tmp_path / "validation.jsonl", rows[20:])
+    write_jsonl(tmp_path / "test.jsonl", rows[20:])  # with a test split, train is the whole train file in its order
     train, val = data.build(data_cfg(tmp_path, "data.format=instruction", "data.max_length=512"), tokenizer, 0)
     assert len(train) == 20 and len(val) == 4
     for row, example in zip(rows, train):
@@ -75,8 +76,9 @@ def test_train_on_prompt_scores_every_token(tmp_path, tokenizer):
 
 def test_max_response_chars_keeps_only_short_responses(tmp_path, tokenizer):
     rows = alpaca_rows()
-    write_jsonl(tmp_path / "a.jsonl", rows)
-    cfg = data_cfg(tmp_path / "a.jsonl", "data.format=instruction", "data.max_response_chars=30",
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:2])
+    cfg = data_cfg(tmp_path, "data.format=instruction", "data.max_response_chars=30",
                    "data.max_length=512", "data.validation_share=0.1")
     train, val = data.build(cfg, tokenizer, 0)
     kept = len([r for r in rows if len(r["output"]) <= 30])
@@ -128,8 +130,8 @@ OASST = [  # one message tree: a prompt, two replies, a follow-up, a reply to it
 
 
 def test_conversation_pairs_score_the_reply(tmp_path, tokenizer):
-    write_jsonl(tmp_path / "train.jsonl", OASST)
-    write_jsonl(tmp_path / "validation.jsonl", OASST)
+    for part in ("train", "validation", "test"):
+        write_jsonl(tmp_path / f"{part}.jsonl", OASST)
     train, _ = data.build(data_cfg(tmp_path, "data.format=conversation", "data.max_length=128"), tokenizer, 0)
     parents = {m["message_id"]: m for m in OASST}
     replies = [m for m in OASST if m["role"] == "assistant"]
@@ -143,6 +145,7 @@ def test_conversation_pairs_score_the_reply(tmp_path, tokenizer):
 def test_oasst1_as_text_is_the_assistant_replies_packed(tmp_path, tokenizer, monkeypatch):
     write_jsonl(tmp_path / "train.jsonl", OASST)
     write_jsonl(tmp_path / "validation.jsonl", OASST[:2])
+    write_jsonl(tmp_path / "test.jsonl", OASST[:2])
     train, val = data.build(data_cfg("oasst1", f"data.files={tmp_path}", "data.max_length=500"), tokenizer, 0)
     replies = [m["text"] for m in OASST if m["role"] == "assistant"]
     assert tokenizer.decode(train[0]["input_ids"]) == EOS.join(replies) + EOS
@@ -159,7 +162,7 @@ def test_local_pairs_with_field_mapping_and_template(tmp_path, tokenizer):
         '  template: "Q: {prompt}\\nA: {response}"\n  validation_share: 0.25\n'
     )
     train, val = data.build(load_recipe(tmp_path / "qa.yaml")["data"], tokenizer, 0)
-    assert len(train) + len(val) == 12
+    assert len(train) == 6 and len(val) == 3  # and 3 held out for test
     by_question = {r["question"]: r for r in rows}
     for example in train:
         prompt, scored = split(example)

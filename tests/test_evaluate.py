@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -190,8 +191,8 @@ def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_pa
     AutoTokenizer.from_pretrained(assets / "tokenizer").save_pretrained(run / "final")
     evaluate("--run", run, "--tasks", "instruction", "--max-new-tokens", 8)
     scores = read(run / "eval.json")["tasks"]["instruction"]
-    assert scores["examples"] == 3  # the validation share train.py holds out: 30 % of 10 rows
-    assert "validation" in scores["data"] and "seed 7" in scores["data"] and "'plain'" in scores["data"]
+    assert scores["examples"] == 3  # the test share train.py holds out: 30 % of 10 rows
+    assert "test (share 0.3" in scores["data"] and "seed 7" in scores["data"] and "'plain'" in scores["data"]
 
     # The rows scored are the ones train.py held out with the recipe's seed (7), not --seed's default (42).
     scorer = evaluate_script.Scorer(None, AutoTokenizer.from_pretrained(assets / "tokenizer"), torch.device("cpu"),
@@ -199,9 +200,30 @@ def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_pa
     args = evaluate_script.parse_args(["--run", str(run), "--tasks", "instruction", "--max-new-tokens", "8"])
     examples, _ = evaluate_script.prompt_response_examples("instruction", scorer, args, recipe, 120)
     raw, spec = data.load_raw(recipe["data"])
-    held_out = {seed: data.split_train_validation(raw, recipe["data"], spec, seed)[1]["answer"] for seed in (7, 42)}
+    held_out = {seed: data.split_rows(raw, recipe["data"], spec, seed)[2]["answer"] for seed in (7, 42)}
     assert held_out[7] != held_out[42]  # the two seeds hold out different rows: the wrong one would fail here
     assert [response for _, response in examples] == held_out[7]
+
+
+def test_a_file_without_splits_is_evaluated_on_rows_it_neither_trained_nor_validated_on(assets, tmp_path):
+    """Validation picks the learning rate and the best step: the rows that score the comparison are a third part."""
+    rows = [{"instruction": f"Say row {i}.", "input": "", "output": f"Row {i}: {p[:40]}"} for i, p in enumerate(tiny.prose()[:40])]
+    recipe = load_recipe(None, ["name=rows", f"model.name={assets / 'gpt2'}", f"data.dataset={tiny.write_jsonl(tmp_path / 'rows.jsonl', rows)}",
+                                "data.validation_share=0.2", "data.template=plain"])
+    tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    train, validation = data.build(recipe["data"], tokenizer, recipe["train"]["seed"])
+
+    def row_numbers(examples):
+        texts = [tokenizer.decode(examples[i]["input_ids"]) for i in range(len(examples))]
+        return [int(n) for text in texts for n in re.findall(r"Say row (\d+)\.", text)]
+
+    scorer = evaluate_script.Scorer(None, tokenizer, torch.device("cpu"), "fp32", 128, 64, 0)
+    args = evaluate_script.parse_args(["--model", "m", "--tasks", "instruction"])
+    examples, source = evaluate_script.prompt_response_examples("instruction", scorer, args, recipe, 120)
+    evaluated = [int(re.match(r"Row (\d+):", response).group(1)) for _, response in examples]
+    trained, validated = row_numbers(train), row_numbers(validation)
+    assert len(evaluated) == len(validated) == 8 and "test" in source
+    assert sorted(trained + validated + evaluated) == list(range(40))  # each row in exactly one part
 
 
 def test_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):

@@ -279,3 +279,17 @@ def test_bleu_is_nltks_corpus_bleu_on_13a_tokens():
     words = Tokenizer13a()
     nltk_bleu = corpus_bleu([[words(r).split()] for r in references], [words(h).split() for h in hypotheses])
     assert metrics.generation_scores(hypotheses, references)["bleu"] == pytest.approx(100 * nltk_bleu)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_causal_nll_of_half_precision_logits_sums_in_float32(dtype):
+    """20,000 scored tokens: summed in bf16 the loss is about 0.4% off, in fp16 it overflows to inf."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 5_000, 512, generator=generator)).to(dtype)
+    labels = torch.randint(0, 512, (4, 5_000), generator=generator)
+    labels[:, :10] = metrics.IGNORE_INDEX
+    expected, expected_count = metrics.causal_nll(logits.double(), labels)
+    nll, count = metrics.causal_nll(logits, labels)
+    assert count == expected_count
+    assert nll.dtype == torch.float32
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -161,6 +161,28 @@ def value_text(value) -> str:
     return re.sub(r"[^A-Za-z0-9._]", "_", text)
 
 
+def same_examples_per_step(suite: dict, runs: list):
+    """A method that adds virtual tokens (a soft prompt, a prefix) is never packed; packed, the other
+    methods would see more examples per step and be validated on other rows. With one in the suite,
+    no run packs (data.packing=false for every run and search trial). Returns the report's line on
+    how packing was made equal, or None when no run needed it."""
+    from tunebench.methods import context_tokens
+
+    unpackable = sorted({r["recipe"]["method"]["type"] for r in runs if context_tokens(r["recipe"]["method"])})
+    if not unpackable:
+        return None
+    why = f"{', '.join(unpackable)} add{'s' if len(unpackable) == 1 else ''} virtual tokens"
+    packed = [r["name"] for r in runs if r["recipe"]["data"]["packing"]]
+    if packed:
+        raise UserError(f"suite '{suite['name']}': data.packing is true, but {why} and is never packed, so run "
+                        f"{packed[0]} would see other examples per step than the rest; set data.packing: false or leave it unset")
+    suite["overrides"].append("data.packing=false")
+    for run in runs:
+        run["overrides"].append("data.packing=false")
+        run["recipe"]["data"]["packing"] = False
+    return f"off for every run ({why}), so every method saw the same examples in the same order"
+
+
 def plan(suite: dict) -> list:
     """Every training run of the suite (its name, recipe file, method, overrides and resolved recipe); also
     makes suite["search"], the search plan, when the suite asks for one."""
@@ -203,6 +225,7 @@ def plan(suite: dict) -> list:
         if not Path(suite["forgetting"]["data_file"]).is_file():
             raise UserError(f"forgetting data_file '{suite['forgetting']['data_file']}' does not exist"
                             + ("; run `python -m tunebench.demo` first (make demo does)" if ".cache/demo" in suite["forgetting"]["data_file"] else ""))
+    suite["packing"] = same_examples_per_step(suite, runs)
     if suite["search_section"] is not None:
         suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", tunings, suite["runs_dir"],
                                        suite["overrides"])
@@ -424,7 +447,7 @@ def main(argv=None):
     from tunebench.report import write_report
 
     report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
-                          search_dir=suite["search"]["dir"] if suite["search"] else None,
+                          search_dir=suite["search"]["dir"] if suite["search"] else None, packing=suite["packing"],
                           grid={"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None)
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"\nsuite {suite['name']}: {len(runs)} trained run(s) + baseline in {minutes} min {seconds} s"

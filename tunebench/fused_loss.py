@@ -23,9 +23,7 @@ it), checked by running the model once both ways. Anything else keeps the plain 
 import torch
 import torch.nn.functional as F
 
-from tunebench.metrics import IGNORE_INDEX, causal_nll
-
-CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MB in float32 (333 tokens of GPT-2's 50,257 vocabulary)
+from tunebench.metrics import CHUNK_ELEMENTS, IGNORE_INDEX, causal_nll
 
 
 def _pass_through(hidden):

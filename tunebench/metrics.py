@@ -6,16 +6,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MB in float32 (333 tokens of GPT-2's 50,257 vocabulary)
 
 
 def causal_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
     """(summed next-token NLL, number of scored tokens). Label -100 is never scored. Logits may carry
-    extra leading positions (a soft prompt's virtual tokens): only the last len(labels) count."""
+    extra leading positions (a soft prompt's virtual tokens): only the last len(labels) count.
+    Half-precision logits are cast to float32 a chunk of tokens at a time, so the sum is float32:
+    in bf16 the loss of 20,000 tokens is 0.4% off, in fp16 it overflows."""
     logits = logits[:, -labels.shape[1] :]
     # Shift the labels, not the logits: a slice of the logits would copy the largest tensor of the step.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    nll = sum(
+        F.cross_entropy(part.to(dtype), part_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        for part, part_targets in zip(flat_logits.split(chunk), flat_targets.split(chunk))
     )
     return nll, (targets != IGNORE_INDEX).sum()
 

@@ -364,6 +364,7 @@ def setting(runs: list) -> dict:
         "optimizer steps": _distinct(trained, summary("final_step")),
         "sequence length": _distinct(trained, summary("max_length")),
         "global batch (sequences)": _distinct(trained, summary("global_batch")),
+        "packing": _distinct(trained, summary("packing")),
         "seed": _distinct(trained, lambda r: (r["recipe"].get("train") or {}).get("seed")),
         "hardware": _distinct(trained, lambda r: r["summary"].get("hardware") and _hardware_text(r["summary"]["hardware"])),
         "library versions": _distinct(trained, lambda r: r["summary"].get("versions") and _versions_text(r["summary"]["versions"])),
@@ -698,7 +699,8 @@ def add_intervals(rows: list, derived: dict) -> None:
                 row[f"{key}_low"], row[f"{key}_high"] = found["low"], found["high"]
 
 
-def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) -> Path:
+def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, packing: str = None) -> Path:
+    """packing: how a suite made packing the same for every run (tunebench.compare), for the setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -722,6 +724,8 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None) 
              f"- `pareto.png`: {q_label} against trainable parameters, peak memory and training time; "
              "the dashed line is the model before training, the grey steps the Pareto front."]
     the_setting = setting(runs)
+    if packing:
+        the_setting["packing"] = {packing: [r["name"] for r in runs if r["finished"] and r["method"] != "baseline"]}
     flat = flat_rows(rows, evals, has_derived)
 
     memory = "peak GPU memory" if use_gpu else "peak CPU memory (RSS)"
