@@ -3,11 +3,14 @@
 from the cache, and a slow answer, an answer that is not a score and a server that is down are counted
 or refused, never turned into a score. The small model is a weak judge: the tests check the plumbing and
 the honesty of the counts, not the wisdom of its verdicts."""
+import contextlib
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -18,9 +21,11 @@ from test_evaluate import assert_user_error, evaluate
 from tunebench import judge
 
 # Short prompts that a 135M model can follow (the shipped ones, recipes/judge/, are for real judges);
-# that they replace the shipped ones is part of what is tested.
+# that they replace the shipped ones is part of what is tested. SmolLM2-135M writes no labelled field
+# whatever it is asked ("The answer is 100."), which is malformed; asked to complete a line, it answers
+# some prompts with a bare number, which reads as the score.
 ABSOLUTE = ("Score from 0 to 100 how well the answer matches the reference.\nReference: {reference}\n"
-            "Answer: {output}\nReply with the number only.")
+            "Answer: {output}\nComplete the line below with the number only.\nScore:")
 PAIRWISE = ("Reference: {reference}\nAnswer A: {answer_a}\nAnswer B: {answer_b}\n"
             "Which answer is closer to the reference? Reply with \"Winner: A\" or \"Winner: B\" only.")
 ECHO = "Repeat this text exactly, and nothing else: {output}\n\n(Question: {prompt} Reference: {reference})"
@@ -122,6 +127,8 @@ def test_scores_win_rate_and_cache_on_a_real_server(server, prompts, smollm2, as
     # Every answer has a score or a counted failure; every pair of answers was asked in both orders.
     assert results["judge_scored"] + results["judge_failed"] == 3
     assert results["judge_pairwise_verdicts"] + results["judge_pairwise_failed"] == 6
+    assert results["judge_pairwise_scored"] + results["judge_pairwise_unscored"] == 3
+    assert all((r["judge_vs_baseline"] is None) == ("judge_vs_baseline_failure" in r) for r in first_lines)
     scores = [r["judge_score"] for r in first_lines if r["judge_score"] is not None]
     assert len(scores) == results["judge_scored"] and all(0 <= s <= 100 for s in scores)
     assert all((r["judge_score"] is None) == ("judge_failure" in r) for r in first_lines)
@@ -204,14 +211,140 @@ def test_judge_arguments_are_checked_before_a_model_loads(prompts, assets, tmp_p
         assert_user_error(result.stderr, result.returncode, phrase)
 
 
-@pytest.mark.parametrize("reply, score", [("Score: 85", 85), ("85/100", 85), ("The answer is 100.", 100), ("7.5", 7.5),
-                                          ("101", None), ("no number here", None), ("", None)])
-def test_score_is_the_first_number_within_0_to_100(reply, score):
+# ---- reading the reply: a labelled field, or a reply that is nothing but the value ----------------------
+
+@pytest.mark.parametrize("reply, score", [
+    ("Score: 85", 85), ("score: 85/100", 85), ("**Score:** 70", 70), ("Score: 60 out of 100.", 60), ("Score: 7.5", 7.5),
+    ("The answer names Paris, as the reference does.\nScore: 90", 90), ("Score: 40\nHalf of it is right.\nScore: 40", 40),
+    ("85", 85), ("85/100", 85), ("Score: 0", 0), ("Score: 100", 100),
+])
+def test_score_is_read_from_its_label(reply, score):
     assert judge.parse_score(reply) == score
 
 
-@pytest.mark.parametrize("reply, verdict", [("Winner: A", "A"), ("winner: **B**", "B"), ("Winner: tie", "tie"), ("B", "B"),
-                                            ('The answer is "A"', "A"), ("The better answer is B.", "B"),
-                                            ("A is a primary color.", None), ("The answer is a good one", None), ("A: A\n\nA: A", None)])
-def test_verdict_is_read_only_when_it_is_one(reply, verdict):
+@pytest.mark.parametrize("reply", [
+    "On a scale of 0 to 100: 85",  # no label: the first number is the scale's
+    "Score: -5", "Score: 101", "Score: 8/10", "Score: about 80", "Score: 60\nScore: 80", "Score: 60 or 70",
+    "The answer is 100.", "no number here", "", None,
+])
+def test_score_without_one_plain_labelled_value_is_malformed(reply):
+    assert judge.parse_score(reply) is None
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ("Winner: A", "A"), ("winner: **B**", "B"), ("Winner: tie", "tie"), ("**Winner:** Answer B.", "B"),
+    ("Answer B is worse than Answer A. Winner: A", "A"), ("Winner: B\nAnswer A misses the reference.", "B"),
+    ("B", "B"), ('"A"', "A"), ("Tie.", "tie"),
+])
+def test_verdict_is_read_from_its_label(reply, verdict):
     assert judge.parse_verdict(reply) == verdict
+
+
+@pytest.mark.parametrize("reply", [
+    "The better answer is B.", 'The answer is "A"',  # no label
+    "Winner: A\nWinner: B", "Winner: A or B", "Winner: neither", "Winner:",
+    "A is a primary color.", "The answer is a good one", "A: A\n\nA: A", "", None,
+])
+def test_verdict_without_one_plain_labelled_value_is_malformed(reply):
+    assert judge.parse_verdict(reply) is None
+
+
+# ---- a scripted endpoint: a real OpenAI-compatible server whose replies the test chooses -------------------
+
+@contextlib.contextmanager
+def scripted_endpoint(reply_to):
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 that answers each message with reply_to(message)."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send({"object": "list", "data": []})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = reply_to(body["messages"][-1]["content"])
+            self.send({"id": "scripted", "object": "chat.completion", "created": 0, "model": body["model"],
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": reply}}]})
+
+        def send(self, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def scripted_judge(url, cache):
+    return judge.Judge(url, "judge", judge.Prompt("absolute.txt", ABSOLUTE), judge.Prompt("pairwise.txt", PAIRWISE),
+                       retries=0, cache_dir=cache)
+
+
+# Each case: the reply with our answer as A, the reply with our answer as B, what the record counts for ours
+# (None: unscored), whether the two orders disagree.
+ORDER_CASES = {
+    "wins in both orders": ("Winner: A", "Winner: B", 1.0, False),
+    "loses in both orders": ("Winner: B", "Winner: A", 0.0, False),
+    "tie in both orders": ("Winner: tie", "Winner: tie", 0.5, False),
+    "always the first answer": ("Winner: A", "Winner: A", 0.5, True),
+    "always the second answer": ("Winner: B", "Winner: B", 0.5, True),
+    "a win, then a tie": ("Winner: A", "Winner: tie", 0.5, True),
+    "one order malformed": ("Winner: A", "Both answers have merit.", None, False),
+}
+
+
+def test_each_record_counts_only_what_both_orders_agree_on(tmp_path):
+    def reply_to(message):
+        case = next(name for name in ORDER_CASES if f"Reference: {name}\n" in message)
+        ours_as_a = "Answer A: ours\n" in message
+        return ORDER_CASES[case][0 if ours_as_a else 1]
+
+    records = [{"prompt": "q", "reference": name, "output": "ours"} for name in ORDER_CASES]
+    baseline = [{"prompt": "q", "reference": name, "output": "theirs"} for name in ORDER_CASES]
+    with scripted_endpoint(reply_to) as url:
+        out = judge.win_rate(scripted_judge(url, tmp_path / "cache"), records, baseline)
+    for record in records:
+        _, _, outcome, inconsistent = ORDER_CASES[record["reference"]]
+        assert record["judge_vs_baseline"] == outcome, record["reference"]
+        assert record.get("judge_vs_baseline_inconsistent", False) == inconsistent, record["reference"]
+    assert records[-1]["judge_vs_baseline_failure"] == "malformed"
+    # Position bias is a tie, never a win for either answer; a record with a failed order is no half win.
+    assert out["judge_win_rate"] == pytest.approx((1 + 0 + 0.5 * 4) / 6)
+    assert (out["judge_pairwise_scored"], out["judge_pairwise_inconsistent"], out["judge_pairwise_unscored"]) == (6, 3, 1)
+    assert (out["judge_pairwise_verdicts"], out["judge_pairwise_failed"]) == (13, 1)
+    assert out["judge_pairwise_failures"] == {"malformed": 1}
+
+
+def test_no_record_judged_in_both_orders_gives_no_win_rate(tmp_path):
+    replies = iter(["Winner: A", "I cannot tell."])  # ours as A wins, then ours as B gets no verdict
+    with scripted_endpoint(lambda message: next(replies)) as url:
+        out = judge.win_rate(scripted_judge(url, tmp_path / "cache"), [{"prompt": "q", "reference": "r", "output": "ours"}],
+                             [{"prompt": "q", "reference": "r", "output": "theirs"}])
+    assert out["judge_win_rate"] is None and out["judge_pairwise_unscored"] == 1
+    assert out["judge_win_rate_reason"] == "the judge gave no record a valid verdict in both orders"
+
+
+def test_verdicts_of_one_endpoint_are_never_served_for_another(tmp_path):
+    record = {"prompt": "q", "reference": "r", "output": "o"}
+    cache = tmp_path / "cache"
+    with scripted_endpoint(lambda message: "Score: 90") as first, scripted_endpoint(lambda message: "Score: 10") as second:
+        # Two servers under the same model name, one cache folder.
+        assert judge.score_absolute(scripted_judge(first, cache), [dict(record)])["judge_score"] == 90
+        other = scripted_judge(second, cache)
+        assert judge.score_absolute(other, [dict(record)])["judge_score"] == 10
+        assert (other.requests, other.cache_hits) == (1, 0)
+        again = scripted_judge(first + "/", cache)  # the same endpoint, spelled with a trailing slash
+        assert judge.score_absolute(again, [dict(record)])["judge_score"] == 90
+        assert (again.requests, again.cache_hits) == (0, 1)

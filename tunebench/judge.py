@@ -4,11 +4,19 @@
 - Absolute: each generated answer gets a score from 0 to 100 against the reference
   (recipes/judge/absolute.txt, or --judge-prompt FILE).
 - Pairwise: each answer is compared with the baseline's answer to the same prompt, twice, with the
-  order swapped (recipes/judge/pairwise.txt, or --judge-pairwise-prompt FILE); the win rate counts a
-  win as 1, a tie as 1/2, over every verdict given.
-- Every judgement is cached on disk (default .cache/judge/), keyed by the judge model, its temperature
-  and reply limit, and the whole message (the prompt file's text with the texts filled in): a rerun asks
-  nothing twice, a changed prompt asks again.
+  order swapped (recipes/judge/pairwise.txt, or --judge-pairwise-prompt FILE). A record counts only what
+  both orders agree on: a win (1), a loss (0) or a tie (1/2); two orders that disagree ("A" both times is
+  position bias, not a preference) count as a tie and are counted as inconsistent. A record whose either
+  order failed (no verdict after the retries) is unscored: left out of the win rate, never half a win, and
+  counted as unscored. The win rate is the mean over the scored records.
+- The reply is read from its labelled field, as the prompts ask: "Score: N" (N in 0..100, "/100" or
+  "out of 100" allowed) or "Winner: A|B|tie", anywhere in the reply, the value running to the end of its
+  line; a reply that is nothing but the value ("85", "B") reads the same. Anything else is malformed: no
+  label, two labels that disagree, a value that is not plainly one (a negative number, a score above 100 or
+  on another scale, "A or B").
+- Every judgement is cached on disk (default .cache/judge/), keyed by the endpoint (without credentials or
+  query), the judge model, its temperature and reply limit, and the whole message (the prompt file's text
+  with the texts filled in): a rerun asks nothing twice, a changed prompt or another server asks again.
 - Timeouts, rate limits, server errors, lost connections and answers that are not a verdict are retried
   a bounded number of times, then counted by reason; they never become a score.
 - The key is read from an environment variable (--judge-key-env, default OPENAI_API_KEY; local servers
@@ -69,26 +77,41 @@ def load_prompt(path, fields: tuple, option: str) -> Prompt:
 
 # ---- reading the judge's answer ----------------------------------------------------------------------
 
-def parse_score(reply: str):
-    """The first number of the reply ("Score: 85", "85/100", "85"), if it lies in 0..100; else None."""
-    match = re.search(r"(?<![\d.])(\d+(?:\.\d+)?)", reply or "")
-    if match is None:
-        return None
-    value = float(match[1])
-    return value if 0 <= value <= 100 else None
+SCORE_VALUE = re.compile(r"[*\s]*(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?[*\s.!]*", re.IGNORECASE)
+VERDICT_VALUE = re.compile(r"[*\"'\[(\s]*(?:answer\s+)?(A|B|tie)[*\"'\]).!\s]*", re.IGNORECASE)
 
 
-def parse_verdict(reply: str):
-    """"A", "B" or "tie" from "Winner: A", "The better answer is B", "The answer is "A"" or a bare A, B or
-    tie; else None (a reply that merely starts with the article "A" is no verdict)."""
-    text = (reply or "").strip()
-    # The letters are capitals: "the answer is a good one" holds no verdict.
-    match = (re.search(r"\b(?i:winner|better answer|answer)(?: is)?\s*:?\s*[*\"']*(A|B|(?i:tie))\b", text)
-             or re.fullmatch(r"[*\"']*(A|B|(?i:tie))[*\"'.!]*", text))
+def read_labelled(reply, label: str, read_value):
+    """The one value the reply gives under `label:` (each field runs to the end of its line), or the whole
+    reply read as a bare value when it has no such label; None when a field is unreadable or two disagree."""
+    fields = re.findall(rf"\b{label}\**\s*:(.*)", reply or "", re.IGNORECASE) or [reply or ""]
+    values = {read_value(text.strip()) for text in fields}
+    return values.pop() if len(values) == 1 else None  # {None} stays None
+
+
+def score_value(text: str):
+    match = SCORE_VALUE.fullmatch(text)
+    if match is None or (match[2] is not None and int(match[2]) != 100):
+        return None
+    score = float(match[1])
+    return score if score <= 100 else None
+
+
+def verdict_value(text: str):
+    match = VERDICT_VALUE.fullmatch(text)
     if match is None:
         return None
-    word = match[1]
-    return "tie" if word.lower() == "tie" else word.upper()
+    return "tie" if match[1].lower() == "tie" else match[1].upper()
+
+
+def parse_score(reply):
+    """The score of "Score: 85" ("85/100", "85 out of 100", or a bare "85"), 0..100; else None."""
+    return read_labelled(reply, "score", score_value)
+
+
+def parse_verdict(reply):
+    """"A", "B" or "tie" from "Winner: A" (or a bare A, B, tie); else None."""
+    return read_labelled(reply, "winner", verdict_value)
 
 
 # ---- the judge ------------------------------------------------------------------------------------------
@@ -145,8 +168,9 @@ class Judge:
             pass  # some servers have no model list; the first judgement will tell
 
     def cache_path(self, content: str) -> Path:
-        key = json.dumps({"model": self.model, "temperature": self.temperature, "max_tokens": MAX_TOKENS,
-                          "content": content}, sort_keys=True)
+        # The endpoint too: two servers may serve different models under one name.
+        key = json.dumps({"endpoint": shown_endpoint(self.endpoint).rstrip("/"), "model": self.model,
+                          "temperature": self.temperature, "max_tokens": MAX_TOKENS, "content": content}, sort_keys=True)
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
@@ -193,7 +217,8 @@ class Judge:
                 value = parse(reply)
                 if value is not None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
-                    rundir.write_json(cached, {"model": self.model, "reply": reply})
+                    rundir.write_json(cached, {"endpoint": shown_endpoint(self.endpoint), "model": self.model,
+                                               "reply": reply})
                     return value, None
                 failure = "malformed"
         return None, failure
@@ -238,33 +263,56 @@ def score_absolute(judge: Judge, records: list) -> dict:
     return out
 
 
+def preference(verdict: str, ours_first: bool) -> str:
+    """"ours", "theirs" or "tie": a verdict ("A", "B", "tie") read back through the order it was asked in."""
+    if verdict == "tie":
+        return "tie"
+    return "ours" if (verdict == "A") == ours_first else "theirs"
+
+
+OUTCOME = {"ours": 1.0, "tie": 0.5, "theirs": 0.0}
+
+
 def win_rate(judge: Judge, records: list, baseline: list) -> dict:
-    """Share of verdicts the record's answer wins against the baseline's answer to the same prompt (a tie
-    counts 1/2), each pair asked twice with the order swapped; each record gets its judge_vs_baseline."""
+    """Mean outcome of the records' answers against the baseline's answers to the same prompts, each pair
+    asked in both orders (see the module's docstring for what a record counts); each record gets its
+    judge_vs_baseline, and judge_vs_baseline_inconsistent or judge_vs_baseline_failure where they apply."""
     theirs = {(r["prompt"], r["reference"]): r["output"] for r in baseline}
-    outcomes, failures, unmatched = [], Counter(), 0
+    outcomes, failures, unmatched, inconsistent, unscored, verdicts = [], Counter(), 0, 0, 0, 0
     for record in records:
         other = theirs.get((record["prompt"], record["reference"]))
         if other is None:
             unmatched += 1
             continue
-        mine = []
+        preferences, failure = [], None
         for ours_first in (True, False):
             a, b = (record["output"], other) if ours_first else (other, record["output"])
-            verdict, failure = judge.ask(judge.pairwise.fill(prompt=record["prompt"], reference=record["reference"],
-                                                             answer_a=a, answer_b=b), parse_verdict)
-            if failure:
-                failures[failure] += 1
+            verdict, failed = judge.ask(judge.pairwise.fill(prompt=record["prompt"], reference=record["reference"],
+                                                            answer_a=a, answer_b=b), parse_verdict)
+            if failed:
+                failures[failed] += 1
+                failure = failure or failed
             else:
-                mine.append(0.5 if verdict == "tie" else float(verdict == ("A" if ours_first else "B")))
-        record["judge_vs_baseline"] = statistics.fmean(mine) if mine else None
-        outcomes += mine
+                verdicts += 1
+                preferences.append(preference(verdict, ours_first))
+        if failure:
+            record["judge_vs_baseline"], record["judge_vs_baseline_failure"] = None, failure
+            unscored += 1
+            continue
+        if preferences[0] == preferences[1]:
+            record["judge_vs_baseline"] = OUTCOME[preferences[0]]
+        else:
+            record["judge_vs_baseline"], record["judge_vs_baseline_inconsistent"] = OUTCOME["tie"], True
+            inconsistent += 1
+        outcomes.append(record["judge_vs_baseline"])
     out = {"judge_win_rate": statistics.fmean(outcomes) if outcomes else None, "judge_pairwise_prompt": judge.pairwise.file,
-           "judge_pairwise_verdicts": len(outcomes), "judge_pairwise_failed": sum(failures.values()),
+           "judge_pairwise_scored": len(outcomes), "judge_pairwise_inconsistent": inconsistent,
+           "judge_pairwise_unscored": unscored, "judge_pairwise_verdicts": verdicts,
+           "judge_pairwise_failed": sum(failures.values()),
            **({"judge_pairwise_failures": dict(sorted(failures.items()))} if failures else {})}
     if unmatched:
         out["judge_pairwise_unmatched"] = unmatched
     if not outcomes:
         out["judge_win_rate_reason"] = ("the baseline's generations hold none of these prompts" if unmatched == len(records)
-                                        else "the judge gave no valid verdict")
+                                        else "the judge gave no record a valid verdict in both orders")
     return out

@@ -47,7 +47,8 @@ TRAIN_COLUMNS = [
 EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", "max_tokens", "batch_size",
                  "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed",
                  "judge_temperature", "judge_examples", "judge_scored", "judge_failed", "judge_pairwise_verdicts",
-                 "judge_pairwise_failed", "judge_pairwise_unmatched"}
+                 "judge_pairwise_failed", "judge_pairwise_unmatched", "judge_pairwise_scored", "judge_pairwise_inconsistent",
+                 "judge_pairwise_unscored"}
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
