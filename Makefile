@@ -29,7 +29,7 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 
 test: install $(VENV)/.demo-installed browser
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15 tests
 
 # make test-latest: the newest versions requirements*.txt allow, in a venv of their own (.venv-latest),
 # to find drift on purpose. When it passes, `make lock` takes those versions into the lock.
