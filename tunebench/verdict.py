@@ -101,8 +101,7 @@ def learning_and_forgetting(runs: list) -> dict:
             gain = run["summary"]["initial_val_loss"] - run["summary"]["best_val_loss"]
         if base and _ppl(base, GENERAL) and _ppl(run, GENERAL):
             forgetting = math.log(_ppl(run, GENERAL)) - math.log(_ppl(base, GENERAL))
-            paired = _paired_items(base, run, GENERAL)
-            forgetting_items = paired
+            forgetting_items = _paired_items(base, run, GENERAL)  # trained minus untrained NLL per item
         setting = {k: v for k, v in flatten(run["recipe"] or {}).items() if not k.startswith(METHOD_SPECIFIC)}
         out[run["name"]] = {"gain": gain, "forgetting": forgetting, "gain_items": gain_items,
                             "forgetting_items": forgetting_items, "setting": setting}
