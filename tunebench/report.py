@@ -58,17 +58,6 @@ def _read_json(path: Path, advice: str):
     return inputs.read_json_object(path, advice=advice) if path.is_file() else None
 
 
-def _read_log(path: Path) -> list:
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break  # a line cut off by a crash ends the usable log
-    return records
-
-
 def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
     """Why a run has no summary.json: the last meaningful line of error.txt, else where its log stops."""
     error_file = run_dir / "error.txt"
@@ -92,7 +81,7 @@ def load_run(run_dir) -> dict:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         recipe = None
-    log = _read_log(run_dir / "log.jsonl")
+    log = rundir.read_log(run_dir / "log.jsonl")
     method = (summary or {}).get("method") or ((recipe or {}).get("method") or {}).get("type") or "—"
     run = {
         "name": run_dir.name,

@@ -221,6 +221,18 @@ def prune(run_dir, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_log(log_path) -> list:
+    """log.jsonl's records, up to a line cut off by a crash (which ends the usable log)."""
+    log_path, records = Path(log_path), []
+    if log_path.is_file():
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+    return records
+
+
 def truncate_log(log_path, last_step: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     log_path = Path(log_path)

@@ -57,6 +57,7 @@ import time
 import warnings
 from pathlib import Path
 
+from tunebench import rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive
 
@@ -464,10 +465,8 @@ def diverged_file(run_dir: Path) -> Path:
 def logged_value(run_dir: Path, step: int, metric: str):
     """The metric logged at `step` by train.py, None when not there. A rate whose loss diverged before it, or
     whose metric is NaN there, gets the worst value: +inf (minimize) or -inf (maximize)."""
-    from tunebench.report import _read_log
-
     worst = math.inf if METRICS[metric] == "minimize" else -math.inf
-    log = _read_log(run_dir / "log.jsonl")
+    log = rundir.read_log(run_dir / "log.jsonl")
     for record in log:
         if record.get("step") == step and record.get(metric) is not None:
             value = float(record[metric])
@@ -605,9 +604,8 @@ def adopt(method: dict, lr: float, recipe: dict, run_dir: Path) -> bool:
 # ---- results ---------------------------------------------------------------------------------------------
 
 def tokens_trained(run_dir: Path) -> int:
-    from tunebench.report import _read_log
 
-    log = _read_log(run_dir / "log.jsonl")
+    log = rundir.read_log(run_dir / "log.jsonl")
     return max((r.get("tokens") or 0 for r in log), default=0)
 
 
