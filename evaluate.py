@@ -85,6 +85,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
     add_judge_args(parser)
+    parser.add_argument("--check-args", action="store_true",
+                        help="check these arguments and exit (a suite does so with its eval_args before training)")
     return parser.parse_args(argv)
 
 
@@ -209,6 +211,7 @@ def load_scorer(args, request: Request) -> Scorer:
     """A run's full model, its adapter or soft prompt on the recipe's base model, or a model as it is."""
     import torch
 
+    from tunebench.methods import quantization_kwargs
     from tunebench.models import context_length, load_adapter, load_adapter_config, load_config, load_model, load_tokenizer
     from tunebench.recipe import defaults
 
@@ -230,7 +233,7 @@ def load_scorer(args, request: Request) -> Scorer:
     max_length, stride = window(args, context_length(load_config(model_cfg)), virtual_tokens)
     tokenizer = load_tokenizer(tokenizer_cfg)
     # A QLoRA adapter is evaluated on the 4-bit base it was trained on.
-    model = load_model(model_cfg, method=recipe["method"] if run_dir and peft_config is not None else None)
+    model = load_model(model_cfg, quantization=quantization_kwargs(recipe["method"], model_cfg) if run_dir and peft_config is not None else None)
     if peft_config is not None:
         model = load_adapter(model, run_dir / "final")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -727,6 +730,8 @@ def main(argv=None):
 
         return report.main(argv[1:])
     args = parse_args(argv)
+    if args.check_args:
+        return
     request = check_request(args)
     the_judge = judge_from_args(args, request)
     if the_judge is not None:

@@ -122,8 +122,7 @@ def check_setting(recipe: dict, config, accelerator) -> None:
     import torch
 
     from tunebench import distributed
-    from tunebench.methods import check_model
-    from tunebench.models import check_context
+    from tunebench.methods import check_context, check_model
 
     check_context(config, recipe)
     check_model(config, recipe["method"])
@@ -567,7 +566,7 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     from tunebench import activations, data, distributed, fused_loss, measure, plan
-    from tunebench.methods import METHODS, apply_method, count_params
+    from tunebench.methods import METHODS, apply_method, count_params, quantization_kwargs
     from tunebench.metrics import classification_nll
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
 
@@ -587,7 +586,7 @@ def main(argv=None):
     with accelerator.main_process_first():  # the main process tokenizes and caches, the others read the cache
         train_set, val_set = data.build(data_cfg, tokenizer, train_cfg["seed"], recipe["task"])
     method = METHODS[recipe["method"]["type"]]
-    model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id, method=recipe["method"])
+    model = load_model(model_cfg, train_set.label_names, tokenizer.pad_token_id, quantization_kwargs(recipe["method"], model_cfg))
     activations.use_fused_gelu(model)  # same function, fewer tensors kept for backward (tunebench/activations.py)
     if model_cfg["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)

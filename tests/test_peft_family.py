@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import tiny
 from conftest import ROOT, assert_one_clear_line, read_log, run_script, tiny_run, train
 from test_train import end_of_training_model, initial_model, validation_loss
-from tunebench.methods import METHODS, apply_method, count_params, label
+from tunebench.methods import METHODS, apply_method, count_params, label, quantization_kwargs
 from tunebench.models import load_model, load_tokenizer
 from tunebench.plan import Planner, Setup
 from tunebench.recipe import load_recipe
@@ -186,14 +186,14 @@ def test_qlora_trains_on_a_4bit_base(assets, gpt2_64, tmp_path):
     assert val[-1] < val[0]
 
     recipe = load_recipe(ROOT / "recipes" / "qlora.yaml", args)
-    base = load_model(recipe["model"], method=recipe["method"])
+    base = load_model(recipe["model"], quantization=quantization_kwargs(recipe["method"], recipe["model"]))
     quantized = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 4 * 2 and all(m.weight.dtype == torch.uint8 and m.weight.quant_type == "nf4" for m in quantized)
 
     # Quantizing is deterministic: two loads hold bitwise the same 4-bit weights (compared before any
     # forward pass, which repacks them for the CPU kernels), so an adapter on a fresh 4-bit base is the
     # trained model; final/ is the adapter alone and gives its logits.
-    again = dict(load_model(recipe["model"], method=recipe["method"]).named_parameters())
+    again = dict(load_model(recipe["model"], quantization=quantization_kwargs(recipe["method"], recipe["model"])).named_parameters())
     assert all(torch.equal(p, again[name]) for name, p in base.named_parameters())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method_label"] == "QLoRA r16 (4-bit NF4)"

@@ -61,12 +61,12 @@ def study_names(storage, name):
 
 def search_results(suite_path, cwd):
     """search.results() of a suite whose search ran in cwd (its runs folder is relative to cwd)."""
-    from tunebench import compare
+    from tunebench import suites
 
     with contextlib.chdir(cwd):
-        suite = compare.load_suite(suite_path)
-        compare.plan(suite)
-        return search.results(suite["search"])
+        suite = suites.load(suite_path)
+        suites.plan(suite)
+        return search.results(search.parse(suite))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 
 from conftest import ROOT, assert_same_log, read_log, tiny_run, train, train_observed
 from tunebench import data
-from tunebench.methods import apply_method, count_params
+from tunebench.methods import apply_method, count_params, quantization_kwargs
 from tunebench.metrics import causal_nll
 from tunebench.models import load_model, load_tokenizer
 from tunebench.recipe import load_recipe
@@ -74,7 +74,7 @@ def end_of_training_model(run, recipe):
 def initial_model(recipe):
     """The model train.py starts from: the base (4-bit for QLoRA), then the method applied right after
     set_seed(train.seed)."""
-    model = load_model(recipe["model"], method=recipe["method"])
+    model = load_model(recipe["model"], quantization=quantization_kwargs(recipe["method"], recipe["model"]))
     set_seed(recipe["train"]["seed"])
     return apply_method(model, recipe["method"], load_tokenizer(recipe["model"]))
 

@@ -28,267 +28,36 @@ lines of its output) in the run folder; the suite goes on and the report shows t
 """
 import collections
 import json
+import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from tunebench import inputs, rundir
+from tunebench import rundir, search, suites
 from tunebench.errors import ArgumentParser, UserError, command
+from tunebench.launch import INTERRUPTED, ROOT, child_env, gpu_count, launch_prefix, run_logged
+from tunebench.recipe import load_recipe
+from tunebench.suites import model_source
 from tunebench.verdict import GENERAL
 
-ROOT = Path(__file__).resolve().parent.parent
-SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
-FORGETTING_KEYS = {"data_file"}
-ERROR_LINES = 20
-PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm: "name: 40%|####  | 4/10 [00:01<00:02, ...]"
-# train.py exits 128 + SIGINT / SIGTERM after saving a checkpoint; a Python killed by them gives -2 / -15.
-INTERRUPTED = {130, 143, -2, -15}
 
-
-def override_text(key: str, value) -> str:
-    """KEY=VALUE as train.py reads it (the value is read back as YAML)."""
-    if isinstance(value, str) and yaml.safe_load(value) == value:
-        return f"{key}={value}"
-    return f"{key}={json.dumps(value)}"
-
-
-def load_suite(path) -> dict:
-    path = Path(path)
-    suite = inputs.read_yaml_mapping(path, "suite file", "pick one under recipes/suites/, e.g. recipes/suites/demo.yaml")
-    unknown = sorted(set(suite) - SUITE_KEYS)
-    if unknown:
-        raise UserError(f"suite file '{path}' has unknown key '{unknown[0]}'; the keys are {', '.join(sorted(SUITE_KEYS))}")
-    recipes = suite.get("recipes")
-    if not isinstance(recipes, list) or not recipes or not all(isinstance(r, str) for r in recipes):
-        raise UserError(f"suite file '{path}': 'recipes' must be a list of recipe files, e.g. [recipes/full.yaml]")
-    overrides = suite.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise UserError(f"suite file '{path}': 'overrides' must map dotted recipe keys to values, e.g. train.max_steps: 100")
-    seeds = suite.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds)):
-        raise UserError(f"suite file '{path}': 'seeds' must be a list of integers, e.g. [1, 2, 3]")
-    eval_args = suite.get("eval_args") or []
-    if not isinstance(eval_args, list):
-        raise UserError(f"suite file '{path}': 'eval_args' must be a list of evaluate.py arguments, e.g. [--max-tokens, 40000]")
-    name = str(suite.get("name") or path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"suite file '{path}': 'name' is {name!r}; use letters, digits, '.', '_' and '-' (it names runs/NAME)")
-    folders = {"runs_dir": f"runs/{name}", "report_dir": f"reports/{name}"}
-    for key in folders:
-        if suite.get(key) is not None and not isinstance(suite[key], str):
-            raise UserError(f"suite file '{path}': '{key}' must be a folder path, got {suite[key]!r}")
-        folders[key] = inputs.writable_folder(suite.get(key) or folders[key], f"suite file '{path}': {key}")
-    grid = suite.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise UserError(f"suite file '{path}': 'grid' must map dotted recipe keys to lists of values, e.g. method.r: [4, 16]")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"suite file '{path}': grid key '{key}' has an empty range; list its values, e.g. {key}: [a, b]")
-        if key in ("name", "output_dir", "train.seed"):
-            raise UserError(f"suite file '{path}': grid key '{key}' is set by the suite itself (use 'seeds' for seeds)")
-        if key == "train.lr" and suite.get("search") is not None:
-            raise UserError(f"suite file '{path}': a grid over train.lr and a search both set the rate; keep one")
-    forgetting = suite.get("forgetting")
-    if forgetting is not None:
-        if not isinstance(forgetting, dict) or not forgetting.get("data_file"):
-            raise UserError(f"suite file '{path}': 'forgetting' needs data_file, a general-domain text, e.g. {{data_file: general.txt}}")
-        unknown = sorted(set(forgetting) - FORGETTING_KEYS)
-        if unknown:
-            raise UserError(f"suite file '{path}': unknown forgetting key '{unknown[0]}'; the keys are {', '.join(sorted(FORGETTING_KEYS))}")
-    return {
-        "name": name,
-        "path": path,
-        "recipes": recipes,
-        "overrides": [override_text(k, v) for k, v in overrides.items()],
-        "seeds": seeds,
-        "eval_args": [str(a) for a in eval_args],
-        **folders,
-        "search_section": suite.get("search"),
-        "grid": grid,
-        "forgetting": forgetting,
-        "search": None,  # the search plan, made by plan() once the recipes are resolved
-    }
-
-
-def check_eval_args(suite: dict, tasks: list) -> None:
-    """evaluate.py's own parser reads the suite's eval_args now, so that a bad number fails the suite
-    before any training instead of every evaluation after it."""
-    import contextlib
-    import importlib.util
-    import io
-
-    spec = importlib.util.spec_from_file_location("tunebench_evaluate_cli", ROOT / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    said = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(said):
-            cli.parse_args(["--model", "m", "--tasks", ",".join(tasks), *suite["eval_args"]])
-    except SystemExit:
-        message = said.getvalue().strip().splitlines()[-1].removeprefix("error: ")
-        raise UserError(f"suite '{suite['name']}': eval_args {suite['eval_args']}: {message}") from None
-
-
-def grid_points(suite: dict, recipe_path: str) -> list:
-    """[(name suffix, overrides)] of every grid combination that applies to this recipe ([("", [])] without a grid).
-    A method key (method.r) applies to the recipes whose method has it; any other key to every recipe."""
-    from tunebench.recipe import METHOD_KEYS, load_recipe
-
-    method = load_recipe(recipe_path, suite["overrides"])["method"]["type"]
-    axes = []
-    for key, values in suite["grid"].items():
-        section, _, leaf = key.partition(".")
-        if section == "method" and leaf != "type" and leaf not in METHOD_KEYS[method]:
-            continue
-        axes.append([(key, value) for value in values])
-    points = [[]]
-    for axis in axes:
-        points = [point + [pair] for point in points for pair in axis]
-    return [("".join(f"-{key.rpartition('.')[2]}{value_text(value)}" for key, value in point),
-             [override_text(key, value) for key, value in point]) for point in points]
-
-
-def value_text(value) -> str:
-    """A grid value as it appears in a run name (letters, digits, '.', '_')."""
-    text = "_".join(map(str, value)) if isinstance(value, list) else str(value)
-    return re.sub(r"[^A-Za-z0-9._]", "_", text)
-
-
-def same_examples_per_step(suite: dict, runs: list):
-    """A method that adds virtual tokens (a soft prompt, a prefix) is never packed; packed, the other
-    methods would see more examples per step and be validated on other rows. With one in the suite,
-    no run packs (data.packing=false for every run and search trial). Returns the report's line on
-    how packing was made equal, or None when no run needed it."""
-    from tunebench.methods import context_tokens
-
-    unpackable = sorted({r["recipe"]["method"]["type"] for r in runs if context_tokens(r["recipe"]["method"])})
-    if not unpackable:
-        return None
-    why = f"{', '.join(unpackable)} add{'s' if len(unpackable) == 1 else ''} virtual tokens"
-    packed = [r["name"] for r in runs if r["recipe"]["data"]["packing"]]
-    if packed:
-        raise UserError(f"suite '{suite['name']}': data.packing is true, but {why} and is never packed, so run "
-                        f"{packed[0]} would see other examples per step than the rest; set data.packing: false or leave it unset")
-    suite["overrides"].append("data.packing=false")
-    for run in runs:
-        run["overrides"].append("data.packing=false")
-        run["recipe"]["data"]["packing"] = False
-    return f"off for every run ({why}), so every method saw the same examples in the same order"
-
-
-def plan(suite: dict) -> list:
-    """Every training run of the suite (its name, recipe file, method, overrides and resolved recipe); also
-    makes suite["search"], the search plan, when the suite asks for one."""
-    from tunebench import search
-    from tunebench.recipe import load_recipe
-
-    # Validating every recipe first: a typo fails the suite now, not after hours of training.
-    bases = [(path, load_recipe(path, suite["overrides"] + [f"name={Path(path).stem}"])) for path in suite["recipes"]]
-    applies = {key: [path for path, _ in bases if any(o.startswith(key + "=") for _, overrides in grid_points(suite, path)
-                                                      for o in overrides)] for key in suite["grid"]}
-    for key, paths in applies.items():
-        if not paths:
-            raise UserError(f"suite grid key '{key}' applies to no recipe of the suite (a method key needs a recipe of that method)")
-    runs, tunings = [], []
-    for recipe_path, _ in bases:
-        for suffix, grid_overrides in grid_points(suite, recipe_path):
-            tuning = Path(recipe_path).stem + suffix  # the search tunes each grid point on its own
-            for seed in suite["seeds"] or [None]:
-                name = tuning + (f"-seed{seed}" if seed is not None else "")
-                run_dir = suite["runs_dir"] / name
-                overrides = suite["overrides"] + grid_overrides + [f"name={name}", f"output_dir={run_dir}"]
-                if seed is not None:
-                    overrides.append(f"train.seed={seed}")
-                try:
-                    recipe = load_recipe(recipe_path, overrides)
-                except UserError as e:
-                    raise UserError(f"{e} (suite grid point {tuning})" if grid_overrides else str(e)) from None
-                runs.append({"name": name, "recipe_path": recipe_path, "method": Path(recipe_path).stem, "tuning": tuning,
-                             "overrides": overrides, "recipe": recipe, "dir": run_dir})
-            tunings.append((tuning, recipe_path, grid_overrides,
-                            load_recipe(recipe_path, suite["overrides"] + grid_overrides + [f"name={tuning}"])))
-    if len({r["name"] for r in runs}) < len(runs):
-        raise UserError("two runs of the suite have the same name (two recipes with one file name, or grid values that "
-                        "read the same in a run name); their runs would share a folder")
-    if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
-        raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
-    if suite["forgetting"] is not None:
-        if GENERAL in runs[0]["recipe"]["eval"]["tasks"]:
-            raise UserError(f"the forgetting text is stored as task '{GENERAL}'; no eval task may have that name")
-        if not Path(suite["forgetting"]["data_file"]).is_file():
-            raise UserError(f"forgetting data_file '{suite['forgetting']['data_file']}' does not exist"
-                            + ("; run `python -m tunebench.demo` first (make demo does)" if ".cache/demo" in suite["forgetting"]["data_file"] else ""))
-    suite["packing"] = same_examples_per_step(suite, runs)
-    if suite["search_section"] is not None:
-        suite["search"] = search.parse(suite["search_section"], f"suite file '{suite['path']}'", tunings, suite["runs_dir"],
-                                       suite["overrides"])
-    return runs
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub's host accepts a connection (assumed yes behind a proxy)."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def check_reachable(runs: list) -> None:
-    """Every model and data set loads from a local path or the cache, or the hub answers: else one line."""
-    from tunebench import data
-    from tunebench.models import load_config
-
-    checked = set()
-    for run in runs:
-        m, d = run["recipe"]["model"], run["recipe"]["data"]
-        key = (m["name"], m["gguf_file"], m["revision"], d["dataset"], d["config"])
-        if key in checked:
-            continue
-        checked.add(key)
-        try:
-            load_config(m)
-            data.load_raw(d)
-        except UserError as e:
-            offline = "hub cannot be reached" in str(e) and "make demo" not in str(e)
-            hint = "; `make demo` runs a comparison fully offline" if offline else ""
-            raise UserError(f"{e}{hint}") from None
-
-
-def model_source(model_cfg: dict) -> str:
-    """The model as evaluate.py --model takes it: a hub id, a folder, or the path of a .gguf file."""
-    gguf = model_cfg["gguf_file"]
-    return str(Path(model_cfg["name"]) / gguf) if gguf else model_cfg["name"]
-
-
-def run_logged(command: list, env: dict) -> tuple:
-    """Run a command, its output streamed to the terminal; returns (exit status, last lines of output)."""
-    tail = collections.deque(maxlen=64 * 1024)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    try:
-        while chunk := os.read(process.stdout.fileno(), 4096):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            tail.extend(chunk)
-    except KeyboardInterrupt:
-        pass  # the child got the SIGINT too: train.py saves a checkpoint and stops
-    status = process.wait()
-    text = bytes(tail).decode("utf-8", errors="replace")
-    lines = [line for line in re.split(r"[\r\n]", text) if line.strip() and not PROGRESS_BAR.search(line)]
-    return status, lines[-ERROR_LINES:]
+@dataclass
+class Steps:
+    """How the suite's steps run: the child processes' environment, the training command's start, the
+    tasks every model is evaluated on and evaluate.py's arguments. `failed` names each run whose step
+    failed (its error.txt says why), apart from the results."""
+    env: dict
+    launcher: list
+    tasks: list
+    eval_args: list
+    failed: list = field(default_factory=list)
 
 
 def record_failure(run_dir: Path, what: str, command: list, status: int, lines: list) -> None:
+    """error.txt in the run folder: the failed command and the last lines of its output."""
     run_dir.mkdir(parents=True, exist_ok=True)
     text = f"{what} failed with exit status {status}: {' '.join(command)}\n" + "\n".join(lines) + "\n"
     rundir.write_atomic(run_dir / "error.txt", text)
@@ -305,6 +74,7 @@ def clear_failure(run_dir: Path) -> None:
 
 
 def evaluated(run_dir: Path, tasks: list) -> bool:
+    """Whether eval.json holds every task already."""
     try:
         done = json.loads((run_dir / "eval.json").read_text(encoding="utf-8")).get("tasks") or {}
     except (OSError, ValueError):
@@ -325,15 +95,6 @@ def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
     return True
 
 
-def child_env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-
-
-def launcher(accel) -> list:
-    python = sys.executable
-    return [python, "-m", "accelerate.commands.launch", "--config_file", accel] if accel else [python]
-
-
 def evaluate(what: str, run_dir: Path, source: list, tasks: list, args: list, env: dict) -> bool:
     """evaluate.py, unless eval.json holds every task already; False when it fails."""
     if evaluated(run_dir, tasks):
@@ -342,118 +103,150 @@ def evaluate(what: str, run_dir: Path, source: list, tasks: list, args: list, en
     return step(what, run_dir, [sys.executable, str(ROOT / "evaluate.py"), *source, *args], env)
 
 
+def baseline_name(model: str, models: list) -> str:
+    """The untrained model's run folder name: baseline, or baseline-MODEL when the suite has several models."""
+    return "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
+
+
 def judge_against(run: dict, suite: dict, models: list) -> list:
     """With a judge in eval_args, each run's answers are also compared with its untrained model's."""
     if "--judge" not in suite["eval_args"]:
         return []
-    model = model_source(run["recipe"]["model"])
-    name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
-    return ["--judge-against", str(suite["runs_dir"] / name)]
+    return ["--judge-against", str(suite["runs_dir"] / baseline_name(model_source(run["recipe"]["model"]), models))]
 
 
-@command
-def main(argv=None):
+# ---- the suite's phases ----------------------------------------------------------------------------
+
+def parse_args(argv=None):
     parser = ArgumentParser(usage_hint="python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml]", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
     parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    suite = load_suite(args.suite)
+    return parser.parse_args(argv)
+
+
+def plan(suite: dict, args) -> list:
+    """Every run of the suite, and its search when it has one, checked before anything trains."""
     if args.accel and not Path(args.accel).is_file():
         raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
-    runs = plan(suite)
-    check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
+    runs = suites.plan(suite)
+    suites.check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
     # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
-    offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not hub_reachable()
+    offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not suites.hub_reachable()
     if offline:
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    check_reachable(runs)
-    if suite["search"]:
-        from tunebench import search
-
+    suites.check_reachable(runs)
+    if suite["search_section"] is not None:
+        suite["search"] = search.parse(suite)
         search.storage_of(suite["search"])  # reachable, or one line now
     if offline:
         print("the Hugging Face hub is out of reach: working offline from local files and the cache")
+    return runs
 
-    env = child_env()
+
+def how_steps_run(suite: dict, runs: list, args) -> Steps:
     tasks = runs[0]["recipe"]["eval"]["tasks"]
     eval_args = ["--tasks", ",".join(tasks), *suite["eval_args"]]
     if suite["forgetting"] is not None:  # the general text, with the same evaluation settings, in the same process
         tasks = tasks + [GENERAL]
         eval_args += ["--also-ppl", f"{GENERAL}={suite['forgetting']['data_file']}"]
-    failed = []
+    return Steps(child_env(), launch_prefix(args.accel), tasks, eval_args)
 
+
+def evaluate_baselines(suite: dict, models: list, steps: Steps) -> list:
+    """Each untrained model of the suite, evaluated as the runs will be: the baseline rows."""
     baselines = []
-    models = list(dict.fromkeys(model_source(r["recipe"]["model"]) for r in runs))
     for model in models:
-        name = "baseline" if len(models) == 1 else f"baseline-{Path(model).name}"
+        name = baseline_name(model, models)
         run_dir = suite["runs_dir"] / name
         baselines.append(run_dir)
         clear_failure(run_dir)
-        if not evaluate("evaluation of the untrained model", run_dir, ["--model", model, "--out", str(run_dir)], tasks, eval_args, env):
-            failed.append(name)
+        if not evaluate("evaluation of the untrained model", run_dir, ["--model", model, "--out", str(run_dir)],
+                        steps.tasks, steps.eval_args, steps.env):
+            steps.failed.append(name)
+    return baselines
 
-    tuned = {}
-    if suite["search"]:
-        from tunebench import search
 
-        method_of = {m["name"]: m for m in suite["search"]["methods"]}
-        # Several GPUs and one-process trials: one worker per GPU, trials side by side.
-        gpus = 0 if args.accel else search.gpu_count()
-        helpers = [subprocess.Popen([sys.executable, "-m", "tunebench.search", "--suite", str(suite["path"])],
-                                    env={**env, "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(1, gpus)]
-        search.work(suite["search"], launcher(args.accel), {**env, "CUDA_VISIBLE_DEVICES": "0"} if gpus > 1 else env)
-        for helper in helpers:
-            helper.wait()
-        found = search.results(suite["search"])
-        rundir.write_json(suite["search"]["dir"] / "search.json", found)
-        for method, result in found["methods"].items():
-            if result.get("best_lr") is not None and result["status"] == "done":
-                tuned[method] = result["best_lr"]
-                print(f"search {method}: rate {result['best_lr']:g} (recipe: {result['recipe_lr']:g})")
-            else:
-                tuned[method] = UserError(f"the learning-rate search of {method} failed: {result.get('error')}")
+def search_rates(suite: dict, args, steps: Steps) -> tuple:
+    """The learning-rate search: (the best rate of each method searched, why each failed method failed)."""
+    if not suite["search"]:
+        return {}, {}
+    # Several GPUs and one-process trials: one worker per GPU, trials side by side.
+    gpus = 0 if args.accel else gpu_count()
+    helpers = [subprocess.Popen([sys.executable, "-m", "tunebench.search", "--suite", str(suite["path"])],
+                                env={**steps.env, "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(1, gpus)]
+    search.work(suite["search"], steps.launcher, {**steps.env, "CUDA_VISIBLE_DEVICES": "0"} if gpus > 1 else steps.env)
+    for helper in helpers:
+        helper.wait()
+    found = search.results(suite["search"])
+    rundir.write_json(suite["search"]["dir"] / "search.json", found)
+    rates, failures = {}, {}
+    for method, result in found["methods"].items():
+        if result.get("best_lr") is not None and result["status"] == "done":
+            rates[method] = result["best_lr"]
+            print(f"search {method}: rate {result['best_lr']:g} (recipe: {result['recipe_lr']:g})")
+        else:
+            failures[method] = f"the learning-rate search of {method} failed: {result.get('error')}"
+    return rates, failures
 
-    for run in runs:
-        run_dir = run["dir"]
-        clear_failure(run_dir)
-        overrides = run["overrides"]
-        rate = tuned.get(run["tuning"])
-        if isinstance(rate, UserError):
-            record_failure(run_dir, "training", ["(search)"], 1, [f"error: {rate}"])
-            failed.append(run["name"])
-            continue
-        if rate is not None:
-            overrides = overrides + [f"train.lr={rate}"]
-        from tunebench.recipe import load_recipe
 
-        try:
-            recipe = load_recipe(run["recipe_path"], overrides)
-            if rate is not None and search.adopt(method_of[run["tuning"]], rate, recipe, run_dir):
-                print(f"\n=== {run['name']}: the search's trial at rate {rate:g} is this run (same recipe, "
-                      f"seed and steps): reused, not trained again")
-            finished = rundir.status(run_dir, recipe) == rundir.FINISHED
-        except UserError:
-            finished = False  # train.py says what is wrong, and the failure is recorded
-        if finished:
-            print(f"\n=== {run['name']}: already trained ({run_dir / 'summary.json'})")
-        command = [*launcher(args.accel), str(ROOT / "train.py"), "--recipe", run["recipe_path"], *overrides]
-        if not finished and not step("training", run_dir, command, env):
-            failed.append(run["name"])
-            continue
-        if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], tasks, eval_args + judge_against(run, suite, models), env):
-            failed.append(run["name"])
+def train_and_evaluate(run: dict, suite: dict, models: list, rates: dict, search_failures: dict, steps: Steps) -> None:
+    """Train one run at its tuned rate (or reuse the search's trial that is this run), then evaluate it."""
+    run_dir = run["dir"]
+    clear_failure(run_dir)
+    if run["tuning"] in search_failures:
+        record_failure(run_dir, "training", ["(search)"], 1, [f"error: {search_failures[run['tuning']]}"])
+        steps.failed.append(run["name"])
+        return
+    rate = rates.get(run["tuning"])
+    overrides = run["overrides"] + ([f"train.lr={rate}"] if rate is not None else [])
+    try:
+        recipe = load_recipe(run["recipe_path"], overrides)
+        searched = rate is not None and next(m for m in suite["search"]["methods"] if m["name"] == run["tuning"])
+        if searched and search.adopt(searched, rate, recipe, run_dir):
+            print(f"\n=== {run['name']}: the search's trial at rate {rate:g} is this run (same recipe, "
+                  f"seed and steps): reused, not trained again")
+        finished = rundir.status(run_dir, recipe) == rundir.FINISHED
+    except UserError:
+        finished = False  # train.py says what is wrong, and the failure is recorded
+    if finished:
+        print(f"\n=== {run['name']}: already trained ({run_dir / 'summary.json'})")
+    command = [*steps.launcher, str(ROOT / "train.py"), "--recipe", run["recipe_path"], *overrides]
+    if not finished and not step("training", run_dir, command, steps.env):
+        steps.failed.append(run["name"])
+        return
+    if not evaluate("evaluation", run_dir, ["--run", str(run_dir)], steps.tasks,
+                    steps.eval_args + judge_against(run, suite, models), steps.env):
+        steps.failed.append(run["name"])
 
+
+def report(suite: dict, baselines: list, runs: list) -> Path:
     from tunebench.report import write_report
 
-    report = write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
-                          search_dir=suite["search"]["dir"] if suite["search"] else None, packing=suite["packing"],
-                          grid={"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None)
+    grid = {"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None
+    return write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
+                        search_dir=suite["search"]["dir"] if suite["search"] else None, packing=suite["packing"], grid=grid)
+
+
+@command
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    suite = suites.load(args.suite)
+    runs = plan(suite, args)
+    steps = how_steps_run(suite, runs, args)
+    models = list(dict.fromkeys(model_source(r["recipe"]["model"]) for r in runs))
+
+    baselines = evaluate_baselines(suite, models, steps)
+    rates, search_failures = search_rates(suite, args, steps)
+    for run in runs:
+        train_and_evaluate(run, suite, models, rates, search_failures, steps)
+    report_file = report(suite, baselines, runs)
+
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"\nsuite {suite['name']}: {len(runs)} trained run(s) + baseline in {minutes} min {seconds} s"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    print(f"report: {report}")
-    sys.exit(1 if failed else 0)
+          + (f"; failed: {', '.join(steps.failed)}" if steps.failed else ""))
+    print(f"report: {report_file}")
+    sys.exit(1 if steps.failed else 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ LoRA of rank 2r on the unchanged base) and loraplus_lr_ratio (LoRA+: the B matri
 
 An entry (Method) gives the method's recipe keys (read by recipe.py's SCHEMA and validation), its
 checks of a resolved recipe, how it wraps the model (apply_method, used by train.py and plan.py),
-the context positions it takes (models.check_context) and what the memory plan changes before it
+the context positions it takes (check_context) and what the memory plan changes before it
 builds the model on fake tensors (plan.py). Adding a method is one entry here, one recipe and one
 row of tests/test_train.py's METHODS. Methods may share a key (lora and qlora share all of LoRA's);
 a shared key has one type and check, and each method its own default. torch and peft are imported where used, so that recipe.py
@@ -622,6 +622,40 @@ def apply_method(model, method: dict, tokenizer=None, total_steps=None):
 def context_tokens(method: dict) -> int:
     """Positions of the model's context the method takes before the text (a soft prompt's)."""
     return METHODS[method["type"]].context_tokens(method)
+
+
+def quantization_kwargs(method: dict, model_cfg: dict) -> dict:
+    """from_pretrained keywords that load the base quantized as the method says (QLoRA: 4-bit NF4 or
+    FP4 weights, computed in the model's dtype, on this process's device); {} for other methods."""
+    if METHODS[method["type"]].base_bits(method) != 4:
+        return {}
+    import torch
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    from tunebench.models import DTYPES
+
+    dtype = DTYPES[model_cfg.get("dtype", "float32")]
+    compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method["quant_type"],
+                                bnb_4bit_use_double_quant=method["double_quant"], bnb_4bit_compute_dtype=compute_dtype)
+    return {"quantization_config": config, "device_map": {"": PartialState().device}}
+
+
+def check_context(config, recipe: dict) -> None:
+    """Refuse a data.max_length (plus the positions the method takes: a soft prompt's virtual tokens)
+    longer than the model's context."""
+    from tunebench.models import context_length
+
+    limit = context_length(config)
+    max_length = recipe["data"]["max_length"]
+    extra = context_tokens(recipe["method"])
+    if limit and max_length + extra > limit:
+        room = f" minus {extra} virtual tokens" if extra else ""
+        raise UserError(
+            f"data.max_length {max_length} is longer than the model's context of {limit} positions{room}; "
+            f"set data.max_length={limit - extra} or less"
+        )
 
 
 def pool_last_real_token(peft_model):

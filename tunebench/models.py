@@ -91,15 +91,15 @@ def load_tokenizer(model_cfg: dict):
     return tokenizer
 
 
-def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = None, method: dict = None):
+def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = None, quantization: dict = None):
     """The causal LM; with label_names, the model with a new classification head of that many
     classes instead of its LM head. A classifier reads each row at its last token that is not
     pad_token_id (the id the collator pads with), so that id is set on its config. With a method
-    that quantizes the base (qlora), the base is loaded so."""
+    that quantizes the base (qlora), quantization holds the from_pretrained keywords that load it
+    so (methods.quantization_kwargs)."""
     source, kwargs = _source(model_cfg)
     kwargs.update(dtype=DTYPES[model_cfg.get("dtype", "float32")], attn_implementation=model_cfg.get("attn_implementation", "sdpa"))
-    if method is not None:
-        kwargs.update(quantization_kwargs(method, kwargs["dtype"]))
+    kwargs.update(quantization or {})
     auto = AutoModelForCausalLM
     if label_names:
         auto = AutoModelForSequenceClassification
@@ -115,22 +115,6 @@ def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = No
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
-
-
-def quantization_kwargs(method: dict, dtype) -> dict:
-    """from_pretrained keywords that load the base quantized as the method says (QLoRA: 4-bit NF4 or
-    FP4 weights, computed in the model's dtype, on this process's device); {} for other methods."""
-    from tunebench.methods import METHODS
-
-    if METHODS[method["type"]].base_bits(method) != 4:
-        return {}
-    from accelerate import PartialState
-    from transformers import BitsAndBytesConfig
-
-    compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method["quant_type"],
-                                bnb_4bit_use_double_quant=method["double_quant"], bnb_4bit_compute_dtype=compute_dtype)
-    return {"quantization_config": config, "device_map": {"": PartialState().device}}
 
 
 def load_adapter_config(folder):
@@ -174,19 +158,3 @@ def enable_gradient_checkpointing(model) -> None:
     block even when its inputs need none, so a frozen base model with LoRA or a soft prompt trains."""
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def check_context(config, recipe: dict) -> None:
-    """Refuse a data.max_length (plus the positions the method takes: a soft prompt's virtual tokens)
-    longer than the model's context."""
-    limit = context_length(config)
-    max_length = recipe["data"]["max_length"]
-    from tunebench.methods import context_tokens
-
-    extra = context_tokens(recipe["method"])
-    if limit and max_length + extra > limit:
-        room = f" minus {extra} virtual tokens" if extra else ""
-        raise UserError(
-            f"data.max_length {max_length} is longer than the model's context of {limit} positions{room}; "
-            f"set data.max_length={limit - extra} or less"
-        )

@@ -552,7 +552,8 @@ def cheapest_fits(planner: Planner, budget: int, how_many: int = 3) -> list:
 
 def show(recipe: dict, setup: Setup, budget_gb=None) -> None:
     """`train.py --plan`: print the prediction and, with a budget, the cheapest settings that fit."""
-    from tunebench.models import check_context, load_config
+    from tunebench.methods import check_context
+    from tunebench.models import load_config
 
     config = load_config(recipe["model"])
     check_context(config, recipe)

@@ -60,6 +60,7 @@ from pathlib import Path
 from tunebench import rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive
+from tunebench.launch import INTERRUPTED, ROOT, child_env, gpu_count, launch_prefix, override_text, run_logged
 
 SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "extend",
                "storage"}
@@ -116,11 +117,13 @@ def _whole(value, what: str, least: int) -> int:
     return value
 
 
-def parse(section, where: str, methods: list, runs_dir: Path, overrides: list) -> dict:
-    """The suite's `search:` section checked against its methods: every rate, rung and trial recipe.
-    `methods` holds (name, recipe file, grid overrides, resolved recipe) per recipe and grid point of the suite."""
+def parse(suite: dict) -> dict:
+    """The planned suite's `search:` section checked against its methods (suite["tunings"]: name, recipe
+    file, grid overrides and resolved recipe per recipe and grid point): every rate, rung and trial recipe."""
     from tunebench.recipe import load_recipe
 
+    section, where, methods = suite["search_section"], f"suite file '{suite['path']}'", suite["tunings"]
+    runs_dir, overrides = suite["runs_dir"], suite["overrides"]
     if not isinstance(section, dict):
         raise UserError(f"{where}: 'search' must be a mapping, e.g. {{rates: 3, metric: val_loss}}")
     unknown = sorted(set(section) - SEARCH_KEYS)
@@ -178,8 +181,6 @@ def parse(section, where: str, methods: list, runs_dir: Path, overrides: list) -
     storage = section.get("storage") or default_storage(runs_dir)
     if not isinstance(storage, str):
         raise UserError(f"{where}: search 'storage' must be a database URL, e.g. sqlite:///runs/search.db")
-
-    from tunebench.compare import override_text
 
     rungs = rungs_for(n_rates, first_rung, reduction, max_steps)
     trial_settings = [override_text(k, v) for k, v in trial_overrides.items()] + [
@@ -479,7 +480,6 @@ def logged_value(run_dir: Path, step: int, metric: str):
 
 def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launcher: list, env: dict) -> None:
     """Train one rate up to its rung (resuming its run) and tell the study its metric there."""
-    from tunebench import compare, rundir
     from optuna.trial import TrialState
 
     optuna = _optuna()
@@ -496,14 +496,14 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
     try:
         value = logged_value(run_dir, steps, plan["metric"])
         if value is None:
-            command = [*launcher, str(compare.ROOT / "train.py"), "--recipe", method["recipe_path"], *method["overrides"],
+            command = [*launcher, str(ROOT / "train.py"), "--recipe", method["recipe_path"], *method["overrides"],
                        f"train.lr={lr}", f"name={method['name']}-{run_name(lr)}", f"output_dir={run_dir}"]
             if steps < plan["max_steps"]:
                 command += ["--stop-after-steps", str(steps)]
             print(f"\n=== search {method['name']}: rate {lr:g}, rung {rung + 1} of {len(plan['rungs'])} (to step {steps})\n"
                   f"$ {' '.join(command)}", flush=True)
-            status, lines = compare.run_logged(command, env)
-            if status in compare.INTERRUPTED:
+            status, lines = run_logged(command, env)
+            if status in INTERRUPTED:
                 study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)  # enqueued again by a rerun
                 print(f"\ninterrupted during the search of {method['name']}; run the same command again to resume", file=sys.stderr)
                 sys.exit(status)
@@ -658,16 +658,16 @@ def main(argv=None):
                         help="worker processes on this machine (with GPUs: one per GPU, GPU i for worker i)")
     parser.add_argument("--accel", default=None, help="accelerate config for the trials' training")
     args = parser.parse_args(argv)
-    from tunebench import compare
+    from tunebench import suites
 
-    suite = compare.load_suite(args.suite)
+    suite = suites.load(args.suite)
     if suite["search_section"] is None:
         raise UserError(f"suite file '{args.suite}' has no search: section; nothing to tune")
-    compare.plan(suite)
-    plan = suite["search"]
+    suites.plan(suite)
+    plan = parse(suite)
     storage_of(plan)  # reachable, or one line now
-    env = compare.child_env()
-    launcher = compare.launcher(args.accel)
+    env = child_env()
+    launcher = launch_prefix(args.accel)
     if args.workers == 1:
         work(plan, launcher, env)
     else:
@@ -678,15 +678,6 @@ def main(argv=None):
                                              *(["--accel", args.accel] if args.accel else [])], env=worker_env))
         sys.exit(max(w.wait() for w in workers))
     print(json.dumps({name: m.get("best_lr") for name, m in results(plan)["methods"].items()}))
-
-
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
 
 
 if __name__ == "__main__":
