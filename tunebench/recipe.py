@@ -1,13 +1,17 @@
 """Recipes: YAML files of nested keys, dotted KEY=VALUE overrides, strict validation.
 
-Every key a recipe may hold is declared in SCHEMA with its default and type. An unknown key,
-a value of the wrong type or an impossible value is a UserError naming the key and what would
-be right; nothing is ever silently ignored.
+Every key a recipe may hold is declared below, a section a class (TrainSettings: recipe.train.lr),
+with its type, default and allowed values; a method's own keys are declared by its entry in
+methods.py. load_recipe merges a file and overrides into those keys and returns a typed Recipe. An
+unknown key, a value of the wrong type or an impossible value is a UserError naming the key and what
+would be right; nothing is ever silently ignored.
 """
 import copy
 import difflib
 import math
 import re
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import yaml
@@ -16,8 +20,161 @@ from tunebench import inputs
 from tunebench.errors import UserError
 from tunebench.methods import METHODS
 
-# key: (default, type, allowed values or a check). Types: int, float, str, bool, list (of str).
-# A default of None means "not set"; such keys also accept null.
+
+def key(default, allowed=None):
+    """A recipe key: its default (None: not set) and what it allows: a tuple of choices, or one of the
+    checks "positive", "non-negative", "fraction", "seed"."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"allowed": allowed})
+    return field(default=default, metadata={"allowed": allowed})
+
+
+@dataclass
+class Settings:
+    """A section of a recipe: typed keys, read as attributes (recipe.train.lr)."""
+
+    def __getitem__(self, name):  # TRANSITIONAL: dict-style reads until every reader uses attributes
+        return getattr(self, name)
+
+    def __setitem__(self, name, value):  # TRANSITIONAL
+        setattr(self, name, value)
+
+    def get(self, name, default=None):  # TRANSITIONAL
+        return getattr(self, name, default)
+
+    def __contains__(self, name):  # TRANSITIONAL
+        return name in self.__dataclass_fields__
+
+    def keys(self):  # TRANSITIONAL
+        return list(self.__dataclass_fields__)
+
+
+@dataclass
+class ModelSettings(Settings):
+    name: str | None = key(None)  # a hub id, a local folder, or a folder holding gguf_file
+    gguf_file: str | None = key(None)
+    revision: str | None = key(None)
+    dtype: str = key("float32", ("float32", "bfloat16", "float16", "auto"))
+    trust_remote_code: bool = key(False)
+    gradient_checkpointing: bool = key(False)
+    attn_implementation: str = key("sdpa", ("sdpa", "eager", "flash_attention_2"))
+
+
+@dataclass
+class DataSettings(Settings):
+    dataset: str | None = key(None)  # a registered name (wikitext2), a hub id, a file or a folder
+    config: str | None = key(None)
+    files: str | None = key(None)
+    format: str | None = key(None, ("text", "instruction", "summarization", "prompt_completion", "conversation"))
+    text_field: str | None = key(None)
+    prompt_field: str | None = key(None)
+    input_field: str | None = key(None)
+    response_field: str | None = key(None)
+    label_field: str | None = key(None)
+    template: str | None = key(None)
+    # conversations: a built-in chat template (zephyr, chatml), a .jinja file or a template text;
+    # null: the model's own, else zephyr (tunebench/chat.py)
+    chat_template: str | None = key(None)
+    train_on_prompt: bool = key(False)
+    max_response_chars: int | None = key(None, "positive")
+    train_split: str = key("train")
+    validation_split: str | None = key(None)
+    validation_file: str | None = key(None)
+    validation_share: float = key(0.05, "fraction")
+    fraction: float = key(1.0, "fraction")
+    max_length: int = key(512, "positive")
+    num_proc: int | None = key(None, "positive")
+    # Pack instruction, summarization and conversation examples into rows of max_length tokens, each
+    # example attending only to itself: null packs where train.py finds it exact for the model and
+    # method (not with a soft prompt or prefix), true requires it, false never packs.
+    packing: bool | None = key(None)
+
+
+@dataclass
+class TrainSettings(Settings):
+    epochs: int = key(1, "positive")
+    max_steps: int | None = key(None, "positive")
+    micro_batch_size: int = key(8, "positive")
+    grad_accum: int = key(1, "positive")
+    lr: float = key(5e-5, "positive")
+    optimizer: str = key("adamw", ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"))
+    weight_decay: float = key(0.0, "non-negative")
+    adam_beta1: float = key(0.9, "fraction")
+    adam_beta2: float = key(0.999, "fraction")
+    max_grad_norm: float = key(1.0, "non-negative")
+    scheduler: str = key("linear", ("linear", "cosine", "constant"))
+    warmup_steps: int = key(0, "non-negative")
+    warmup_ratio: float = key(0.0, "fraction")
+    seed: int = key(42, "seed")
+    eval_every: int = key(50, "non-negative")
+    eval_max_batches: int | None = key(None, "positive")
+    save_every: int = key(100, "positive")
+    keep_checkpoints: int = key(2, "positive")
+    log_every: int = key(10, "positive")
+    compile: bool = key(False)
+    exact_cpu_rss: bool = key(False)
+    # The causal LM loss from the hidden states in chunks, without the logits, where it is exact
+    # (tunebench/fused_loss.py); false: always the plain loss on the logits.
+    fused_loss: bool = key(True)
+    trackers: list[str] = key([])
+
+
+@dataclass
+class EvalSettings(Settings):
+    tasks: list[str] = key([])
+
+
+@dataclass
+class MethodSettings(Settings):
+    """method.type and that method's own keys (declared by its entry in tunebench/methods.py): each
+    method has a class of its own, made by method_settings_class."""
+    type: str = key("full", tuple(METHODS))
+
+
+def method_settings_class(name: str) -> type:
+    """The settings class of one method, its fields made from the method's keys in METHODS."""
+    fields = [(k, list[str] if kind is list else (kind | None if default is None else kind), key(default, allowed))
+              for k, (default, kind, allowed) in METHODS[name].keys.items()]
+    cls = make_dataclass(f"{name.title().replace('_', '')}Settings", fields, bases=(MethodSettings,))
+    cls.__doc__ = f"method.type {name} and its keys (tunebench/methods.py)"
+    return cls
+
+
+METHOD_SETTINGS = {name: method_settings_class(name) for name in METHODS}
+
+
+@dataclass
+class Recipe(Settings):
+    """A resolved recipe: every key set, checked, typed. load_recipe makes one; to_dict turns it back."""
+    name: str | None = key(None)
+    output_dir: str | None = key(None)
+    overwrite: bool = key(False)
+    # causal_lm: next-token loss; classification: a sequence-classification head on the last real
+    # token, trained on data.text_field -> data.label_field and chosen by validation accuracy.
+    task: str = key("causal_lm", ("causal_lm", "classification"))
+    model: ModelSettings = field(default_factory=ModelSettings)
+    method: MethodSettings = field(default_factory=METHOD_SETTINGS["full"])
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def _spec(cls) -> dict:
+    """A settings class as the loader reads it: key -> (default, type, allowed), sections nested."""
+    hints = typing.get_type_hints(cls)
+    spec = {}
+    for f in fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and issubclass(kind, Settings):
+            spec[f.name] = _spec(kind)
+            continue
+        if typing.get_origin(kind) is list:
+            kind = list
+        elif typing.get_args(kind):  # X | None
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        spec[f.name] = (default, kind, f.metadata.get("allowed"))
+    return spec
 
 
 def _method_keys() -> dict:
@@ -25,93 +182,15 @@ def _method_keys() -> dict:
     then has one type and check; its default is each method's own (load_recipe applies it)."""
     keys = {}
     for name, method in METHODS.items():
-        for key, spec in method.keys.items():
-            if key in keys and keys[key][1:] != spec[1:]:
-                raise AssertionError(f"method key '{key}' of {name} differs in type or check from another method's")
-            keys.setdefault(key, spec)
+        for k, spec in method.keys.items():
+            if k in keys and keys[k][1:] != spec[1:]:
+                raise AssertionError(f"method key '{k}' of {name} differs in type or check from another method's")
+            keys.setdefault(k, spec)
     return keys
 
 
-SCHEMA = {
-    "name": (None, str, None),
-    "output_dir": (None, str, None),
-    "overwrite": (False, bool, None),
-    # causal_lm: next-token loss; classification: a sequence-classification head on the last real
-    # token, trained on data.text_field -> data.label_field and chosen by validation accuracy.
-    "task": ("causal_lm", str, ("causal_lm", "classification")),
-    "model": {
-        "name": (None, str, None),
-        "gguf_file": (None, str, None),
-        "revision": (None, str, None),
-        "dtype": ("float32", str, ("float32", "bfloat16", "float16", "auto")),
-        "trust_remote_code": (False, bool, None),
-        "gradient_checkpointing": (False, bool, None),
-        "attn_implementation": ("sdpa", str, ("sdpa", "eager", "flash_attention_2")),
-    },
-    # method.type and each method's own keys: one entry per method in tunebench/methods.py.
-    "method": {
-        "type": ("full", str, tuple(METHODS)),
-        **_method_keys(),
-    },
-    "data": {
-        "dataset": (None, str, None),
-        "config": (None, str, None),
-        "files": (None, str, None),
-        "format": (None, str, ("text", "instruction", "summarization", "prompt_completion", "conversation")),
-        "text_field": (None, str, None),
-        "prompt_field": (None, str, None),
-        "input_field": (None, str, None),
-        "response_field": (None, str, None),
-        "label_field": (None, str, None),
-        "template": (None, str, None),
-        # conversations: a built-in chat template (zephyr, chatml), a .jinja file or a template
-        # text; null: the model's own, else zephyr (tunebench/chat.py)
-        "chat_template": (None, str, None),
-        "train_on_prompt": (False, bool, None),
-        "max_response_chars": (None, int, "positive"),
-        "train_split": ("train", str, None),
-        "validation_split": (None, str, None),
-        "validation_file": (None, str, None),
-        "validation_share": (0.05, float, "fraction"),
-        "fraction": (1.0, float, "fraction"),
-        "max_length": (512, int, "positive"),
-        "num_proc": (None, int, "positive"),
-        # Pack instruction, summarization and conversation examples into rows of max_length tokens,
-        # each example attending only to itself: null packs where train.py finds it exact for the
-        # model and method (not with a soft prompt or prefix), true requires it, false never packs.
-        "packing": (None, bool, None),
-    },
-    "train": {
-        "epochs": (1, int, "positive"),
-        "max_steps": (None, int, "positive"),
-        "micro_batch_size": (8, int, "positive"),
-        "grad_accum": (1, int, "positive"),
-        "lr": (5e-5, float, "positive"),
-        "optimizer": ("adamw", str, ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd")),
-        "weight_decay": (0.0, float, "non-negative"),
-        "adam_beta1": (0.9, float, "fraction"),
-        "adam_beta2": (0.999, float, "fraction"),
-        "max_grad_norm": (1.0, float, "non-negative"),
-        "scheduler": ("linear", str, ("linear", "cosine", "constant")),
-        "warmup_steps": (0, int, "non-negative"),
-        "warmup_ratio": (0.0, float, "fraction"),
-        "seed": (42, int, "seed"),
-        "eval_every": (50, int, "non-negative"),
-        "eval_max_batches": (None, int, "positive"),
-        "save_every": (100, int, "positive"),
-        "keep_checkpoints": (2, int, "positive"),
-        "log_every": (10, int, "positive"),
-        "compile": (False, bool, None),
-        "exact_cpu_rss": (False, bool, None),
-        # The causal LM loss from the hidden states in chunks, without the logits, where it is exact
-        # (tunebench/fused_loss.py); false: always the plain loss on the logits.
-        "fused_loss": (True, bool, None),
-        "trackers": ([], list, None),
-    },
-    "eval": {
-        "tasks": ([], list, None),
-    },
-}
+# What the strict loader checks against: every key a recipe may hold, with its default and type.
+SCHEMA = {**_spec(Recipe), "method": {**_spec(MethodSettings), **_method_keys()}}
 
 METHOD_KEYS = {name: set(method.keys) for name, method in METHODS.items()}
 
@@ -227,8 +306,8 @@ def _nest(dotted: str, value) -> dict:
     return out
 
 
-def load_recipe(path, overrides=()) -> dict:
-    """Read a recipe file, apply overrides, fill defaults and validate. Returns a nested dict."""
+def load_recipe(path, overrides=()) -> Recipe:
+    """Read a recipe file, apply overrides, fill defaults and validate. Returns the typed Recipe."""
     recipe = defaults()
     explicit = set()
     if path is not None:
@@ -238,11 +317,10 @@ def load_recipe(path, overrides=()) -> dict:
     for text in overrides:
         key, value = parse_override(text)
         _merge(recipe, _nest(key, value), f" (override '{text}')", explicit=explicit)
-    _check(recipe, explicit)
-    return recipe
+    return _check(recipe, explicit)
 
 
-def _check(recipe: dict, explicit: set) -> None:
+def _check(recipe: dict, explicit: set) -> Recipe:
     method = recipe["method"]["type"]
     for dotted in sorted(explicit):
         section, _, name = dotted.partition(".")
@@ -265,25 +343,41 @@ def _check(recipe: dict, explicit: set) -> None:
         raise UserError(f"recipe key 'name' is {recipe['name']!r}; use letters, digits, '.', '_' and '-' (it names runs/NAME)")
     if not recipe["output_dir"]:
         recipe["output_dir"] = f"runs/{recipe['name']}"
-    METHODS[method].check(recipe)
-    if recipe["task"] == "classification" and recipe["data"]["format"]:
+    typed = from_dict(recipe)
+    METHODS[method].check(typed)
+    if typed.task == "classification" and typed.data.format:
         raise UserError(
             "recipe key 'data.format' applies to task causal_lm; task classification reads data.text_field and data.label_field"
         )
-    for tracker in recipe["train"]["trackers"]:
+    for tracker in typed.train.trackers:
         if tracker not in TRACKERS:
             raise UserError(f"recipe key 'train.trackers' names '{tracker}'; choose from {', '.join(TRACKERS)}")
-    if recipe["train"]["warmup_steps"] and recipe["train"]["warmup_ratio"]:
+    if typed.train.warmup_steps and typed.train.warmup_ratio:
         raise UserError("set train.warmup_steps or train.warmup_ratio, not both")
+    return typed
 
 
-def to_yaml(recipe: dict) -> str:
-    return yaml.safe_dump(recipe, sort_keys=False)
+def from_dict(recipe: dict) -> Recipe:
+    """The typed Recipe of a resolved recipe's nested keys (load_recipe has checked them)."""
+    method = METHOD_SETTINGS[recipe["method"]["type"]]
+    sections = {"model": ModelSettings, "data": DataSettings, "train": TrainSettings, "eval": EvalSettings}
+    return Recipe(**{k: sections[k](**v) if k in sections else v for k, v in recipe.items() if k != "method"},
+                  method=method(**recipe["method"]))
 
 
-def flatten(recipe: dict, prefix: str = "") -> dict:
+def to_dict(recipe: Recipe) -> dict:
+    """A recipe's nested keys, as recipe.yaml holds them."""
+    return asdict(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def flatten(recipe, prefix: str = "") -> dict:
+    """{dotted key: value} of a Recipe or of nested keys."""
     out = {}
-    for k, v in recipe.items():
+    for k, v in (to_dict(recipe) if isinstance(recipe, Recipe) else recipe).items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
         else:

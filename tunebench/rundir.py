@@ -15,7 +15,7 @@ import yaml
 
 from tunebench import inputs
 from tunebench.errors import UserError
-from tunebench.recipe import to_yaml
+from tunebench.recipe import Recipe, to_dict, to_yaml
 
 NEW, RESUME, FINISHED = "new", "resume", "finished"
 STATE_FILE = "trainer_state.json"
@@ -51,7 +51,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
     return keys
 
 
-def status(run_dir, recipe: dict) -> str:
+def status(run_dir, recipe: Recipe) -> str:
     """NEW, RESUME or FINISHED for this recipe; a UserError if the folder holds something else."""
     run_dir = inputs.writable_folder(run_dir, "output_dir")
     if not run_dir.exists() or not any(run_dir.iterdir()):
@@ -64,21 +64,21 @@ def status(run_dir, recipe: dict) -> str:
         if not isinstance(old, dict):
             raise ValueError("not a mapping of keys")
     except (ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
-        if recipe.get("overwrite"):
+        if recipe.overwrite:
             return NEW
         raise UserError(
             f"output_dir '{run_dir}' holds a run whose recipe.yaml is damaged ({str(e).splitlines()[0][:120]}); "
             "add overwrite=true to replace the run, or choose another output_dir"
         ) from None
-    changed = _differences(old, recipe)
+    changed = _differences(old, to_dict(recipe))
     if changed:
-        if recipe.get("overwrite"):
+        if recipe.overwrite:
             return NEW
         raise UserError(
             f"output_dir '{run_dir}' holds another run (its recipe differs in {', '.join(changed[:4])}); "
             "choose another output_dir, or add overwrite=true to replace it"
         )
-    if recipe.get("overwrite"):
+    if recipe.overwrite:
         return NEW
     if (run_dir / "summary.json").is_file():
         return FINISHED
@@ -98,7 +98,7 @@ def read_generations(folder) -> list:
     return inputs.read_jsonl_records(path, "; delete it and evaluate again") if path.is_file() else []
 
 
-def start(run_dir, recipe: dict) -> None:
+def start(run_dir, recipe: Recipe) -> None:
     """Make a fresh run directory (replacing an old run only when the recipe says overwrite)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
