@@ -223,7 +223,7 @@ def _all_keys(schema=SCHEMA, prefix=""):
 
 def _unknown_key(dotted: str, where: str) -> UserError:
     close = difflib.get_close_matches(dotted, list(_all_keys()), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see the README for the recipe keys"
+    hint = f"; did you mean '{close[0]}'?" if close else "; the recipe keys are listed in docs/recipe-keys.md"
     return UserError(f"unknown recipe key '{dotted}'{where}{hint}")
 
 
