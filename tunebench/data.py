@@ -256,8 +256,6 @@ def usable_conversations(tokens, where: str, max_length: int):
 
 # ---- classification ---------------------------------------------------------------------------------
 
-
-
 def tokenize_labelled(ds, tokenizer, text_field: str, label_field: str, names: list, max_length: int, num_proc=None):
     """input_ids = the text's first max_length tokens, labels = the class id. The pad token is
     dropped from the text: GPT-2 pads with its end-of-text token, and its classifier reads each
