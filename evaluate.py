@@ -256,9 +256,9 @@ def section(dataset: str, **keys) -> dict:
 def test_rows(data_cfg: dict) -> tuple:
     """(rows, where they come from): all rows of a local file (--data-file), or a registered or hub
     data set's test split."""
-    from tunebench import data
+    from tunebench import data_rows
 
-    raw, _ = data.load_raw(data_cfg)
+    raw, _ = data_rows.load_raw(data_cfg)
     if Path(data_cfg["dataset"]).is_file():
         return raw["train"], data_cfg["dataset"]
     if "test" not in raw:
@@ -269,12 +269,12 @@ def test_rows(data_cfg: dict) -> tuple:
 def held_out_rows(data_cfg: dict, seed: int, data_file) -> tuple:
     """Rows no run trained or validated on: --data-file's, or else the test rows of the run's data
     set, its test split or the test share train.py holds out (the same rows for the same recipe and seed)."""
-    from tunebench import data
+    from tunebench import data_rows
 
     if data_file:
         return test_rows(data_cfg)
-    raw, spec = data.load_raw(data_cfg)
-    *_, test = data.split_rows(raw, data_cfg, spec, seed)
+    raw, spec = data_rows.load_raw(data_cfg)
+    *_, test = data_rows.split_rows(raw, data_cfg, spec, seed)
     if "test" in raw and test is raw["test"]:
         return test, f"{data_cfg['dataset']} test"
     return test, f"{data_cfg['dataset']} test (share {data_cfg['validation_share']}, seed {seed})"
@@ -291,7 +291,7 @@ def column(rows, name: str, source: str) -> list:
 def perplexity_task(task: str, scorer: Scorer, args, data_file=None) -> dict:
     """wikitext2, wikitext103, imdb, ppl (of data_file, default --data-file): the text read as one
     string, every token scored once."""
-    from tunebench import data, metrics
+    from tunebench import data_rows, metrics
 
     data_file = data_file or args.data_file
     examples_format = file_format(data_file) if task == "ppl" else None
@@ -309,7 +309,7 @@ def perplexity_task(task: str, scorer: Scorer, args, data_file=None) -> dict:
     else:
         # A data set's documents become one text joined by blank lines (Hugging Face's perplexity recipe).
         rows, source = test_rows(section(data_file if task == "ppl" else task))
-        field = "text" if task == "ppl" else data.REGISTRY[task]["text_field"]
+        field = "text" if task == "ppl" else data_rows.REGISTRY[task]["text_field"]
         text = "\n\n".join(column(rows, field, source))
     tokenizer = scorer.tokenizer
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast, verbose=False)
@@ -372,14 +372,14 @@ def continuation_examples(scorer: Scorer, args, room: int) -> tuple:
 
 
 def file_format(data_file) -> str | None:
-    """The format tunebench.data reads a local file in by its shape, or None (text, or no known shape)."""
-    from tunebench import data
+    """The format tunebench.data_rows reads a local file in by its shape, or None (text, or no known shape)."""
+    from tunebench import data_rows
 
     if Path(data_file).suffix.lower() in (".txt", ".text"):
         return None
     rows, _ = test_rows(section(data_file))
     try:
-        return data.recognise_shape(rows.column_names, str(data_file))[0]
+        return data_rows.recognise_shape(rows.column_names, str(data_file))[0]
     except UserError:
         return None
 
@@ -387,27 +387,27 @@ def file_format(data_file) -> str | None:
 def run_format(recipe) -> tuple:
     """(format, fields) of the data a run trained on, resolved as train.py resolved it (a local file
     without a format is read by its shape; a hub set named by its id alone is taken as text here)."""
-    from tunebench import data
+    from tunebench import data_rows
 
     data_cfg = recipe["data"]
-    spec = data.REGISTRY.get(data_cfg["dataset"], {})
+    spec = data_rows.REGISTRY.get(data_cfg["dataset"], {})
     columns = None
     if recipe["task"] == "causal_lm" and not (spec or data_cfg["format"]) and Path(data_cfg["dataset"]).exists():
-        raw, _ = data.load_raw(data_cfg)
+        raw, _ = data_rows.load_raw(data_cfg)
         columns = next(iter(raw.values())).column_names
-    fmt, fields, _ = data.resolve_format(data_cfg, recipe["task"], spec, columns)
+    fmt, fields, _ = data_rows.resolve_format(data_cfg, recipe["task"], spec, columns)
     return fmt, fields
 
 
 def conversation_rows(args, recipe) -> tuple:
-    """(data section, rows, where from, where their turns are: tunebench.data.turns_source) of the
+    """(data section, rows, where from, where their turns are: tunebench.data_rows.turns_source) of the
     conversations task conversation reads: --data-file's, or the rows a run trained on them held out."""
-    from tunebench import data
+    from tunebench import data_rows
 
     if args.data_file:
         data_cfg, seed = section(args.data_file), args.seed
         fmt = file_format(args.data_file)
-        fields = dict(data.FORMAT_DEFAULTS.get(fmt, {}))
+        fields = dict(data_rows.FORMAT_DEFAULTS.get(fmt, {}))
     elif recipe:
         data_cfg, seed = recipe["data"], recipe["train"]["seed"]
         fmt, fields = run_format(recipe)
@@ -415,7 +415,7 @@ def conversation_rows(args, recipe) -> tuple:
         data_cfg = fmt = fields = None
     if fmt in ("conversation", "prompt_completion"):
         rows, source = held_out_rows(data_cfg, seed, args.data_file)
-        turns = data.turns_source(rows, fmt, fields, f"'{source}'")
+        turns = data_rows.turns_source(rows, fmt, fields, f"'{source}'")
         if turns is not None:
             return {**data_cfg, "chat_template": fields.get("chat_template")}, rows, source, turns
     raise UserError("task conversation reads conversations of turns: give --data-file (rows of messages, ShareGPT "
@@ -428,19 +428,19 @@ def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
     the assistant turns (completions) and their end-of-turn tokens only."""
     import torch
 
-    from tunebench import chat, data, metrics
+    from tunebench import chat, data, data_rows, metrics
 
     data_cfg = section(data_file, max_length=scorer.max_length, train_on_prompt=not args.assistant_only)
     rows, source = test_rows(data_cfg)
-    fields = dict(data.FORMAT_DEFAULTS[fmt])
-    turns = data.turns_source(rows, fmt, fields, f"'{source}'")
+    fields = dict(data_rows.FORMAT_DEFAULTS[fmt])
+    turns = data_rows.turns_source(rows, fmt, fields, f"'{source}'")
     if turns is not None:
         template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
-        tokens = data.tokenize_conversations(data.turn_rows(rows, turns, f"'{source}'"), scorer.tokenizer, template, data_cfg)
+        tokens = data.tokenize_conversations(data_rows.turn_rows(rows, turns, f"'{source}'"), scorer.tokenizer, template, data_cfg)
         tokens = data.usable_conversations(tokens, f"'{source}'", scorer.max_length)
         source = f"{source}, {how}"
     else:
-        pairs = data.pair_rows(rows, fmt, fields, data_cfg, f"'{source}'")
+        pairs = data_rows.pair_rows(rows, fmt, fields, data_cfg, f"'{source}'")
         tokens = data.tokenize_pairs(pairs, scorer.tokenizer, fields["template"], data_cfg, False)
     if args.limit:
         tokens = tokens.select(range(min(args.limit, len(tokens))))
@@ -467,12 +467,12 @@ def conversation_examples(scorer: Scorer, args, recipe, room: int) -> tuple:
     """A conversation up to its last assistant turn, through the chat template training uses (the
     same tokens, tunebench.chat.encode), and that turn as the reference. A prompt longer than the
     room the generated tokens leave keeps its end."""
-    from tunebench import chat, data
+    from tunebench import chat, data_rows
 
     data_cfg, rows, source, turns = conversation_rows(args, recipe)
     template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
     examples, skipped = [], 0
-    for row in data.turn_rows(rows, turns, f"'{source}'")["turns"]:
+    for row in data_rows.turn_rows(rows, turns, f"'{source}'")["turns"]:
         try:
             messages = chat.turns(row)
             ids, spans = chat.encode(scorer.tokenizer, template, messages)
@@ -493,7 +493,7 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
     the rows it did not train on; otherwise the registered set with the format's defaults. The
     prompt side is built as training builds it (data.fit_prompt_side) in the room the generated
     tokens leave; if the template and input alone are too long, the side keeps its end."""
-    from tunebench import data
+    from tunebench import data, data_rows
 
     trained_format = None
     if recipe:
@@ -501,16 +501,16 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
     if trained_format in TASK_FORMATS[task]:
         data_cfg, fields, seed = recipe["data"], run_fields, recipe["train"]["seed"]
     else:
-        data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data.FORMAT_DEFAULTS[task]), args.seed
+        data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data_rows.FORMAT_DEFAULTS[task]), args.seed
     if args.data_file:
         data_cfg = section(args.data_file)
     rows, source = held_out_rows(data_cfg, seed, args.data_file)
     if args.data_file and task == "instruction" and {"prompt", "completion"} <= set(rows.column_names) \
             and "instruction" not in rows.column_names:
-        fields = dict(data.FORMAT_DEFAULTS["prompt_completion"])
+        fields = dict(data_rows.FORMAT_DEFAULTS["prompt_completion"])
         if len(rows) and isinstance(rows[0]["prompt"], list):
             raise UserError(f"'{source}' holds prompt and completion as lists of turns: evaluate them with --tasks conversation")
-    rows = data.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
+    rows = data_rows.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
     limit = data_cfg["max_response_chars"]
     rows = rows.filter(lambda row: bool(row["response"] and row["response"].strip())
                        and (limit is None or len(row["response"]) <= limit))

@@ -139,7 +139,7 @@ def decide_packing(recipe: dict, model, tokenizer, train_set, val_set) -> tuple:
     exact. Judged before the method is applied (AdaLoRA's schedule needs the packed step count): the
     base model must restart attention at position ids, and the method must add no context positions
     (a soft prompt or a prefix would be shared by a row)."""
-    from tunebench import data
+    from tunebench import packing
     from tunebench.methods import context_tokens
 
     data_cfg = recipe["data"]
@@ -149,10 +149,10 @@ def decide_packing(recipe: dict, model, tokenizer, train_set, val_set) -> tuple:
         return train_set, val_set, f"not packed ({why})"
     if context_tokens(recipe["method"]):
         why = f"method {recipe['method']['type']} puts virtual tokens before the text, which a packed row would share"
-    elif not data.packing_is_exact(model, len(tokenizer)):
+    elif not packing.packing_is_exact(model, len(tokenizer)):
         why = "this model does not restart attention where position ids restart"
     else:
-        packed = data.pack_examples(train_set, data_cfg["max_length"]), data.pack_examples(val_set, data_cfg["max_length"])
+        packed = packing.pack_examples(train_set, data_cfg["max_length"]), packing.pack_examples(val_set, data_cfg["max_length"])
         fill = packed[0].num_tokens() / (len(packed[0]) * data_cfg["max_length"])
         return (*packed, f"packed: {len(train_set):,} training examples into {len(packed[0]):,} rows of up to "
                          f"{data_cfg['max_length']} tokens ({fill:.0%} full), each example attending only to itself")

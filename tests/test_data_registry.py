@@ -8,7 +8,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
 from conftest import ROOT
 from tiny import prose
-from tunebench import data
+from tunebench import data, data_rows
 from tunebench.models import load_tokenizer
 from tunebench.recipe import load_recipe
 
@@ -118,19 +118,19 @@ def test_local_files_of_the_hub_shape_give_the_same_examples(name, hub_rows, kin
     recipe = load_recipe(None, base)
     task = recipe["task"]
     hub = hub_rows()
-    spec = data.REGISTRY[name]
+    spec = data_rows.REGISTRY[name]
 
     def from_hub(hub_id, config, asked):
         assert (hub_id, config, asked) == (spec["hub"], spec["config"], name)
         return hub
 
-    monkeypatch.setattr(data, "_load_hub", from_hub)
+    monkeypatch.setattr(data_rows, "_load_hub", from_hub)
     from_hub_shape = data.build(recipe["data"], tokenizer, 0, task)
 
     local = write(hub, tmp_path / name, kind)
     if name == "lambada":  # one file: the data set's only split
         local = local / "test.jsonl"
-    monkeypatch.setattr(data, "_load_hub", None)  # the hub is not asked
+    monkeypatch.setattr(data_rows, "_load_hub", None)  # the hub is not asked
     from_files = data.build(load_recipe(None, [*base, f"data.files={local}"])["data"], tokenizer, 0, task)
 
     for hub_split, file_split in zip(from_hub_shape, from_files):
@@ -143,7 +143,7 @@ def test_local_files_of_the_hub_shape_give_the_same_examples(name, hub_rows, kin
 
 HUB_ROWS = {"alpaca": alpaca, "cnn_dailymail": cnn_dailymail, "oasst1": oasst1, "imdb": imdb,
             "sst2": lambda: labelled("sentence", ["negative", "positive"], {"train": 20, "validation": 8, "test": 6})}
-RECIPES = [p for p in sorted((ROOT / "recipes" / "tasks").glob("*.yaml")) if load_recipe(p)["data"]["dataset"] in data.REGISTRY]
+RECIPES = [p for p in sorted((ROOT / "recipes" / "tasks").glob("*.yaml")) if load_recipe(p)["data"]["dataset"] in data_rows.REGISTRY]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

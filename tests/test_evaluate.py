@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny
 from conftest import ROOT, run_script
 from test_metrics import plain_loop_nll
-from tunebench import data
+from tunebench import data, data_rows
 from tunebench.methods import apply_method, count_params
 from tunebench.recipe import load_recipe, to_yaml
 
@@ -199,8 +199,8 @@ def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_pa
                                     "fp32", 128, 64, 0)
     args = evaluate_script.parse_args(["--run", str(run), "--tasks", "instruction", "--max-new-tokens", "8"])
     examples, _ = evaluate_script.prompt_response_examples("instruction", scorer, args, recipe, 120)
-    raw, spec = data.load_raw(recipe["data"])
-    held_out = {seed: data.split_rows(raw, recipe["data"], spec, seed)[2]["answer"] for seed in (7, 42)}
+    raw, spec = data_rows.load_raw(recipe["data"])
+    held_out = {seed: data_rows.split_rows(raw, recipe["data"], spec, seed)[2]["answer"] for seed in (7, 42)}
     assert held_out[7] != held_out[42]  # the two seeds hold out different rows: the wrong one would fail here
     assert [response for _, response in examples] == held_out[7]
 

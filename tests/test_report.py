@@ -16,7 +16,7 @@ import matplotlib.image
 import pytest
 
 from conftest import ROOT, run_script
-from tunebench import report
+from tunebench import report, report_generations, report_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -221,7 +221,7 @@ def test_generations_side_by_side(evaluated):
     folders, data_file, out = evaluated
     view = json.loads((out / "report.json").read_text())["generations"]
     assert view["task"] == "instruction" and view["seed"] == 42 and view["prompts"] == 6
-    assert len(view["examples"]) == report.GENERATION_EXAMPLES  # 5 of the 6
+    assert len(view["examples"]) == report_generations.GENERATION_EXAMPLES  # 5 of the 6
     references = [json.loads(line)["output"].strip() for line in data_file.read_text().splitlines()]
     md = (out / "report.md").read_text()
     section = md.split("## Generations side by side")[1].split("## Setting")[0]
@@ -241,7 +241,7 @@ def test_generations_side_by_side(evaluated):
     scores = md.split("## Generation scores against the untrained model")[1].split("##")[0]
     assert "same 6 examples" in scores and scores.count("| lora_r4 |") == 1 and "[" in scores
     # Another evaluation seed picks another handful, the same for every model.
-    assert report.side_by_side([dict(report.load_run(f), eval_seed=7) for f in folders])["examples"] != view["examples"]
+    assert report_generations.side_by_side([dict(report_rows.load_run(f), eval_seed=7) for f in folders])["examples"] != view["examples"]
 
 
 def test_gains_have_paired_intervals_over_the_test_windows_and_ties_share_a_rank(runs, assets, tmp_path):
@@ -352,8 +352,8 @@ def test_report_page_opens_offline_in_chromium(evaluated, tmp_path):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.partition(",")[2]).startswith(PNG_MAGIC)
     assert parts.links == []  # nothing to fetch, nothing to run
-    assert parts.prompts == report.GENERATION_EXAMPLES
-    assert parts.cards == ["answer reference", "answer", "answer", "answer"] * report.GENERATION_EXAMPLES
+    assert parts.prompts == report_generations.GENERATION_EXAMPLES
+    assert parts.cards == ["answer reference", "answer", "answer", "answer"] * report_generations.GENERATION_EXAMPLES
     # The screenshot is a real rendering: a page-sized image with text and plots on it, not a blank one.
     image = matplotlib.image.imread(shot)
     assert image.shape[:2] == (2600, 1400) and image[..., :3].std() > 0.05

@@ -116,16 +116,16 @@ def test_malformed_data_file_through_train_py(assets, tmp_path):
 
 @pytest.mark.parametrize("key", ["dataset", "validation_file"])
 def test_folder_or_empty_file_given_for_a_file(assets, tmp_path, key):
-    from tunebench import data
+    from tunebench import data_rows
     from tunebench.errors import UserError
     from tunebench.recipe import defaults
 
     base = {**defaults()["data"], "dataset": str(assets / "train.txt"), "validation_file": str(assets / "valid.txt")}
     if key == "validation_file":
         with pytest.raises(UserError, match="data.validation_file '.*' is a folder; give a file"):
-            data.load_raw({**base, key: str(tmp_path)})
+            data_rows.load_raw({**base, key: str(tmp_path)})
     with pytest.raises(UserError, match="e.txt' is empty"):
-        data.load_raw({**base, key: str(write_bytes(tmp_path / "e.txt", b""))})
+        data_rows.load_raw({**base, key: str(write_bytes(tmp_path / "e.txt", b""))})
 
 
 def test_bad_model_leaves_a_stopped_run_untouched(assets, tmp_path):

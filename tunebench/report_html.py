@@ -13,6 +13,8 @@ from pathlib import Path
 
 from markdown_it import MarkdownIt
 
+from tunebench.report_generations import shown_prompt
+
 # Plots in the order they are shown; report.md's "Plots" section says what each one is.
 PLOT_FILES = ["loss_curves.png", "pareto.png", "learning_forgetting.png", "lr_sweep.png", "grid.png"]
 FIRST = ("Recommendation", "Results")  # report.md sections shown before the plots
@@ -76,8 +78,6 @@ def plot_captions(plots_markdown: str) -> dict:
 
 
 def generations_html(view: dict) -> str:
-    from tunebench.report import shown_prompt
-
     parts = [f"<p>{len(view['examples'])} held-out prompts of task <code>{html.escape(view['task'])}</code>, chosen with "
              f"seed {view['seed']} among the {view['prompts']} every model answered: the reference, then what each model "
              "wrote (<code>generations.jsonl</code> in each run folder has them all).</p>"]

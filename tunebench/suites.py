@@ -197,7 +197,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def check_reachable(runs: list) -> None:
     """Every model and data set loads from a local path or the cache, or the hub answers: else one line."""
-    from tunebench import data  # torch, transformers and datasets: only once the suite is known to be good
+    from tunebench import data_rows  # torch, transformers and datasets: only once the suite is known to be good
     from tunebench.models import load_config
 
     checked = set()
@@ -209,7 +209,7 @@ def check_reachable(runs: list) -> None:
         checked.add(key)
         try:
             load_config(m)
-            data.load_raw(d)
+            data_rows.load_raw(d)
         except UserError as e:
             offline = "hub cannot be reached" in str(e) and "make demo" not in str(e)
             hint = "; `make demo` runs a comparison fully offline" if offline else ""
