@@ -1,8 +1,9 @@
 """The README and docs/ stay true to the tree: every relative link reaches a file and, with #anchor, a
 heading there; the README's module map names every module, in import order."""
-import ast
 import re
 from pathlib import Path
+
+from test_imports import import_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -53,37 +54,15 @@ def test_relative_links_resolve():
     assert not broken, "\n".join(broken)
 
 
-def tunebench_imports(path: Path) -> set:
-    """The tunebench modules a file imports, at the top or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module == "tunebench":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunebench."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tunebench.")}
-    return found - {path.stem}
-
-
 def test_module_map_names_every_module_in_import_order():
-    """Rows of the README's module table: `tunebench/a.py` or `tunebench/a.py` ↔ `b.py` (a pair that
-    imports each other), or `train.py` / `evaluate.py`. Each imports only modules in earlier rows or its pair."""
+    """Rows of the README's module table, `tunebench/a.py` or `train.py`: each imports only modules of earlier rows."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("The modules, in import order", 1)[1].split("\n## ", 1)[0]
-    rows = []
-    for line in table.splitlines():
-        cell = line.split("|")[1] if line.startswith("| `") else ""
-        names = [Path(n).stem for n in re.findall(r"`([\w/]+\.py)`", cell)]
-        if names:
-            rows.append(names)
-    modules = {p.stem: p for p in (ROOT / "tunebench").glob("*.py") if p.stem != "__init__"}
-    modules.update(train=ROOT / "train.py", evaluate=ROOT / "evaluate.py")
-    listed = [name for row in rows for name in row]
-    assert sorted(listed) == sorted(modules), "the module map must name every module once"
-    earlier = set()
-    for row in rows:
-        for name in row:
-            climbs = tunebench_imports(modules[name]) - earlier - set(row) - {"__init__"}
-            assert not climbs, f"{name} imports {sorted(climbs)}, listed below it in the README's module map"
-        earlier |= set(row)
+    listed = [Path(name).stem for line in table.splitlines() if line.startswith("| `")
+              for name in re.findall(r"`([\w/]+\.py)`", line.split("|")[1])]
+    graph = {name.removeprefix("tunebench."): {m.removeprefix("tunebench.") for m in imported}
+             for name, imported in import_graph().items() if name != "tunebench.__init__"}
+    assert sorted(listed) == sorted(graph), "the module map must name every module once"
+    for row, name in enumerate(listed):
+        climbs = graph[name] - set(listed[:row])
+        assert not climbs, f"{name} imports {sorted(climbs)}, listed below it in the README's module map"
