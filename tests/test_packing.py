@@ -32,8 +32,9 @@ def build(assets, tmp_path, *overrides):
     write_jsonl(tmp_path / "train.jsonl", instruction_rows())
     write_jsonl(tmp_path / "validation.jsonl", instruction_rows(8, seed=1))
     cfg = load_recipe(None, ["name=t", "model.name=m", f"data.dataset={tmp_path}", "data.format=instruction",
-                             "data.template=plain", "data.max_length=128", *overrides])["data"]
-    return data.build(cfg, load_tokenizer({"name": str(assets / "gpt2")}), 0)[0]
+                             "data.template=plain", "data.max_length=128", *overrides]).data
+    from tunebench.recipe import ModelSettings  # TRANSITIONAL: to the imports above once they settle
+    return data.build(cfg, load_tokenizer(ModelSettings(name=str(assets / "gpt2"))), 0)[0]
 
 
 def token_losses(model, batch):
@@ -53,7 +54,8 @@ def test_each_example_scores_the_same_packed_and_alone(assets, tmp_path, model_d
     assert len(packed) < len(examples) / 3  # short examples share rows
     assert sorted(i for row in packed.rows for i in row) == list(range(len(examples)))
     assert all(sum(lengths[i] for i in row) <= 128 for row in packed.rows)
-    model = load_model({"name": str(assets / model_dir), "dtype": "float32"}).eval()
+    from tunebench.recipe import ModelSettings  # TRANSITIONAL: to the imports above once they settle
+    model = load_model(ModelSettings(name=str(assets / model_dir), dtype="float32")).eval()
     collate = data.collate(0)
     with torch.no_grad():
         alone = token_losses(model, collate([examples[i] for i in range(len(examples))])).sum(-1)
@@ -70,10 +72,10 @@ def test_a_soft_prompt_is_not_packed(assets, tmp_path):
     """A soft prompt sits at the start of each row: packed, only the row's first example would see it."""
     recipe = load_recipe(ROOT / "recipes/prompt_tuning.yaml", [f"model.name={assets / 'gpt2'}", "method.num_virtual_tokens=4"])
     set_seed(0)
-    tokenizer = load_tokenizer(recipe["model"])
-    prompt_tuned = apply_method(load_model(recipe["model"]), recipe["method"], tokenizer)
+    tokenizer = load_tokenizer(recipe.model)
+    prompt_tuned = apply_method(load_model(recipe.model), recipe.method, tokenizer)
     assert not data.packing_is_exact(prompt_tuned, len(tokenizer))
-    assert data.packing_is_exact(load_model(recipe["model"]), len(tokenizer))
+    assert data.packing_is_exact(load_model(recipe.model), len(tokenizer))
 
     write_jsonl(tmp_path / "train.jsonl", instruction_rows())
     write_jsonl(tmp_path / "validation.jsonl", instruction_rows(8, seed=1))
@@ -101,7 +103,8 @@ class AttendsAcrossExamples(torch.nn.Module):
 
 @pytest.mark.parametrize("model_dir", ["gpt2_nodropout", "llama"])
 def test_packing_is_exact_unless_attention_crosses_examples(assets, model_dir):
-    model = load_model({"name": str(assets / model_dir), "dtype": "float32"})
+    from tunebench.recipe import ModelSettings  # TRANSITIONAL: to the imports above once they settle
+    model = load_model(ModelSettings(name=str(assets / model_dir), dtype="float32"))
     assert data.packing_is_exact(model, model.config.vocab_size)
     assert not data.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
 
@@ -110,7 +113,8 @@ def test_packing_is_exact_unless_attention_crosses_examples(assets, model_dir):
 def test_packing_is_exact_on_smollm2(smollm2, dtype):
     """SmolLM2-135M's logits reach about 36: float32 rounding makes packed and alone differ by about 4e-5
     there, far below what attending across examples changes (about 30)."""
-    model = load_model({"name": str(smollm2), "dtype": dtype})
+    from tunebench.recipe import ModelSettings  # TRANSITIONAL: to the imports above once they settle
+    model = load_model(ModelSettings(name=str(smollm2), dtype=dtype))
     assert data.packing_is_exact(model, model.config.vocab_size)
     assert not data.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
 
