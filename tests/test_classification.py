@@ -11,7 +11,7 @@ from tiny import EOS, write_jsonl
 from tunebench import data
 from tunebench.methods import apply_method, count_params
 from tunebench.models import load_model, load_tokenizer
-from tunebench.recipe import load_recipe
+from tunebench.recipe import ModelSettings, load_recipe
 
 POSITIVE = "good great fine nice happy".split()
 NEGATIVE = "bad awful poor sad ugly".split()
@@ -48,8 +48,8 @@ def recipe(assets, toy, method, *overrides):
 
 
 def test_labelled_text_tokens_never_hold_the_pad_token(assets, toy):
-    tokenizer = load_tokenizer({"name": str(assets / "gpt2")})
-    train, val = data.build(recipe(assets, toy, "full")["data"], tokenizer, 0, "classification")
+    tokenizer = load_tokenizer(ModelSettings(name=str(assets / "gpt2")))
+    train, val = data.build(recipe(assets, toy, "full").data, tokenizer, 0, "classification")
     assert train.label_names == ["neg", "pos"] and len(train) == 256 - 13 and len(val) == 64  # 13 held out for test
     assert all(tokenizer.pad_token_id not in e["input_ids"].tolist() for e in train)
     assert sorted({int(e["labels"]) for e in val}) == [0, 1]
@@ -64,10 +64,10 @@ def test_labelled_text_tokens_never_hold_the_pad_token(assets, toy):
 ])
 def test_every_method_trains_the_head_and_reads_the_last_real_token(assets, toy, method, overrides):
     r = recipe(assets, toy, method, *overrides)
-    tokenizer = load_tokenizer(r["model"])
-    train, _ = data.build(r["data"], tokenizer, 0, "classification")
+    tokenizer = load_tokenizer(r.model)
+    train, _ = data.build(r.data, tokenizer, 0, "classification")
     torch.manual_seed(0)
-    model = apply_method(load_model(r["model"], train.label_names, tokenizer.pad_token_id), r["method"], tokenizer)
+    model = apply_method(load_model(r.model, train.label_names, tokenizer.pad_token_id), r.method, tokenizer)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(".score." in f".{name}" for name in trained)  # the new head (peft: its modules_to_save copy)
     trainable, total = count_params(model)
@@ -102,9 +102,9 @@ def test_classification_trains_above_chance_through_train_py(assets, toy, tmp_pa
 
     # final/ holds the adapter with the trained head: loaded as a user would, it scores the same.
     r = recipe(assets, toy, "lora")
-    tokenizer = load_tokenizer({"name": str(run / "final")})
-    _, val = data.build(r["data"], tokenizer, 0, "classification")
-    base = load_model(r["model"], summary["label_names"], tokenizer.pad_token_id)
+    tokenizer = load_tokenizer(ModelSettings(name=str(run / "final")))
+    _, val = data.build(r.data, tokenizer, 0, "classification")
+    base = load_model(r.model, summary["label_names"], tokenizer.pad_token_id)
     model = PeftModel.from_pretrained(base, str(run / "final")).eval()
     batch = data.collate(tokenizer.pad_token_id)([val[i] for i in range(len(val))])
     with torch.no_grad():

@@ -146,9 +146,10 @@ def test_suite_file_not_utf8_or_a_folder(tmp_path):
 
 def test_a_judge_in_eval_args_compares_each_run_with_its_own_baseline(tmp_path):
     from tunebench import compare
+    from tunebench.recipe import ModelSettings, Recipe
 
     def run(model):
-        return {"recipe": {"model": {"name": model, "gguf_file": None}}}
+        return {"recipe": Recipe(model=ModelSettings(name=model))}
 
     suite = {"eval_args": ["--limit", "5"], "runs_dir": tmp_path}
     assert compare.judge_against(run("gpt2"), suite, ["gpt2"]) == []  # no judge: nothing added

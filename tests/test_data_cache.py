@@ -10,7 +10,7 @@ from tunebench import data
 from tunebench.models import load_tokenizer
 from tunebench.recipe import load_recipe
 recipe = load_recipe(None, sys.argv[1:])
-train, val = data.build(recipe["data"], load_tokenizer(recipe["model"]), 0)
+train, val = data.build(recipe.data, load_tokenizer(recipe.model), 0)
 print(len(train), len(val), train.num_tokens())
 """
 

@@ -9,7 +9,7 @@ from tunebench import data
 from tunebench.errors import UserError
 from tunebench.metrics import causal_nll
 from tunebench.models import load_model, load_tokenizer
-from tunebench.recipe import load_recipe
+from tunebench.recipe import ModelSettings, load_recipe
 
 ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -24,11 +24,11 @@ ALPACA_INPUT = (
 
 @pytest.fixture(scope="module")
 def tokenizer(assets):
-    return load_tokenizer({"name": str(assets / "gpt2")})
+    return load_tokenizer(ModelSettings(name=str(assets / "gpt2")))
 
 
 def data_cfg(dataset, *overrides):
-    return load_recipe(None, ["name=t", "model.name=m", f"data.dataset={dataset}", *overrides])["data"]
+    return load_recipe(None, ["name=t", "model.name=m", f"data.dataset={dataset}", *overrides]).data
 
 
 def split(example):
@@ -161,14 +161,14 @@ def test_local_pairs_with_field_mapping_and_template(tmp_path, tokenizer):
         f"data:\n  dataset: {tmp_path / 'qa.jsonl'}\n  prompt_field: question\n  response_field: answer\n"
         '  template: "Q: {prompt}\\nA: {response}"\n  validation_share: 0.25\n'
     )
-    train, val = data.build(load_recipe(tmp_path / "qa.yaml")["data"], tokenizer, 0)
+    train, val = data.build(load_recipe(tmp_path / "qa.yaml").data, tokenizer, 0)
     assert len(train) == 6 and len(val) == 3  # and 3 held out for test
     by_question = {r["question"]: r for r in rows}
     for example in train:
         prompt, scored = split(example)
         question = tokenizer.decode(prompt).removeprefix("Q: ").removesuffix("\nA:")
         assert tokenizer.decode(scored) == " " + by_question[question]["answer"] + EOS
-    plain, _ = data.build(load_recipe(tmp_path / "qa.yaml", ["data.template=plain"])["data"], tokenizer, 0)
+    plain, _ = data.build(load_recipe(tmp_path / "qa.yaml", ["data.template=plain"]).data, tokenizer, 0)
     prompt, scored = split(plain[0])
     assert tokenizer.decode(prompt).endswith("?\n") and tokenizer.decode(scored).startswith("It is")
 
@@ -181,7 +181,7 @@ def test_padding_never_carries_loss(tmp_path, tokenizer, assets):
     assert len({len(e["input_ids"]) for e in examples}) > 1
     batch = data.collate(tokenizer.pad_token_id)(examples)
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
-    model = load_model({"name": str(assets / "gpt2")}).eval()
+    model = load_model(ModelSettings(name=str(assets / "gpt2"))).eval()
     with torch.no_grad():
         batched, scored = causal_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                      batch["labels"])

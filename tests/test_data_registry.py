@@ -10,7 +10,7 @@ from conftest import ROOT
 from tiny import prose
 from tunebench import data, data_rows
 from tunebench.models import load_tokenizer
-from tunebench.recipe import load_recipe
+from tunebench.recipe import ModelSettings, load_recipe
 
 TEXT = [p.replace("\n", " ")[:300] for p in prose(40)]
 
@@ -113,10 +113,10 @@ def examples(ds):
 
 @pytest.mark.parametrize("name, hub_rows, kind, overrides", CASES, ids=[f"{c[0]}-{c[2]}{'-' + c[3][0] if c[3] else ''}" for c in CASES])
 def test_local_files_of_the_hub_shape_give_the_same_examples(name, hub_rows, kind, overrides, assets, tmp_path, monkeypatch):
-    tokenizer = load_tokenizer({"name": str(assets / "gpt2")})
+    tokenizer = load_tokenizer(ModelSettings(name=str(assets / "gpt2")))
     base = ["name=t", "model.name=m", f"data.dataset={name}", "data.max_length=512", "data.validation_share=0.2", *overrides]
     recipe = load_recipe(None, base)
-    task = recipe["task"]
+    task = recipe.task
     hub = hub_rows()
     spec = data_rows.REGISTRY[name]
 
@@ -125,13 +125,13 @@ def test_local_files_of_the_hub_shape_give_the_same_examples(name, hub_rows, kin
         return hub
 
     monkeypatch.setattr(data_rows, "_load_hub", from_hub)
-    from_hub_shape = data.build(recipe["data"], tokenizer, 0, task)
+    from_hub_shape = data.build(recipe.data, tokenizer, 0, task)
 
     local = write(hub, tmp_path / name, kind)
     if name == "lambada":  # one file: the data set's only split
         local = local / "test.jsonl"
     monkeypatch.setattr(data_rows, "_load_hub", None)  # the hub is not asked
-    from_files = data.build(load_recipe(None, [*base, f"data.files={local}"])["data"], tokenizer, 0, task)
+    from_files = data.build(load_recipe(None, [*base, f"data.files={local}"]).data, tokenizer, 0, task)
 
     for hub_split, file_split in zip(from_hub_shape, from_files):
         assert len(hub_split) > 0
@@ -143,16 +143,16 @@ def test_local_files_of_the_hub_shape_give_the_same_examples(name, hub_rows, kin
 
 HUB_ROWS = {"alpaca": alpaca, "cnn_dailymail": cnn_dailymail, "oasst1": oasst1, "imdb": imdb,
             "sst2": lambda: labelled("sentence", ["negative", "positive"], {"train": 20, "validation": 8, "test": 6})}
-RECIPES = [p for p in sorted((ROOT / "recipes" / "tasks").glob("*.yaml")) if load_recipe(p)["data"]["dataset"] in data_rows.REGISTRY]
+RECIPES = [p for p in sorted((ROOT / "recipes" / "tasks").glob("*.yaml")) if load_recipe(p).data.dataset in data_rows.REGISTRY]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_task_recipes_build_their_data_from_local_files_of_the_hub_shape(path, assets, tmp_path):
     recipe = load_recipe(path)
-    name = recipe["data"]["dataset"]
+    name = recipe.data.dataset
     local = write(HUB_ROWS[name](), tmp_path / name, "parquet")
     recipe = load_recipe(path, [f"data.files={local}"])
-    train, val = data.build(recipe["data"], load_tokenizer({"name": str(assets / "gpt2")}), 0, recipe["task"])
+    train, val = data.build(recipe.data, load_tokenizer(ModelSettings(name=str(assets / "gpt2"))), 0, recipe.task)
     assert len(train) > 0 and len(val) > 0
-    assert all(len(e["input_ids"]) <= recipe["data"]["max_length"] for e in train)
-    assert (train.label_names is not None) == (recipe["task"] == "classification")
+    assert all(len(e["input_ids"]) <= recipe.data.max_length for e in train)
+    assert (train.label_names is not None) == (recipe.task == "classification")

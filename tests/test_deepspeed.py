@@ -18,6 +18,7 @@ from conftest import ROOT, assert_same_log, read_log, run_script, tiny_run
 from tunebench.distributed import check_deepspeed
 from tunebench.errors import UserError
 from tunebench.models import load_model
+from tunebench.recipe import ModelSettings
 
 pytest.importorskip("deepspeed")
 
@@ -99,7 +100,7 @@ def test_zero3_lora_adapter_reloads_with_the_trained_weights(assets, tmp_path, s
         torch.testing.assert_close(adapter[key], expected[key], rtol=1e-3, atol=1e-5)
     assert any(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)  # trained away from B = 0
 
-    base = load_model({"name": str(assets / "gpt2_nodropout"), "dtype": "float32", "attn_implementation": "sdpa"})
+    base = load_model(ModelSettings(name=str(assets / "gpt2_nodropout"), dtype="float32", attn_implementation="sdpa"))
     reloaded = PeftModel.from_pretrained(base, run / "final").eval()
     weights = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}
     assert len(weights) == len(adapter)

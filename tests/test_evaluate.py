@@ -112,7 +112,7 @@ def test_soft_prompt_run_scores_only_text_tokens(assets, tmp_path, capsys):
     recipe = load_recipe(None, [f"model.name={assets / 'gpt2'}", "data.dataset=unused", "method.type=prompt_tuning",
                                 "method.num_virtual_tokens=8", f"output_dir={run}"])
     tokenizer, ids = first_tokens(assets, 300)
-    model = apply_method(AutoModelForCausalLM.from_pretrained(assets / "gpt2"), recipe["method"], tokenizer).eval()
+    model = apply_method(AutoModelForCausalLM.from_pretrained(assets / "gpt2"), recipe.method, tokenizer).eval()
     (run / "final").mkdir(parents=True)
     (run / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
     model.save_pretrained(run / "final")
@@ -199,8 +199,8 @@ def test_full_model_run_is_scored_on_the_instructions_it_held_out(assets, tmp_pa
                                     "fp32", 128, 64, 0)
     args = evaluate_script.parse_args(["--run", str(run), "--tasks", "instruction", "--max-new-tokens", "8"])
     examples, _ = evaluate_script.prompt_response_examples("instruction", scorer, args, recipe, 120)
-    raw, spec = data_rows.load_raw(recipe["data"])
-    held_out = {seed: data_rows.split_rows(raw, recipe["data"], spec, seed)[2]["answer"] for seed in (7, 42)}
+    raw, spec = data_rows.load_raw(recipe.data)
+    held_out = {seed: data_rows.split_rows(raw, recipe.data, spec, seed)[2]["answer"] for seed in (7, 42)}
     assert held_out[7] != held_out[42]  # the two seeds hold out different rows: the wrong one would fail here
     assert [response for _, response in examples] == held_out[7]
 
@@ -211,7 +211,7 @@ def test_a_file_without_splits_is_evaluated_on_rows_it_neither_trained_nor_valid
     recipe = load_recipe(None, ["name=rows", f"model.name={assets / 'gpt2'}", f"data.dataset={tiny.write_jsonl(tmp_path / 'rows.jsonl', rows)}",
                                 "data.validation_share=0.2", "data.template=plain"])
     tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
-    train, validation = data.build(recipe["data"], tokenizer, recipe["train"]["seed"])
+    train, validation = data.build(recipe.data, tokenizer, recipe.train.seed)
 
     def row_numbers(examples):
         texts = [tokenizer.decode(examples[i]["input_ids"]) for i in range(len(examples))]

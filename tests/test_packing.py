@@ -14,7 +14,7 @@ from tunebench import data, packing
 from tunebench.methods import apply_method
 from tunebench.metrics import IGNORE_INDEX, token_nll
 from tunebench.models import load_model, load_tokenizer
-from tunebench.recipe import load_recipe
+from tunebench.recipe import ModelSettings, load_recipe
 
 
 def instruction_rows(n=40, seed=0):
@@ -32,8 +32,8 @@ def build(assets, tmp_path, *overrides):
     write_jsonl(tmp_path / "train.jsonl", instruction_rows())
     write_jsonl(tmp_path / "validation.jsonl", instruction_rows(8, seed=1))
     cfg = load_recipe(None, ["name=t", "model.name=m", f"data.dataset={tmp_path}", "data.format=instruction",
-                             "data.template=plain", "data.max_length=128", *overrides])["data"]
-    return data.build(cfg, load_tokenizer({"name": str(assets / "gpt2")}), 0)[0]
+                             "data.template=plain", "data.max_length=128", *overrides]).data
+    return data.build(cfg, load_tokenizer(ModelSettings(name=str(assets / "gpt2"))), 0)[0]
 
 
 def token_losses(model, batch):
@@ -53,7 +53,7 @@ def test_each_example_scores_the_same_packed_and_alone(assets, tmp_path, model_d
     assert len(packed) < len(examples) / 3  # short examples share rows
     assert sorted(i for row in packed.rows for i in row) == list(range(len(examples)))
     assert all(sum(lengths[i] for i in row) <= 128 for row in packed.rows)
-    model = load_model({"name": str(assets / model_dir), "dtype": "float32"}).eval()
+    model = load_model(ModelSettings(name=str(assets / model_dir), dtype="float32")).eval()
     collate = data.collate(0)
     with torch.no_grad():
         alone = token_losses(model, collate([examples[i] for i in range(len(examples))])).sum(-1)
@@ -70,10 +70,10 @@ def test_a_soft_prompt_is_not_packed(assets, tmp_path):
     """A soft prompt sits at the start of each row: packed, only the row's first example would see it."""
     recipe = load_recipe(ROOT / "recipes/prompt_tuning.yaml", [f"model.name={assets / 'gpt2'}", "method.num_virtual_tokens=4"])
     set_seed(0)
-    tokenizer = load_tokenizer(recipe["model"])
-    prompt_tuned = apply_method(load_model(recipe["model"]), recipe["method"], tokenizer)
-    assert not packing.packing_is_exact(prompt_tuned, len(tokenizer))
-    assert packing.packing_is_exact(load_model(recipe["model"]), len(tokenizer))
+    tokenizer = load_tokenizer(recipe.model)
+    prompt_tuned = apply_method(load_model(recipe.model), recipe.method, tokenizer)
+    assert not data.packing_is_exact(prompt_tuned, len(tokenizer))
+    assert data.packing_is_exact(load_model(recipe.model), len(tokenizer))
 
     write_jsonl(tmp_path / "train.jsonl", instruction_rows())
     write_jsonl(tmp_path / "validation.jsonl", instruction_rows(8, seed=1))
@@ -101,18 +101,18 @@ class AttendsAcrossExamples(torch.nn.Module):
 
 @pytest.mark.parametrize("model_dir", ["gpt2_nodropout", "llama"])
 def test_packing_is_exact_unless_attention_crosses_examples(assets, model_dir):
-    model = load_model({"name": str(assets / model_dir), "dtype": "float32"})
-    assert packing.packing_is_exact(model, model.config.vocab_size)
-    assert not packing.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
+    model = load_model(ModelSettings(name=str(assets / model_dir), dtype="float32"))
+    assert data.packing_is_exact(model, model.config.vocab_size)
+    assert not data.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packing_is_exact_on_smollm2(smollm2, dtype):
     """SmolLM2-135M's logits reach about 36: float32 rounding makes packed and alone differ by about 4e-5
     there, far below what attending across examples changes (about 30)."""
-    model = load_model({"name": str(smollm2), "dtype": dtype})
-    assert packing.packing_is_exact(model, model.config.vocab_size)
-    assert not packing.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
+    model = load_model(ModelSettings(name=str(smollm2), dtype=dtype))
+    assert data.packing_is_exact(model, model.config.vocab_size)
+    assert not data.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
 
 
 def test_train_py_packs_smollm2_when_asked(smollm2, tmp_path):
@@ -129,11 +129,11 @@ def test_train_py_packs_instructions_by_default(assets, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", instruction_rows())
     write_jsonl(tmp_path / "validation.jsonl", instruction_rows(8, seed=1))
     runs = {}
-    for packing in ("null", "false"):
-        run = tmp_path / packing
+    for setting in ("null", "false"):
+        run = tmp_path / setting
         train("lora_r4", *tiny_run(assets, run, steps=2), f"data.dataset={tmp_path}", "data.format=instruction",
-              "data.validation_file=null", "data.template=plain", f"data.packing={packing}", "train.micro_batch_size=2")
-        runs[packing] = json.loads((run / "summary.json").read_text())
+              "data.validation_file=null", "data.template=plain", f"data.packing={setting}", "train.micro_batch_size=2")
+        runs[setting] = json.loads((run / "summary.json").read_text())
     assert runs["null"]["packing"].startswith("packed: 38 training examples into")
     assert runs["false"]["packing"] == "not packed (data.packing is false)"
     assert runs["null"]["train_blocks"] < runs["false"]["train_blocks"] == 38

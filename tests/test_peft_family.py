@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from test_train import end_of_training_model, initial_model, validation_loss
 from tunebench.methods import METHODS, apply_method, count_params, label, quantization_kwargs
 from tunebench.models import load_model, load_tokenizer
 from tunebench.plan import Planner, Setup
-from tunebench.recipe import load_recipe
+from tunebench.recipe import ModelSettings, load_recipe
 from train import make_optimizer, make_scheduler
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
@@ -35,9 +36,9 @@ def recipe_of(name, *overrides):
 def test_gpt2_small_parameter_counts_of_the_new_recipes():
     counts = {}
     for name in ("lora_dora", "lora_rslora", "lora_pissa", "lora_plus", "qlora", "ia3", "vera", "prefix_tuning", "adalora"):
-        method = recipe_of(name)["method"]
+        method = recipe_of(name).method
         with torch.device("meta"):
-            model = apply_method(GPT2LMHeadModel(GPT2Config()), {**method, **METHODS[method["type"]].plan_keys})
+            model = apply_method(GPT2LMHeadModel(GPT2Config()), replace(method, **METHODS[method.type].plan_keys))
         counts[name] = count_params(model)[0]
     lora_r16 = 589_824
     assert counts == {
@@ -50,26 +51,26 @@ def test_gpt2_small_parameter_counts_of_the_new_recipes():
 
 
 def test_labels_name_the_method_and_its_settings():
-    assert label(recipe_of("lora_r16")["method"]) == "LoRA r16"
-    assert label(recipe_of("lora_dora")["method"]) == "LoRA r16 + DoRA"
-    assert label(recipe_of("lora_r16", "method.rslora=true", "method.loraplus_lr_ratio=16")["method"]) == "LoRA r16 + rsLoRA + LoRA+ x16"
-    assert label(recipe_of("lora_pissa")["method"]) == "LoRA r16 + PiSSA"
-    assert label(recipe_of("qlora")["method"]) == "QLoRA r16 (4-bit NF4)"
-    assert label(recipe_of("adalora")["method"]) == "AdaLoRA r12->8"
-    assert label(recipe_of("vera")["method"]) == "VeRA r256"
-    assert label(recipe_of("ia3")["method"]) == "IA3 (attn, mlp)"
-    assert label(recipe_of("prefix_tuning")["method"]) == "Prefix tuning 20 tokens"
-    assert label(recipe_of("top2_blocks")["method"]).startswith("Partial (top 2 blocks")
+    assert label(recipe_of("lora_r16").method) == "LoRA r16"
+    assert label(recipe_of("lora_dora").method) == "LoRA r16 + DoRA"
+    assert label(recipe_of("lora_r16", "method.rslora=true", "method.loraplus_lr_ratio=16").method) == "LoRA r16 + rsLoRA + LoRA+ x16"
+    assert label(recipe_of("lora_pissa").method) == "LoRA r16 + PiSSA"
+    assert label(recipe_of("qlora").method) == "QLoRA r16 (4-bit NF4)"
+    assert label(recipe_of("adalora").method) == "AdaLoRA r12->8"
+    assert label(recipe_of("vera").method) == "VeRA r256"
+    assert label(recipe_of("ia3").method) == "IA3 (attn, mlp)"
+    assert label(recipe_of("prefix_tuning").method) == "Prefix tuning 20 tokens"
+    assert label(recipe_of("top2_blocks").method).startswith("Partial (top 2 blocks")
 
 
 def test_shared_keys_take_each_methods_own_default():
     def method(*overrides):
-        return load_recipe(None, ["name=x", "model.name=gpt2", "data.dataset=wikitext2", *overrides])["method"]
+        return load_recipe(None, ["name=x", "model.name=gpt2", "data.dataset=wikitext2", *overrides]).method
 
-    assert method("method.type=vera")["r"] == 256  # VeRA's default rank, not LoRA's 16
-    assert method("method.type=lora")["r"] == 16
-    assert method("method.type=vera", "method.r=8")["r"] == 8
-    assert method("method.type=ia3") == {"type": "ia3", "targets": ["attn", "mlp"]}
+    assert method("method.type=vera").r == 256  # VeRA's default rank, not LoRA's 16
+    assert method("method.type=lora").r == 16
+    assert method("method.type=vera", "method.r=8").r == 8
+    assert asdict(method("method.type=ia3")) == {"type": "ia3", "targets": ["attn", "mlp"]}
 
 
 # ---- LoRA+ ---------------------------------------------------------------------------------------------
@@ -78,9 +79,9 @@ def test_shared_keys_take_each_methods_own_default():
 def test_loraplus_trains_b_matrices_at_lr_times_ratio(assets, optimizer):
     recipe = recipe_of("lora_plus", f"model.name={assets / 'gpt2'}", f"train.optimizer={optimizer}", "train.lr=1e-3",
                        "train.warmup_ratio=0", "train.warmup_steps=2", "train.max_steps=10")
-    model = apply_method(load_model(recipe["model"]), recipe["method"])
-    opt = make_optimizer(model, recipe["train"], torch.device("cpu"), recipe["method"])
-    scheduler = make_scheduler(opt, recipe["train"], 10)
+    model = apply_method(load_model(recipe.model), recipe.method)
+    opt = make_optimizer(model, recipe.train, torch.device("cpu"), recipe.method)
+    scheduler = make_scheduler(opt, recipe.train, 10)
     lr_of = {id(p): group for group in opt.param_groups for p in group["params"]}
     names = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert {id(p) for p in names.values()} == lr_of.keys()  # every trained tensor, once
@@ -146,7 +147,7 @@ def test_prefix_tuning_trains_and_reloads_on_llama(assets, tmp_path):
     val = [r["val_loss"] for r in read_log(run) if "val_loss" in r]
     assert val[-1] < val[0]
     recipe = load_recipe(ROOT / "recipes" / "prefix_tuning.yaml", args)
-    final = PeftModel.from_pretrained(load_model(recipe["model"]), run / "final").eval()
+    final = PeftModel.from_pretrained(load_model(recipe.model), run / "final").eval()
     with torch.no_grad():
         torch.testing.assert_close(final(input_ids=IDS).logits, end_of_training_model(run, recipe)(input_ids=IDS).logits)
     summary = json.loads((run / "summary.json").read_text())
@@ -160,7 +161,7 @@ def test_prefix_tuning_trains_and_reloads_on_llama(assets, tmp_path):
 def gpt2_64(assets, tmp_path_factory):
     """A tiny GPT-2 whose layers are as wide as bitsandbytes' 64-weight quantization blocks."""
     folder = tmp_path_factory.mktemp("gpt2_64") / "gpt2_64"
-    tiny.make_gpt2(folder, load_tokenizer({"name": str(assets / "gpt2")}), n_embd=64, dropout=0.0)
+    tiny.make_gpt2(folder, load_tokenizer(ModelSettings(name=str(assets / "gpt2"))), n_embd=64, dropout=0.0)
     return folder
 
 
@@ -186,14 +187,14 @@ def test_qlora_trains_on_a_4bit_base(assets, gpt2_64, tmp_path):
     assert val[-1] < val[0]
 
     recipe = load_recipe(ROOT / "recipes" / "qlora.yaml", args)
-    base = load_model(recipe["model"], quantization=quantization_kwargs(recipe["method"], recipe["model"]))
+    base = load_model(recipe.model, quantization=quantization_kwargs(recipe.method, recipe.model))
     quantized = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 4 * 2 and all(m.weight.dtype == torch.uint8 and m.weight.quant_type == "nf4" for m in quantized)
 
     # Quantizing is deterministic: two loads hold bitwise the same 4-bit weights (compared before any
     # forward pass, which repacks them for the CPU kernels), so an adapter on a fresh 4-bit base is the
     # trained model; final/ is the adapter alone and gives its logits.
-    again = dict(load_model(recipe["model"], quantization=quantization_kwargs(recipe["method"], recipe["model"])).named_parameters())
+    again = dict(load_model(recipe.model, quantization=quantization_kwargs(recipe.method, recipe.model)).named_parameters())
     assert all(torch.equal(p, again[name]) for name, p in base.named_parameters())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method_label"] == "QLoRA r16 (4-bit NF4)"
@@ -201,7 +202,7 @@ def test_qlora_trains_on_a_4bit_base(assets, gpt2_64, tmp_path):
     assert all("lora_" in k for k in adapter) and summary["trainable_params"] == sum(t.numel() for t in adapter.values())
     lora = recipe_of("lora_r16", *[a for a in args if not a.startswith("method.")])  # the same model, unquantized
     assert summary["total_params"] == count_params(initial_model(lora))[1]  # 4-bit weights by the shape they stand for
-    assert summary["artifact_mb"] < 0.5 * sum(p.numel() * 4 for p in load_model(recipe["model"]).parameters()) / 2**20
+    assert summary["artifact_mb"] < 0.5 * sum(p.numel() * 4 for p in load_model(recipe.model).parameters()) / 2**20
     final = PeftModel.from_pretrained(base, run / "final").eval()
     trained_end = end_of_training_model(run, recipe)
     with torch.no_grad():

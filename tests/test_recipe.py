@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from conftest import ROOT
 from tunebench.errors import UserError
 from tunebench.methods import METHODS
-from tunebench.recipe import SCHEMA, flatten, load_recipe, parse_override
+from tunebench.recipe import SCHEMA, flatten, load_recipe, parse_override, to_yaml
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 RECIPES = [p for p in RECIPES if "suites" not in p.parts]
@@ -18,18 +18,18 @@ RECIPES = [p for p in RECIPES if "suites" not in p.parts]
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
 def test_shipped_recipes_are_valid(path):
     recipe = load_recipe(path)
-    assert recipe["name"] == path.stem
-    assert recipe["output_dir"] == f"runs/{path.stem}"
+    assert recipe.name == path.stem
+    assert recipe.output_dir == f"runs/{path.stem}"
 
 
 def test_overrides_are_typed_and_win():
     recipe = load_recipe(ROOT / "recipes/lora_r16.yaml", ["train.lr=1e-4", "method.targets=[attn, mlp]", "train.max_steps=7",
                                                           "data.max_length=128", "model.name=gpt2-medium"])
-    assert recipe["train"]["lr"] == 1e-4 and isinstance(recipe["train"]["lr"], float)
-    assert recipe["method"]["targets"] == ["attn", "mlp"]
-    assert recipe["train"]["max_steps"] == 7
-    assert recipe["model"]["name"] == "gpt2-medium"
-    assert recipe["train"]["epochs"] == 1  # a default filled in
+    assert recipe.train.lr == 1e-4 and isinstance(recipe.train.lr, float)
+    assert recipe.method.targets == ["attn", "mlp"]
+    assert recipe.train.max_steps == 7
+    assert recipe.model.name == "gpt2-medium"
+    assert recipe.train.epochs == 1  # a default filled in
 
 
 def test_parse_override_reads_yaml_values():
@@ -42,13 +42,13 @@ def test_parse_override_reads_yaml_values():
 
 def test_comma_list_becomes_a_list():
     recipe = load_recipe(ROOT / "recipes/full.yaml", ["eval.tasks=wikitext2,lambada"])
-    assert recipe["eval"]["tasks"] == ["wikitext2", "lambada"]
+    assert recipe.eval.tasks == ["wikitext2", "lambada"]
 
 
 def test_resolved_recipe_round_trips(tmp_path):
     recipe = load_recipe(ROOT / "recipes/prompt_tuning.yaml", ["train.seed=3"])
     path = tmp_path / "again.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(to_yaml(recipe))
     assert load_recipe(path) == recipe
 
 
@@ -98,7 +98,7 @@ def test_every_schema_key_is_settable():
     settings = [(key, field, []) for key, field in schema_keys({k: v for k, v in SCHEMA.items() if k != "method"})]
     for method_type, method in METHODS.items():
         as_method = [f"method.type={method_type}"] + (["method.top_blocks=1"] if method_type == "partial" else [])
-        assert load_recipe(None, required + as_method)["method"]["type"] == method_type
+        assert load_recipe(None, required + as_method).method.type == method_type
         settings += [(f"method.{key}", field, as_method) for key, field in method.keys.items()]
     assert {key for key, _, _ in settings} == {key for key, _ in schema_keys(SCHEMA)} - {"method.type"}
     for dotted, field, as_method in settings:

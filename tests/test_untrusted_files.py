@@ -4,6 +4,7 @@ exit status 2, and nothing is written or changed."""
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -54,9 +55,9 @@ def test_damaged_model_folder_is_one_line(assets, tmp_path, case, damage, phrase
     """What train.py and evaluate.py load, in the order they load it: the first failure is a UserError."""
     from tunebench.errors import UserError
     from tunebench.models import load_config, load_model, load_tokenizer
-    from tunebench.recipe import defaults
+    from tunebench.recipe import ModelSettings
 
-    model_cfg = {**defaults()["model"], "name": str(model_copy(assets, tmp_path, damage))}
+    model_cfg = ModelSettings(name=str(model_copy(assets, tmp_path, damage)))
     with pytest.raises(UserError) as error:
         load_config(model_cfg), load_tokenizer(model_cfg), load_model(model_cfg)
     assert phrase in str(error.value) and "\n" not in str(error.value)
@@ -65,12 +66,12 @@ def test_damaged_model_folder_is_one_line(assets, tmp_path, case, damage, phrase
 def test_file_named_gguf_that_is_not_gguf(tmp_path):
     from tunebench.errors import UserError
     from tunebench.models import load_config
-    from tunebench.recipe import defaults
+    from tunebench.recipe import ModelSettings
 
     fake = tmp_path / "model.gguf"
     fake.write_text("not a model")
     with pytest.raises(UserError, match="is not a GGUF file"):
-        load_config({**defaults()["model"], "name": str(fake)})
+        load_config(ModelSettings(name=str(fake)))
 
 
 def write_bytes(path, data: bytes):
@@ -96,11 +97,11 @@ def test_malformed_data_file_names_its_line(assets, tmp_path, case, name, conten
     from tunebench import data
     from tunebench.errors import UserError
     from tunebench.models import load_tokenizer
-    from tunebench.recipe import defaults
+    from tunebench.recipe import DataSettings, ModelSettings
 
-    tokenizer = load_tokenizer({**defaults()["model"], "name": str(assets / "gpt2")})
-    data_cfg = {**defaults()["data"], "dataset": str(write_bytes(tmp_path / name, content)), "max_length": 64,
-                "validation_file": str(assets / "valid.txt")}
+    tokenizer = load_tokenizer(ModelSettings(name=str(assets / "gpt2")))
+    data_cfg = DataSettings(dataset=str(write_bytes(tmp_path / name, content)), max_length=64,
+                            validation_file=str(assets / "valid.txt"))
     with pytest.raises(UserError) as error:
         data.build(data_cfg, tokenizer, seed=0)
     assert phrase in str(error.value), str(error.value)
@@ -118,14 +119,14 @@ def test_malformed_data_file_through_train_py(assets, tmp_path):
 def test_folder_or_empty_file_given_for_a_file(assets, tmp_path, key):
     from tunebench import data_rows
     from tunebench.errors import UserError
-    from tunebench.recipe import defaults
+    from tunebench.recipe import DataSettings
 
-    base = {**defaults()["data"], "dataset": str(assets / "train.txt"), "validation_file": str(assets / "valid.txt")}
+    base = DataSettings(dataset=str(assets / "train.txt"), validation_file=str(assets / "valid.txt"))
     if key == "validation_file":
         with pytest.raises(UserError, match="data.validation_file '.*' is a folder; give a file"):
-            data_rows.load_raw({**base, key: str(tmp_path)})
+            data_rows.load_raw(replace(base, **{key: str(tmp_path)}))
     with pytest.raises(UserError, match="e.txt' is empty"):
-        data_rows.load_raw({**base, key: str(write_bytes(tmp_path / "e.txt", b""))})
+        data_rows.load_raw(replace(base, **{key: str(write_bytes(tmp_path / "e.txt", b""))}))
 
 
 def test_bad_model_leaves_a_stopped_run_untouched(assets, tmp_path):

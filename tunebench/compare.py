@@ -26,8 +26,6 @@ again, an interrupted one resumes from its checkpoints (train.py does both), an 
 (eval.json with every task) is not evaluated again. A step that fails leaves error.txt (the last
 lines of its output) in the run folder; the suite goes on and the report shows the run as failed.
 """
-import collections
-import json
 import json
 import os
 import subprocess
@@ -112,7 +110,7 @@ def judge_against(run: dict, suite: dict, models: list) -> list:
     """With a judge in eval_args, each run's answers are also compared with its untrained model's."""
     if "--judge" not in suite["eval_args"]:
         return []
-    return ["--judge-against", str(suite["runs_dir"] / baseline_name(model_source(run["recipe"]["model"]), models))]
+    return ["--judge-against", str(suite["runs_dir"] / baseline_name(model_source(run["recipe"].model), models))]
 
 
 # ---- the suite's phases ----------------------------------------------------------------------------
@@ -129,7 +127,7 @@ def plan(suite: dict, args) -> list:
     if args.accel and not Path(args.accel).is_file():
         raise UserError(f"accelerate config '{args.accel}' does not exist; pick one under accelerate_configs/")
     runs = suites.plan(suite)
-    suites.check_eval_args(suite, runs[0]["recipe"]["eval"]["tasks"])
+    suites.check_eval_args(suite, runs[0]["recipe"].eval.tasks)
     # Out of reach, the hub would be retried for about 25 s by every process: work from the cache.
     offline = os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True", "ON") and not suites.hub_reachable()
     if offline:
@@ -144,7 +142,7 @@ def plan(suite: dict, args) -> list:
 
 
 def how_steps_run(suite: dict, runs: list, args) -> Steps:
-    tasks = runs[0]["recipe"]["eval"]["tasks"]
+    tasks = runs[0]["recipe"].eval.tasks
     eval_args = ["--tasks", ",".join(tasks), *suite["eval_args"]]
     if suite["forgetting"] is not None:  # the general text, with the same evaluation settings, in the same process
         tasks = tasks + [GENERAL]
@@ -234,7 +232,7 @@ def main(argv=None):
     suite = suites.load(args.suite)
     runs = plan(suite, args)
     steps = how_steps_run(suite, runs, args)
-    models = list(dict.fromkeys(model_source(r["recipe"]["model"]) for r in runs))
+    models = list(dict.fromkeys(model_source(r["recipe"].model) for r in runs))
 
     baselines = evaluate_baselines(suite, models, steps)
     rates, search_failures = search_rates(suite, args, steps)

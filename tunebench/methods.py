@@ -22,6 +22,11 @@ row of tests/test_train.py's METHODS. Methods may share a key (lora and qlora sh
 a shared key has one type and check, and each method its own default. torch and peft are imported where used, so that recipe.py
 can read the entries without them.
 
+Settings arrive typed and are read as attributes: `method` below is a recipe's method section (a
+recipe.MethodSettings of that method's class: method.r, method.targets), `recipe` a resolved
+recipe.Recipe (recipe.train.max_steps), `model_cfg` its model section (recipe.ModelSettings). recipe.py
+builds those classes from the entries here, so this module names them without importing them.
+
 A classifier's head is new, so it trains with every method: peft's SEQ_CLS task keeps it in
 modules_to_save (trained and saved with the adapter), and partial always unfreezes it.
 """
@@ -135,34 +140,34 @@ def _is_norm(module) -> bool:
     return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
 
 
-def _train_everything(model, method: dict, tokenizer, task_type, total_steps=None):
+def _train_everything(model, method, tokenizer, task_type, total_steps=None):
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-def _lora_config(model, method: dict, task_type):
+def _lora_config(model, method, task_type):
     from peft import LoraConfig
 
     return LoraConfig(
         task_type=task_type,
-        r=method["r"],
-        lora_alpha=method["alpha"],
-        lora_dropout=method["dropout"],
-        target_modules=resolve_targets(model, method["targets"]),
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=resolve_targets(model, method.targets),
         fan_in_fan_out=_is_conv1d_model(model),
         bias="none",
-        use_dora=method["dora"],
-        use_rslora=method["rslora"],
-        init_lora_weights=True if method["init"] == "default" else method["init"],
+        use_dora=method.dora,
+        use_rslora=method.rslora,
+        init_lora_weights=True if method.init == "default" else method.init,
     )
 
 
-def _add_lora(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_lora(model, method, tokenizer, task_type, total_steps=None):
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, _lora_config(model, method, task_type))
-    if method["init"].startswith("pissa"):
+    if method.init.startswith("pissa"):
         _keep_initial_adapter(peft_model)
     return peft_model
 
@@ -190,7 +195,7 @@ def _is_conv1d_model(model) -> bool:
     return any(isinstance(m, Conv1D) for m in model.modules())
 
 
-def _add_quantized_lora(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_quantized_lora(model, method, tokenizer, task_type, total_steps=None):
     from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False):  # the memory plan's meta model is not quantized
@@ -200,10 +205,10 @@ def _add_quantized_lora(model, method: dict, tokenizer, task_type, total_steps=N
     return _add_lora(model, method, tokenizer, task_type)
 
 
-def _add_ia3(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_ia3(model, method, tokenizer, task_type, total_steps=None):
     from peft import IA3Config, get_peft_model
 
-    targets = resolve_targets(model, method["targets"])
+    targets = resolve_targets(model, method.targets)
     # The MLP's layers are IA3's feed-forward modules: their inputs are rescaled, not their outputs.
     mlp = TARGET_GROUPS.get(model.config.model_type, {}).get("mlp", [])
     config = IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=[t for t in targets if t in mlp],
@@ -211,33 +216,33 @@ def _add_ia3(model, method: dict, tokenizer, task_type, total_steps=None):
     return get_peft_model(model, config)
 
 
-def _add_vera(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_vera(model, method, tokenizer, task_type, total_steps=None):
     from peft import VeraConfig, get_peft_model
 
-    config = VeraConfig(task_type=task_type, r=method["r"], target_modules=resolve_targets(model, method["targets"]),
-                        vera_dropout=method["dropout"], d_initial=method["d_initial"],
+    config = VeraConfig(task_type=task_type, r=method.r, target_modules=resolve_targets(model, method.targets),
+                        vera_dropout=method.dropout, d_initial=method.d_initial,
                         fan_in_fan_out=_is_conv1d_model(model), save_projection=True)
     return get_peft_model(model, config)
 
 
-def _add_prefix(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_prefix(model, method, tokenizer, task_type, total_steps=None):
     from peft import PrefixTuningConfig, get_peft_model
 
-    config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method["num_virtual_tokens"])
+    config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens)
     return get_peft_model(model, config)
 
 
-def _add_adalora(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_adalora(model, method, tokenizer, task_type, total_steps=None):
     from peft import AdaLoraConfig, get_peft_model
 
     if total_steps is None:
-        total_steps = method["tinit"] + method["tfinal"] + 1  # the memory plan: sizes do not depend on it
+        total_steps = method.tinit + method.tfinal + 1  # the memory plan: sizes do not depend on it
     _check_adalora_schedule(method, total_steps)
     config = AdaLoraConfig(
-        task_type=task_type, init_r=method["init_r"], target_r=method["target_r"], lora_alpha=method["alpha"],
-        lora_dropout=method["dropout"], target_modules=resolve_targets(model, method["targets"]),
-        tinit=method["tinit"], tfinal=method["tfinal"], deltaT=method["delta_t"], beta1=method["beta1"],
-        beta2=method["beta2"], orth_reg_weight=method["orth_reg_weight"], total_step=total_steps,
+        task_type=task_type, init_r=method.init_r, target_r=method.target_r, lora_alpha=method.alpha,
+        lora_dropout=method.dropout, target_modules=resolve_targets(model, method.targets),
+        tinit=method.tinit, tfinal=method.tfinal, deltaT=method.delta_t, beta1=method.beta1,
+        beta2=method.beta2, orth_reg_weight=method.orth_reg_weight, total_step=total_steps,
         fan_in_fan_out=_is_conv1d_model(model),
     )
     peft_model = get_peft_model(model, config)
@@ -247,21 +252,21 @@ def _add_adalora(model, method: dict, tokenizer, task_type, total_steps=None):
     return peft_model
 
 
-def _check_adalora_schedule(method: dict, total_steps: int) -> None:
-    if method["tinit"] + method["tfinal"] >= total_steps:
+def _check_adalora_schedule(method, total_steps: int) -> None:
+    if method.tinit + method.tfinal >= total_steps:
         raise UserError(
-            f"method.tinit ({method['tinit']}) + method.tfinal ({method['tfinal']}) must be fewer than the run's "
+            f"method.tinit ({method.tinit}) + method.tfinal ({method.tfinal}) must be fewer than the run's "
             f"{total_steps} optimizer steps (AdaLoRA prunes ranks in between); lower them or train longer"
         )
 
 
-def _unfreeze_parts(model, method: dict, tokenizer, task_type, total_steps=None):
+def _unfreeze_parts(model, method, tokenizer, task_type, total_steps=None):
     from tunebench.models import classification_head, is_classifier
 
     for p in model.parameters():
         p.requires_grad_(False)
     blocks, final_norm = _blocks(model)
-    n = method["top_blocks"]
+    n = method.top_blocks
     if n > len(blocks):
         raise UserError(f"method.top_blocks is {n} but the model has {len(blocks)} blocks")
     if n:
@@ -269,9 +274,9 @@ def _unfreeze_parts(model, method: dict, tokenizer, task_type, total_steps=None)
             block.requires_grad_(True)
         if final_norm is not None:
             final_norm.requires_grad_(True)
-    if method["lm_head"]:
+    if method.lm_head:
         model.get_output_embeddings().requires_grad_(True)  # tied models train the shared embedding
-    if method["layer_norms"]:
+    if method.layer_norms:
         for module in model.modules():
             if _is_norm(module):
                 module.requires_grad_(True)
@@ -280,21 +285,21 @@ def _unfreeze_parts(model, method: dict, tokenizer, task_type, total_steps=None)
     return model
 
 
-def _add_soft_prompt(model, method: dict, tokenizer, task_type, total_steps=None):
+def _add_soft_prompt(model, method, tokenizer, task_type, total_steps=None):
     import torch
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
     from tunebench.models import is_classifier
 
-    n = method["num_virtual_tokens"]
+    n = method.num_virtual_tokens
     config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.RANDOM)
     peft_model = get_peft_model(model, config)
     if is_classifier(model):
         pool_last_real_token(peft_model)
-    if method["init_text"]:
+    if method.init_text:
         if tokenizer is None:
             raise ValueError("prompt tuning from a text needs the tokenizer")
-        ids = tokenizer(method["init_text"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(method.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise UserError("method.init_text is empty after tokenization; give some words or leave it null")
         ids = (ids * (n // len(ids) + 1))[:n]  # repeat or cut the text to N tokens
@@ -308,29 +313,29 @@ PISSA_INIT = re.compile(r"pissa(_niter_[1-9][0-9]*)?")
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")
 
 
-def _check_lora(recipe: dict) -> None:
-    method = recipe["method"]
-    if not method["targets"]:
+def _check_lora(recipe) -> None:
+    method = recipe.method
+    if not method.targets:
         raise UserError("recipe key 'method.targets' is empty; name groups (attn, attn_proj, mlp, lm_head) or modules")
-    if method["init"] not in LORA_INITS[:2] + ("olora",) and not PISSA_INIT.fullmatch(method["init"]):
-        raise UserError(f"recipe key 'method.init' is {method['init']!r}; choose one of {', '.join(LORA_INITS)} "
+    if method.init not in LORA_INITS[:2] + ("olora",) and not PISSA_INIT.fullmatch(method.init):
+        raise UserError(f"recipe key 'method.init' is {method.init!r}; choose one of {', '.join(LORA_INITS)} "
                         "(K: power iterations of the fast SVD, e.g. pissa_niter_4)")
-    ratio = method["loraplus_lr_ratio"]
+    ratio = method.loraplus_lr_ratio
     if ratio is not None and ratio < 1:
         raise UserError(f"recipe key 'method.loraplus_lr_ratio' is {ratio}; LoRA+ trains B faster than A: "
                         "give 1 or more (the paper uses 16), or null for plain LoRA")
-    if method["dora"] and method["init"].startswith("pissa"):
+    if method.dora and method.init.startswith("pissa"):
         raise UserError("method.dora and method.init pissa do not combine: peft cannot convert a PiSSA-initialised "
                         "DoRA adapter back to the unchanged base; choose one")
 
 
-def _check_lora_on_model(config, method: dict) -> None:
-    if method["init"] == "olora" and config.model_type == "gpt2":
+def _check_lora_on_model(config, method) -> None:
+    if method.init == "olora" and config.model_type == "gpt2":
         raise UserError("method.init olora gives wrong shapes on GPT-2's Conv1D layers (peft's OLoRA assumes "
                         "nn.Linear); use init pissa or default on this model, or olora on a Llama-style model")
 
 
-def _check_qlora_on_model(config, method: dict) -> None:
+def _check_qlora_on_model(config, method) -> None:
     _check_lora_on_model(config, method)
     check_4bit_support()
 
@@ -353,37 +358,37 @@ def check_4bit_support() -> None:
                         "install a bitsandbytes with 4-bit kernels for this device (0.50 has them for CUDA and CPU) or use method.type lora") from None
 
 
-def _check_partial(recipe: dict) -> None:
-    method = recipe["method"]
-    if recipe["task"] == "classification":
-        if method["lm_head"]:
+def _check_partial(recipe) -> None:
+    method = recipe.method
+    if recipe.task == "classification":
+        if method.lm_head:
             raise UserError(
                 "method.lm_head applies to task causal_lm; with task classification the classification head always trains"
             )
         return  # a classifier's partial may train its head alone
-    if not (method["top_blocks"] or method["lm_head"] or method["layer_norms"]):
+    if not (method.top_blocks or method.lm_head or method.layer_norms):
         raise UserError("method.type partial trains nothing; set method.top_blocks, method.lm_head or method.layer_norms")
 
 
-def _check_ia3(recipe: dict) -> None:
-    if not recipe["method"]["targets"]:
+def _check_ia3(recipe) -> None:
+    if not recipe.method.targets:
         raise UserError("recipe key 'method.targets' is empty; name groups (attn, attn_proj, mlp) or modules")
 
 
-def _check_adalora(recipe: dict) -> None:
-    method = recipe["method"]
+def _check_adalora(recipe) -> None:
+    method = recipe.method
     _check_ia3(recipe)
-    if method["target_r"] > method["init_r"]:
-        raise UserError(f"method.target_r ({method['target_r']}) is above method.init_r ({method['init_r']}); "
+    if method.target_r > method.init_r:
+        raise UserError(f"method.target_r ({method.target_r}) is above method.init_r ({method.init_r}); "
                         "AdaLoRA prunes ranks from init_r down to target_r")
     for key in ("beta1", "beta2"):
-        if not 0 < method[key] < 1:
-            raise UserError(f"recipe key 'method.{key}' is {method[key]}; give a number strictly between 0 and 1")
-    if recipe["train"]["max_steps"]:
-        _check_adalora_schedule(method, recipe["train"]["max_steps"])
+        if not 0 < getattr(method, key) < 1:
+            raise UserError(f"recipe key 'method.{key}' is {getattr(method, key)}; give a number strictly between 0 and 1")
+    if recipe.train.max_steps:
+        _check_adalora_schedule(method, recipe.train.max_steps)
 
 
-def _check_prefix_on_model(config, method: dict) -> None:
+def _check_prefix_on_model(config, method) -> None:
     if config.model_type not in TARGET_GROUPS:
         raise UserError(f"method.type prefix_tuning hands each layer a cache of past keys and values, which "
                         f"tunebench has checked on {', '.join(sorted(TARGET_GROUPS))}, not on '{config.model_type}'; "
@@ -441,26 +446,26 @@ def _adalora_load_state(model, state: dict) -> None:
 
 # ---- labels ----------------------------------------------------------------------------------------
 
-def _lora_label(method: dict, name: str = "LoRA") -> str:
-    parts = [f"{name} r{method['r']}"]
-    if method["targets"] != ["attn"]:
-        parts[0] += f" ({', '.join(method['targets'])})"
-    if method["dora"]:
+def _lora_label(method, name: str = "LoRA") -> str:
+    parts = [f"{name} r{method.r}"]
+    if method.targets != ["attn"]:
+        parts[0] += f" ({', '.join(method.targets)})"
+    if method.dora:
         parts.append("DoRA")
-    if method["rslora"]:
+    if method.rslora:
         parts.append("rsLoRA")
-    if method["init"].startswith("pissa"):
+    if method.init.startswith("pissa"):
         parts.append("PiSSA")
-    elif method["init"] != "default":
-        parts.append(f"{method['init']} init")
-    if method["loraplus_lr_ratio"]:
-        parts.append(f"LoRA+ x{method['loraplus_lr_ratio']:g}")
+    elif method.init != "default":
+        parts.append(f"{method.init} init")
+    if method.loraplus_lr_ratio:
+        parts.append(f"LoRA+ x{method.loraplus_lr_ratio:g}")
     return " + ".join(parts)
 
 
-def _partial_label(method: dict) -> str:
-    parts = [f"top {method['top_blocks']} blocks"] if method["top_blocks"] else []
-    parts += [name for name in ("lm_head", "layer_norms") if method[name]]
+def _partial_label(method) -> str:
+    parts = [f"top {method.top_blocks} blocks"] if method.top_blocks else []
+    parts += [name for name in ("lm_head", "layer_norms") if getattr(method, name)]
     return f"Partial ({', '.join(parts) or 'head'})"
 
 
@@ -521,7 +526,7 @@ METHODS = {
     "qlora": Method(
         keys={**LORA_KEYS, "quant_type": ("nf4", str, ("nf4", "fp4")), "double_quant": (True, bool, None)},
         wrap=_add_quantized_lora,
-        label=lambda method: _lora_label(method, "QLoRA") + f" (4-bit {method['quant_type'].upper()})",
+        label=lambda method: _lora_label(method, "QLoRA") + f" (4-bit {method.quant_type.upper()})",
         check=_check_lora,
         check_model=_check_qlora_on_model,
         plan_keys={"init": "default"},
@@ -543,21 +548,21 @@ METHODS = {
             "init_text": (None, str, None),
         },
         wrap=_add_soft_prompt,
-        label=lambda method: f"Prompt tuning {method['num_virtual_tokens']} tokens",
-        context_tokens=lambda method: method["num_virtual_tokens"],
+        label=lambda method: f"Prompt tuning {method.num_virtual_tokens} tokens",
+        context_tokens=lambda method: method.num_virtual_tokens,
         plan_keys={"init_text": None},  # the soft prompt's size does not depend on its first values
     ),
     "prefix_tuning": Method(
         keys={"num_virtual_tokens": (20, int, "positive")},
         wrap=_add_prefix,
-        label=lambda method: f"Prefix tuning {method['num_virtual_tokens']} tokens",
+        label=lambda method: f"Prefix tuning {method.num_virtual_tokens} tokens",
         check_model=_check_prefix_on_model,
-        context_tokens=lambda method: method["num_virtual_tokens"],  # the text's positions start after the prefix
+        context_tokens=lambda method: method.num_virtual_tokens,  # the text's positions start after the prefix
     ),
     "ia3": Method(
         keys={"targets": (["attn", "mlp"], list, None)},
         wrap=_add_ia3,
-        label=lambda method: f"IA3 ({', '.join(method['targets'])})",
+        label=lambda method: f"IA3 ({', '.join(method.targets)})",
         check=_check_ia3,
     ),
     "vera": Method(
@@ -568,7 +573,7 @@ METHODS = {
             "d_initial": (0.1, float, "positive"),
         },
         wrap=_add_vera,
-        label=lambda method: f"VeRA r{method['r']}",
+        label=lambda method: f"VeRA r{method.r}",
         check=_check_ia3,
     ),
     "adalora": Method(
@@ -586,7 +591,7 @@ METHODS = {
             "orth_reg_weight": (0.5, float, "non-negative"),
         },
         wrap=_add_adalora,
-        label=lambda method: f"AdaLoRA r{method['init_r']}->{method['target_r']}",
+        label=lambda method: f"AdaLoRA r{method.init_r}->{method.target_r}",
         check=_check_adalora,
         after_optimizer_step=_adalora_allocate,
         loss_term=_adalora_orthogonality,
@@ -596,38 +601,44 @@ METHODS = {
 }
 
 
-def label(method: dict) -> str:
+def label(method) -> str:
     """The method and its key settings, as reports show it: "LoRA r16 + DoRA", "IA3 (attn, mlp)"."""
-    return METHODS[method["type"]].label(method)
+    if isinstance(method, dict):  # TRANSITIONAL: report.py labels a failed run from its recipe.yaml's method as read
+        if method.get("type") not in METHODS:
+            raise KeyError(method.get("type"))
+        from types import SimpleNamespace
+
+        method = SimpleNamespace(**method)
+    return METHODS[method.type].label(method)
 
 
-def check_model(config, method: dict) -> None:
+def check_model(config, method) -> None:
     """Refuse, before anything is written, a model the method cannot train."""
-    METHODS[method["type"]].check_model(config, method)
+    METHODS[method.type].check_model(config, method)
 
 
-def apply_method(model, method: dict, tokenizer=None, total_steps=None):
+def apply_method(model, method, tokenizer=None, total_steps=None):
     """Freeze, wrap or leave the model as the method says. Returns the model to train. total_steps:
     the run's optimizer steps (AdaLoRA's schedule needs them)."""
     from peft import TaskType
 
     from tunebench.models import is_classifier
 
-    if method["type"] not in METHODS:
-        raise UserError(f"unknown method.type '{method['type']}'")
+    if method.type not in METHODS:
+        raise UserError(f"unknown method.type '{method.type}'")
     task_type = TaskType.SEQ_CLS if is_classifier(model) else TaskType.CAUSAL_LM
-    return METHODS[method["type"]].wrap(model, method, tokenizer, task_type, total_steps)
+    return METHODS[method.type].wrap(model, method, tokenizer, task_type, total_steps)
 
 
-def context_tokens(method: dict) -> int:
+def context_tokens(method) -> int:
     """Positions of the model's context the method takes before the text (a soft prompt's)."""
-    return METHODS[method["type"]].context_tokens(method)
+    return METHODS[method.type].context_tokens(method)
 
 
-def quantization_kwargs(method: dict, model_cfg: dict) -> dict:
+def quantization_kwargs(method, model_cfg) -> dict:
     """from_pretrained keywords that load the base quantized as the method says (QLoRA: 4-bit NF4 or
     FP4 weights, computed in the model's dtype, on this process's device); {} for other methods."""
-    if METHODS[method["type"]].base_bits(method) != 4:
+    if METHODS[method.type].base_bits(method) != 4:
         return {}
     import torch
     from accelerate import PartialState
@@ -635,21 +646,21 @@ def quantization_kwargs(method: dict, model_cfg: dict) -> dict:
 
     from tunebench.models import DTYPES
 
-    dtype = DTYPES[model_cfg.get("dtype", "float32")]
+    dtype = DTYPES[model_cfg.dtype]
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method["quant_type"],
-                                bnb_4bit_use_double_quant=method["double_quant"], bnb_4bit_compute_dtype=compute_dtype)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
+                                bnb_4bit_use_double_quant=method.double_quant, bnb_4bit_compute_dtype=compute_dtype)
     return {"quantization_config": config, "device_map": {"": PartialState().device}}
 
 
-def check_context(config, recipe: dict) -> None:
+def check_context(config, recipe) -> None:
     """Refuse a data.max_length (plus the positions the method takes: a soft prompt's virtual tokens)
     longer than the model's context."""
     from tunebench.models import context_length
 
     limit = context_length(config)
-    max_length = recipe["data"]["max_length"]
-    extra = context_tokens(recipe["method"])
+    max_length = recipe.data.max_length
+    extra = context_tokens(recipe.method)
     if limit and max_length + extra > limit:
         room = f" minus {extra} virtual tokens" if extra else ""
         raise UserError(

@@ -1,5 +1,7 @@
 """Load a causal LM (or, for classification, the same model with a sequence-classification head) and
-its tokenizer from a hub id, a local folder or a .gguf file."""
+its tokenizer from a hub id, a local folder or a .gguf file. `model_cfg` below is a recipe's model section
+(recipe.ModelSettings: model_cfg.name, model_cfg.dtype); recipe.py sits above this module, which names
+it without importing it."""
 from pathlib import Path
 
 import torch
@@ -60,52 +62,52 @@ def is_local(source: str) -> bool:
     return Path(source).is_dir()
 
 
-def _source(model_cfg: dict) -> tuple:
+def _source(model_cfg) -> tuple:
     """(hub id or folder, from_pretrained keywords every load shares: revision, remote code, GGUF file)."""
-    source, gguf = resolve_source(model_cfg["name"], model_cfg.get("gguf_file"))
-    kwargs = dict(revision=model_cfg.get("revision"), trust_remote_code=model_cfg.get("trust_remote_code", False))
+    source, gguf = resolve_source(model_cfg.name, model_cfg.gguf_file)
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     if gguf:
         kwargs["gguf_file"] = gguf
     return source, kwargs
 
 
-def load_config(model_cfg: dict):
+def load_config(model_cfg):
     """The model's config; a local folder's files are checked first (config, shard index, whole weights
     files), so a damaged copy fails here, before any data is read."""
     source, kwargs = _source(model_cfg)
     if "gguf_file" not in kwargs and is_local(source):
-        inputs.check_model_folder(source, model_cfg["name"])
-    return _hub_call("model", model_cfg["name"], lambda: AutoConfig.from_pretrained(source, **kwargs), is_local(source))
+        inputs.check_model_folder(source, model_cfg.name)
+    return _hub_call("model", model_cfg.name, lambda: AutoConfig.from_pretrained(source, **kwargs), is_local(source))
 
 
-def load_tokenizer(model_cfg: dict):
+def load_tokenizer(model_cfg):
     """The model's tokenizer. A model without a pad token (GPT-2) pads with its end-of-text token;
     nothing is added to the vocabulary, and padded positions are masked from every loss."""
     source, kwargs = _source(model_cfg)
-    tokenizer = _hub_call("tokenizer", model_cfg["name"], lambda: AutoTokenizer.from_pretrained(source, **kwargs),
+    tokenizer = _hub_call("tokenizer", model_cfg.name, lambda: AutoTokenizer.from_pretrained(source, **kwargs),
                           is_local(source))
     if tokenizer.eos_token is None:
-        raise UserError(f"tokenizer of '{model_cfg['name']}' has no end-of-text token; tunebench needs one")
+        raise UserError(f"tokenizer of '{model_cfg.name}' has no end-of-text token; tunebench needs one")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(model_cfg: dict, label_names: list = None, pad_token_id: int = None, quantization: dict = None):
+def load_model(model_cfg, label_names: list = None, pad_token_id: int = None, quantization: dict = None):
     """The causal LM; with label_names, the model with a new classification head of that many
     classes instead of its LM head. A classifier reads each row at its last token that is not
     pad_token_id (the id the collator pads with), so that id is set on its config. With a method
     that quantizes the base (qlora), quantization holds the from_pretrained keywords that load it
     so (methods.quantization_kwargs)."""
     source, kwargs = _source(model_cfg)
-    kwargs.update(dtype=DTYPES[model_cfg.get("dtype", "float32")], attn_implementation=model_cfg.get("attn_implementation", "sdpa"))
+    kwargs.update(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation)
     kwargs.update(quantization or {})
     auto = AutoModelForCausalLM
     if label_names:
         auto = AutoModelForSequenceClassification
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)})
-    model = _hub_call("model", model_cfg["name"], lambda: auto.from_pretrained(source, **kwargs), is_local(source))
+    model = _hub_call("model", model_cfg.name, lambda: auto.from_pretrained(source, **kwargs), is_local(source))
     if "gguf_file" in kwargs:
         # GGUF weights are de-quantized to plain tensors on load, yet the model stays marked as
         # quantized, which would make save_pretrained refuse it and PEFT treat it as k-bit.

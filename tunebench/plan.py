@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunebench import inputs
 from tunebench.errors import UserError
+from tunebench.recipe import MethodSettings, Recipe
 
 MB = 2**20
 GB = 2**30
@@ -124,13 +125,13 @@ def setup_from_accelerator(accelerator) -> Setup:
     return Setup(**fields)
 
 
-def model_dtype(recipe: dict, config, setup: Setup):
+def model_dtype(recipe: Recipe, config, setup: Setup):
     """The dtype the weights are held in during training."""
     from tunebench.models import DTYPES
 
     if setup.zero_stage and setup.mixed_precision in ("bf16", "fp16"):
         return torch.bfloat16 if setup.mixed_precision == "bf16" else torch.float16  # DeepSpeed casts the model
-    dtype = DTYPES[recipe["model"]["dtype"]]
+    dtype = DTYPES[recipe.model.dtype]
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -151,13 +152,13 @@ def _whole_models():
         hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
-def _meta_model(recipe: dict, config, dtype, checkpointing: bool):
+def _meta_model(recipe: Recipe, config, dtype, checkpointing: bool):
     """The recipe's model with its method on the meta device: shapes and dtypes, no memory."""
     with _whole_models():
         return _build_meta_model(recipe, config, dtype, checkpointing)
 
 
-def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
+def _build_meta_model(recipe: Recipe, config, dtype, checkpointing: bool):
     from transformers import AutoModelForCausalLM
 
     from tunebench.activations import use_fused_gelu
@@ -166,17 +167,17 @@ def _build_meta_model(recipe: dict, config, dtype, checkpointing: bool):
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=recipe["model"]["attn_implementation"],
-            trust_remote_code=recipe["model"]["trust_remote_code"],
+            config, dtype=dtype, attn_implementation=recipe.model.attn_implementation,
+            trust_remote_code=recipe.model.trust_remote_code,
         )
     use_fused_gelu(model)  # as train.py does
     if checkpointing:
         enable_gradient_checkpointing(model)
-    method = {**recipe["method"], **METHODS[recipe["method"]["type"]].plan_keys}
+    method = replace(recipe.method, **METHODS[recipe.method.type].plan_keys)
     return apply_method(model, method, None)  # peft puts the new (small) weights where the base weights are
 
 
-def _quantized_weights(model, method: dict) -> dict:
+def _quantized_weights(model, method: MethodSettings) -> dict:
     """id(weight) -> (elements, bytes per element) for each weight a 4-bit base holds quantized (QLoRA): transformers
     quantizes the frozen linear layers but the output layer. bitsandbytes packs two weights a byte,
     with one absmax per 64-weight block: a float32, or with double quantization a byte, plus a
@@ -185,7 +186,7 @@ def _quantized_weights(model, method: dict) -> dict:
 
     from tunebench.methods import METHODS
 
-    if METHODS[method["type"]].base_bits(method) != 4:
+    if METHODS[method.type].base_bits(method) != 4:
         return {}
     output = model.get_output_embeddings()
     out = {}
@@ -193,7 +194,7 @@ def _quantized_weights(model, method: dict) -> dict:
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output and not module.weight.requires_grad:
             n = module.weight.numel()
             blocks = math.ceil(n / 64)
-            absmax = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if method["double_quant"] else blocks * 4
+            absmax = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if method.double_quant else blocks * 4
             out[id(module.weight)] = (n, (math.ceil(n / 2) + absmax + 16 * 4) / n)  # (elements, bytes per element)
     return out
 
@@ -334,9 +335,9 @@ class Planner:
     """Predictions for one recipe and model config. The fake-tensor passes are cached, so that a
     budget search runs each (dtype, micro-batch, checkpointing) once."""
 
-    def __init__(self, recipe: dict, config, setup: Setup):
-        if recipe["task"] != "causal_lm":
-            raise UserError(f"the memory plan covers causal language modelling (task causal_lm), not task {recipe['task']}")
+    def __init__(self, recipe: Recipe, config, setup: Setup):
+        if recipe.task != "causal_lm":
+            raise UserError(f"the memory plan covers causal language modelling (task causal_lm), not task {recipe.task}")
         self.recipe, self.config, self.setup = recipe, config, setup
         self.runtime = runtime_bytes(setup)
         self._layouts, self._passes, self._loss_paths = {}, {}, {}
@@ -351,7 +352,7 @@ class Planner:
             model = _meta_model(self.recipe, self.config, dtype, checkpointing=False)
             params = list(unique_params(model))
             trained = [p for p in params if p.requires_grad]
-            quantized = _quantized_weights(model, self.recipe["method"])
+            quantized = _quantized_weights(model, self.recipe.method)
             self._layouts[dtype] = ([(p.numel(), p.element_size()) if id(p) not in quantized else quantized[id(p)]
                                      for p in params],
                                     [(p.numel(), p.element_size()) for p in trained],
@@ -363,7 +364,7 @@ class Planner:
         or the one asked for where it can apply."""
         from tunebench import fused_loss
 
-        wanted = self.recipe["train"]["fused_loss"] if fused is None else fused
+        wanted = self.recipe.train.fused_loss if fused is None else fused
         if not wanted or setup.zero_stage >= 3:
             return "plain"
         dtype = model_dtype(self.recipe, self.config, setup)
@@ -387,7 +388,7 @@ class Planner:
             model = _to_fake(_meta_model(self.recipe, self.config, dtype, checkpointing), fake_mode, setup.device)
             model.train()
             nll_of = fused_loss.install(model, only_scored=False) if loss == "fused" else causal_nll
-            seq = self.recipe["data"]["max_length"]
+            seq = self.recipe.data.max_length
             with fake_mode, _LiveBytes(model) as live:
                 ids = torch.zeros((micro_batch, seq), dtype=torch.long, device=setup.device)
                 with torch.autocast(setup.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast),
@@ -405,10 +406,10 @@ class Planner:
                 fused=None) -> Prediction:
         """The run as the recipe sets it, or with the given settings changed (fused: the fused loss
         where it applies, or the plain one)."""
-        t = self.recipe["train"]
-        micro_batch = micro_batch or t["micro_batch_size"]
-        checkpointing = self.recipe["model"]["gradient_checkpointing"] if checkpointing is None else checkpointing
-        optimizer, grad_accum, setup = optimizer or t["optimizer"], grad_accum or t["grad_accum"], setup or self.setup
+        train = self.recipe.train
+        micro_batch = micro_batch or train.micro_batch_size
+        checkpointing = self.recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
+        optimizer, grad_accum, setup = optimizer or train.optimizer, grad_accum or train.grad_accum, setup or self.setup
         n, zero, on_gpu = setup.processes, setup.zero_stage, setup.device == "cuda"
 
         params, trained, groups = self._layout(setup)
@@ -449,7 +450,7 @@ class Planner:
         )
 
 
-def predict_for_summary(recipe: dict, config, accelerator) -> dict:
+def predict_for_summary(recipe: Recipe, config, accelerator) -> dict:
     """The prediction for summary.json, made before the model loads. A model whose code cannot run on
     fake tensors gets the reason instead: a prediction must never stop a training run."""
     setup = setup_from_accelerator(accelerator)
@@ -477,14 +478,14 @@ def _mb(n: int) -> str:
     return f"{n / MB:,.1f} MB"
 
 
-def format_prediction(recipe: dict, setup: Setup, p: Prediction) -> str:
-    t, m = recipe["train"], recipe["model"]
+def format_prediction(recipe: Recipe, setup: Setup, p: Prediction) -> str:
+    train, model = recipe.train, recipe.model
     lines = [
-        f"memory plan for {recipe['name']}: {m['name']}, method {recipe['method']['type']} "
+        f"memory plan for {recipe.name}: {model.name}, method {recipe.method.type} "
         f"({p.trainable:,} of {p.total_params:,} parameters trained)",
-        f"  {setup.describe()}; micro-batch {t['micro_batch_size']} x {recipe['data']['max_length']} tokens, "
-        f"grad_accum {t['grad_accum']}, gradient checkpointing {'on' if m['gradient_checkpointing'] else 'off'}, "
-        f"optimizer {t['optimizer']}, {p.loss} loss" + ("" if p.loss == "fused" else " on the logits"),
+        f"  {setup.describe()}; micro-batch {train.micro_batch_size} x {recipe.data.max_length} tokens, "
+        f"grad_accum {train.grad_accum}, gradient checkpointing {'on' if model.gradient_checkpointing else 'off'}, "
+        f"optimizer {train.optimizer}, {p.loss} loss" + ("" if p.loss == "fused" else " on the logits"),
         f"  weights          {_mb(p.weights):>12}",
         f"  gradients        {_mb(p.gradients):>12}   (alive at the peak)",
         f"  optimizer state  {_mb(p.optimizer_state):>12}" + ("   (with DeepSpeed's float32 master weights)" if setup.zero_stage else ""),
@@ -500,15 +501,15 @@ def format_prediction(recipe: dict, setup: Setup, p: Prediction) -> str:
     return "\n".join(lines)
 
 
-def _candidates(recipe: dict, setup: Setup):
+def _candidates(recipe: Recipe, setup: Setup):
     """(cost, changes, settings) for every combination of the memory-saving changes."""
-    t, m = recipe["train"], recipe["model"]
-    global_batch = t["micro_batch_size"] * t["grad_accum"]
-    micro_batches = [t["micro_batch_size"]]
+    train, model = recipe.train, recipe.model
+    global_batch = train.micro_batch_size * train.grad_accum
+    micro_batches = [train.micro_batch_size]
     while micro_batches[-1] > 1 and global_batch % (micro_batches[-1] // 2) == 0:
         micro_batches.append(micro_batches[-1] // 2)
-    optimizers = [t["optimizer"]] + (["adamw_8bit"] if t["optimizer"] == "adamw" else [])
-    checkpointing = [m["gradient_checkpointing"]] + ([True] if not m["gradient_checkpointing"] else [])
+    optimizers = [train.optimizer] + (["adamw_8bit"] if train.optimizer == "adamw" else [])
+    checkpointing = [model.gradient_checkpointing] + ([True] if not model.gradient_checkpointing else [])
     setups = [setup]
     for stage, offload in ZERO_CONFIGS:
         more_sharding = setup.processes > 1 and stage > setup.zero_stage and not offload
@@ -519,13 +520,13 @@ def _candidates(recipe: dict, setup: Setup):
         if opt in EIGHT_BIT and s.offload_optimizer:
             continue  # refused: DeepSpeed would swap in its own CPU Adam
         changes, cost = [], 0
-        if mb != t["micro_batch_size"]:
+        if mb != train.micro_batch_size:
             changes += [f"train.micro_batch_size={mb}", f"train.grad_accum={global_batch // mb}"]
-            cost += COST["halve_micro_batch"] * int(math.log2(t["micro_batch_size"] // mb))
-        if opt != t["optimizer"]:
+            cost += COST["halve_micro_batch"] * int(math.log2(train.micro_batch_size // mb))
+        if opt != train.optimizer:
             changes.append(f"train.optimizer={opt}")
             cost += COST["8bit"]
-        if ckpt != m["gradient_checkpointing"]:
+        if ckpt != model.gradient_checkpointing:
             changes.append("model.gradient_checkpointing=true")
             cost += COST["checkpointing"]
         if s != setup:
@@ -550,12 +551,12 @@ def cheapest_fits(planner: Planner, budget: int, how_many: int = 3) -> list:
     return found
 
 
-def show(recipe: dict, setup: Setup, budget_gb=None) -> None:
+def show(recipe: Recipe, setup: Setup, budget_gb=None) -> None:
     """`train.py --plan`: print the prediction and, with a budget, the cheapest settings that fit."""
     from tunebench.methods import check_context
     from tunebench.models import load_config
 
-    config = load_config(recipe["model"])
+    config = load_config(recipe.model)
     check_context(config, recipe)
     import accelerate, datasets, peft  # noqa: E401,F401 - loaded as train.py loads them, so that the runtime measured matches a run's
     planner = Planner(recipe, config, setup)

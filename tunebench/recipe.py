@@ -133,8 +133,9 @@ class MethodSettings(Settings):
 
 def method_settings_class(name: str) -> type:
     """The settings class of one method, its fields made from the method's keys in METHODS."""
-    fields = [(k, list[str] if kind is list else (kind | None if default is None else kind), key(default, allowed))
-              for k, (default, kind, allowed) in METHODS[name].keys.items()]
+    fields = [("type", str, key(name, tuple(METHODS)))]  # METHOD_SETTINGS["lora"]() is a LoRA section
+    fields += [(k, list[str] if kind is list else (kind | None if default is None else kind), key(default, allowed))
+               for k, (default, kind, allowed) in METHODS[name].keys.items()]
     cls = make_dataclass(f"{name.title().replace('_', '')}Settings", fields, bases=(MethodSettings,))
     cls.__doc__ = f"method.type {name} and its keys (tunebench/methods.py)"
     return cls

@@ -61,6 +61,7 @@ from tunebench import rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive
 from tunebench.launch import INTERRUPTED, ROOT, child_env, gpu_count, launch_prefix, override_text, run_logged
+from tunebench.recipe import Recipe, flatten, load_recipe, to_yaml
 
 SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "extend",
                "storage"}
@@ -96,10 +97,8 @@ def log_spaced(lr: float, n: int, spacing: float) -> list:
     return [float(f"{lr * spacing ** (i - (n - 1) / 2):.3g}") for i in range(n)]
 
 
-def setting_hash(trial_recipe: dict, rates: list, rungs: list, metric: str) -> str:
+def setting_hash(trial_recipe: Recipe, rates: list, rungs: list, metric: str) -> str:
     """What a study's trials mean: the resolved trial recipe but its rate, name and folder; the rates, rungs, metric."""
-    from tunebench.recipe import flatten
-
     recipe = {k: v for k, v in flatten(trial_recipe).items() if k not in ("train.lr", "name", "output_dir")}
     text = json.dumps({"recipe": recipe, "rates": rates, "rungs": rungs, "metric": metric}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:HASH_CHARS]
@@ -120,8 +119,6 @@ def _whole(value, what: str, least: int) -> int:
 def parse(suite: dict) -> dict:
     """The planned suite's `search:` section checked against its methods (suite["tunings"]: name, recipe
     file, grid overrides and resolved recipe per recipe and grid point): every rate, rung and trial recipe."""
-    from tunebench.recipe import load_recipe
-
     section, where, methods = suite["search_section"], f"suite file '{suite['path']}'", suite["tunings"]
     runs_dir, overrides = suite["runs_dir"], suite["overrides"]
     if not isinstance(section, dict):
@@ -132,7 +129,7 @@ def parse(suite: dict) -> dict:
     metric = section.get("metric", "val_loss")
     if metric not in METRICS:
         raise UserError(f"{where}: search metric '{metric}' is not one of {', '.join(METRICS)}")
-    tasks = {recipe["task"] for _, _, _, recipe in methods}
+    tasks = {recipe.task for _, _, _, recipe in methods}
     if metric == "val_acc" and tasks != {"classification"}:
         raise UserError(f"{where}: search metric 'val_acc' needs task classification; a causal_lm run logs val_loss only")
     names = list(dict.fromkeys(Path(path).stem for _, path, _, _ in methods))
@@ -158,7 +155,7 @@ def parse(suite: dict) -> dict:
     if spacing <= 1 and n_rates > 1:
         raise UserError(f"{where}: search 'spacing' must be above 1 (the factor between neighbouring rates), got {spacing}")
     reduction = _whole(section.get("reduction", 3), f"{where}: search 'reduction'", 2)
-    base_steps = {recipe["train"]["max_steps"] for _, _, _, recipe in methods}
+    base_steps = {recipe.train.max_steps for _, _, _, recipe in methods}
     max_steps = section.get("max_steps", base_steps.pop() if len(base_steps) == 1 else None)
     if max_steps is None:
         raise UserError(f"{where}: set search 'max_steps' (the longest trial), or one train.max_steps for every recipe "
@@ -174,7 +171,7 @@ def parse(suite: dict) -> dict:
     for key in ("train.lr", "train.max_steps", "train.seed", "name", "output_dir"):
         if key in trial_overrides:
             raise UserError(f"{where}: search 'overrides' cannot set {key}; the search sets it (see search 'max_steps', 'seed')")
-    seed = section.get("seed", methods[0][3]["train"]["seed"])
+    seed = section.get("seed", methods[0][3].train.seed)
     if type(seed) is not int:
         raise UserError(f"{where}: search 'seed' must be a whole number, got {seed!r}")
     extend = _whole(section.get("extend", 2), f"{where}: search 'extend'", 0)
@@ -188,12 +185,12 @@ def parse(suite: dict) -> dict:
         f"train.save_every={max_steps}", "train.keep_checkpoints=1"]
     planned = []
     for name, path, grid_overrides, recipe in methods:
-        rates = lrs.get(Path(path).stem) or log_spaced(recipe["train"]["lr"], n_rates, spacing)
+        rates = lrs.get(Path(path).stem) or log_spaced(recipe.train.lr, n_rates, spacing)
         shared = overrides + grid_overrides + trial_settings
         trial = load_recipe(path, shared + [f"train.lr={rates[0]}", f"output_dir={runs_dir / 'search' / name}"])  # checks the keys
         tag = f"{name}-{setting_hash(trial, rates, rungs, metric)}"
-        planned.append({"name": name, "recipe_path": path, "recipe_lr": recipe["train"]["lr"], "rates": rates,
-                        "dir": runs_dir / "search" / tag, "overrides": shared, "task": trial["task"],
+        planned.append({"name": name, "recipe_path": path, "recipe_lr": recipe.train.lr, "rates": rates,
+                        "dir": runs_dir / "search" / tag, "overrides": shared, "task": trial.task,
                         "study": f"{runs_dir.name}-{tag}"})
     return {"metric": metric, "direction": METRICS[metric], "rungs": rungs, "n_rates": n_rates, "reduction": reduction,
             "max_steps": max_steps, "first_rung": first_rung, "seed": seed, "extend": extend, "storage": storage,
@@ -565,7 +562,7 @@ def work(plan: dict, launcher: list, env: dict) -> None:
 
 # ---- a trial that is the comparison run ------------------------------------------------------------------
 
-def adopt(method: dict, lr: float, recipe: dict, run_dir: Path) -> bool:
+def adopt(method: dict, lr: float, recipe: Recipe, run_dir: Path) -> bool:
     """When the comparison run's recipe is the search's last-rung trial at this rate (same steps, seed, data,
     settings; only name and folder differ), that finished trial is the run: its files are linked into
     run_dir (recipe.yaml and summary.json rewritten with the run's name) instead of training it again."""
@@ -574,8 +571,6 @@ def adopt(method: dict, lr: float, recipe: dict, run_dir: Path) -> bool:
     import yaml
 
     from tunebench import rundir
-    from tunebench.recipe import flatten, to_yaml
-
     trial_dir = method["dir"] / run_name(lr)
     if run_dir.exists() or not (trial_dir / "summary.json").is_file():
         return False
@@ -595,7 +590,7 @@ def adopt(method: dict, lr: float, recipe: dict, run_dir: Path) -> bool:
     shutil.copytree(trial_dir, tmp, copy_function=link)
     rundir.write_atomic(tmp / "recipe.yaml", to_yaml(recipe))
     summary = rundir.read_json(tmp / "summary.json")
-    rundir.write_json(tmp / "summary.json", {**summary, "name": recipe["name"], "search_trial": str(trial_dir)})
+    rundir.write_json(tmp / "summary.json", {**summary, "name": recipe.name, "search_trial": str(trial_dir)})
     (tmp / "eval.json").unlink(missing_ok=True)
     os.replace(tmp, run_dir)
     return True

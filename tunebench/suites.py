@@ -17,7 +17,7 @@ from tunebench import inputs
 from tunebench.errors import UserError
 from tunebench.launch import ROOT, child_env, override_text
 from tunebench.methods import context_tokens
-from tunebench.recipe import METHOD_KEYS, load_recipe
+from tunebench.recipe import METHOD_KEYS, ModelSettings, load_recipe
 from tunebench.verdict import GENERAL
 
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
@@ -97,7 +97,7 @@ def check_eval_args(suite: dict, tasks: list) -> None:
 def grid_points(suite: dict, recipe_path: str) -> list:
     """[(name suffix, overrides)] of every grid combination that applies to this recipe ([("", [])] without a grid).
     A method key (method.r) applies to the recipes whose method has it; any other key to every recipe."""
-    method = load_recipe(recipe_path, suite["overrides"])["method"]["type"]
+    method = load_recipe(recipe_path, suite["overrides"]).method.type
     axes = []
     for key, values in suite["grid"].items():
         section, _, leaf = key.partition(".")
@@ -122,18 +122,18 @@ def same_examples_per_step(suite: dict, runs: list):
     methods would see more examples per step and be validated on other rows. With one in the suite,
     no run packs (data.packing=false for every run and search trial). Returns the report's line on
     how packing was made equal, or None when no run needed it."""
-    unpackable = sorted({r["recipe"]["method"]["type"] for r in runs if context_tokens(r["recipe"]["method"])})
+    unpackable = sorted({r["recipe"].method.type for r in runs if context_tokens(r["recipe"].method)})
     if not unpackable:
         return None
     why = f"{', '.join(unpackable)} add{'s' if len(unpackable) == 1 else ''} virtual tokens"
-    packed = [r["name"] for r in runs if r["recipe"]["data"]["packing"]]
+    packed = [r["name"] for r in runs if r["recipe"].data.packing]
     if packed:
         raise UserError(f"suite '{suite['name']}': data.packing is true, but {why} and is never packed, so run "
                         f"{packed[0]} would see other examples per step than the rest; set data.packing: false or leave it unset")
     suite["overrides"].append("data.packing=false")
     for run in runs:
         run["overrides"].append("data.packing=false")
-        run["recipe"]["data"]["packing"] = False
+        run["recipe"].data.packing = False
     return f"off for every run ({why}), so every method saw the same examples in the same order"
 
 
@@ -170,10 +170,10 @@ def plan(suite: dict) -> list:
     if len({r["name"] for r in runs}) < len(runs):
         raise UserError("two runs of the suite have the same name (two recipes with one file name, or grid values that "
                         "read the same in a run name); their runs would share a folder")
-    if len({tuple(r["recipe"]["eval"]["tasks"]) for r in runs}) > 1 or not runs[0]["recipe"]["eval"]["tasks"]:
+    if len({tuple(r["recipe"].eval.tasks) for r in runs}) > 1 or not runs[0]["recipe"].eval.tasks:
         raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
     if suite["forgetting"] is not None:
-        if GENERAL in runs[0]["recipe"]["eval"]["tasks"]:
+        if GENERAL in runs[0]["recipe"].eval.tasks:
             raise UserError(f"the forgetting text is stored as task '{GENERAL}'; no eval task may have that name")
         if not Path(suite["forgetting"]["data_file"]).is_file():
             raise UserError(f"forgetting data_file '{suite['forgetting']['data_file']}' does not exist"
@@ -202,21 +202,20 @@ def check_reachable(runs: list) -> None:
 
     checked = set()
     for run in runs:
-        m, d = run["recipe"]["model"], run["recipe"]["data"]
-        key = (m["name"], m["gguf_file"], m["revision"], d["dataset"], d["config"])
+        model, data_settings = run["recipe"].model, run["recipe"].data
+        key = (model.name, model.gguf_file, model.revision, data_settings.dataset, data_settings.config)
         if key in checked:
             continue
         checked.add(key)
         try:
-            load_config(m)
-            data_rows.load_raw(d)
+            load_config(model)
+            data_rows.load_raw(data_settings)
         except UserError as e:
             offline = "hub cannot be reached" in str(e) and "make demo" not in str(e)
             hint = "; `make demo` runs a comparison fully offline" if offline else ""
             raise UserError(f"{e}{hint}") from None
 
 
-def model_source(model_cfg: dict) -> str:
+def model_source(model: ModelSettings) -> str:
     """The model as evaluate.py --model takes it: a hub id, a folder, or the path of a .gguf file."""
-    gguf = model_cfg["gguf_file"]
-    return str(Path(model_cfg["name"]) / gguf) if gguf else model_cfg["name"]
+    return str(Path(model.name) / model.gguf_file) if model.gguf_file else model.name
