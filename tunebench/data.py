@@ -41,6 +41,7 @@ import torch
 from tunebench import chat, data_rows
 from tunebench.errors import UserError
 from tunebench.metrics import IGNORE_INDEX  # the label no loss scores
+from tunebench.recipe import DataSettings
 
 # Prompt templates: {prompt} and {response} stand for the mapped fields, {input} for the optional
 # input field. A pair is (without input, with input), chosen per row by whether its input is empty.
@@ -156,14 +157,14 @@ def fit_prompt_side(head: list, prompt: list, middle: list, room: int) -> list:
     return head + prompt[: max(0, room - len(head) - len(middle))] + middle
 
 
-def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: bool, num_proc=None):
+def tokenize_pairs(ds, tokenizer, template: str, data_cfg: DataSettings, cut_prompt: bool, num_proc=None):
     """input_ids = prompt side + target + end-of-text; labels = the target tokens, -100 elsewhere
     (or all tokens with data.train_on_prompt). Rows too long for data.max_length are cut: the
     prompt (cut_prompt: summarization's article) or else the target's end; a row where nothing of
     the target, or nothing of the prompt, would remain is dropped. Column "cut" marks cut rows."""
     variants = template_variants(template)
-    max_length, eos = data_cfg["max_length"], tokenizer.eos_token_id
-    train_on_prompt = data_cfg["train_on_prompt"]
+    max_length, eos = data_cfg.max_length, tokenizer.eos_token_id
+    train_on_prompt = data_cfg.train_on_prompt
 
     def encode(texts):
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -194,14 +195,14 @@ def tokenize_pairs(ds, tokenizer, template: str, data_cfg: dict, cut_prompt: boo
                   new_fingerprint=_fingerprint(ds, tokenizer, *settings), desc="tokenizing")
 
 
-def tokenize_conversations(ds, tokenizer, template: str, data_cfg: dict, num_proc=None):
+def tokenize_conversations(ds, tokenizer, template: str, data_cfg: DataSettings, num_proc=None):
     """Rows of turn_rows -> input_ids = the conversation through the chat template; labels = every
     assistant turn's reply and end-of-turn token from first_scored on, -100 elsewhere (all tokens
     with data.train_on_prompt). A conversation longer than data.max_length keeps its turns up to
     the last assistant turn that fits (column "cut"); column "problem" says why a row gives no
     example ("" when it does): a bad row (chat.BadConversation), or "too long" when not even its
     first reply fits."""
-    max_length, train_on_prompt = data_cfg["max_length"], data_cfg["train_on_prompt"]
+    max_length, train_on_prompt = data_cfg.max_length, data_cfg.train_on_prompt
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "cut": [], "problem": []}
@@ -283,16 +284,16 @@ def _lazy(token_ds, names=None, packable=False) -> Examples:
     return Examples(token_ds["input_ids"], token_ds["labels"], names, packable)
 
 
-def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tuple:
+def build(data_cfg: DataSettings, tokenizer, seed: int, task: str = "causal_lm") -> tuple:
     """(train Examples, validation Examples) for a recipe's data section; for classification both
     carry label_names. Conversations set tokenizer.chat_template to the template they use."""
-    name = data_cfg["dataset"]
+    name = data_cfg.dataset
     raw, spec = data_rows.load_raw(data_cfg)
     train, val, _ = data_rows.split_rows(raw, data_cfg, spec, seed)
     fmt, fields, why = data_rows.resolve_format(data_cfg, task, spec, train.column_names)
     if why and fmt != "text":  # plain text, as ever, goes without saying
         print(f"data: {name} read as {fmt}: {why} (data.format sets another)")
-    num_proc = data_cfg["num_proc"] or (min(8, os.cpu_count() or 1) if len(train) > 50_000 else None)
+    num_proc = data_cfg.num_proc or (min(8, os.cpu_count() or 1) if len(train) > 50_000 else None)
     splits = {"train": train, "validation": val}
     wheres = {"train": f"data set '{name}'", "validation": f"validation data of '{name}'"}
 
@@ -301,11 +302,11 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
             data_rows.check_column(ds, fields["text_field"], "text_field", wheres[split])
             data_rows.check_column(ds, fields["label_field"], "label_field", wheres[split])
         names = data_rows.label_names(train, val, fields["label_field"], spec, wheres["train"])
-        splits["train"] = data_rows.subsample(train, data_cfg["fraction"], seed)
+        splits["train"] = data_rows.subsample(train, data_cfg.fraction, seed)
         out = []
         for split, ds in splits.items():
             tokens = tokenize_labelled(ds, tokenizer, fields["text_field"], fields["label_field"], names,
-                                       data_cfg["max_length"], num_proc)
+                                       data_cfg.max_length, num_proc)
             if len(tokens) == 0:
                 raise UserError(f"{wheres[split]} has no text in field '{fields['text_field']}'")
             out.append(_lazy(tokens, names))
@@ -319,11 +320,11 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
                 column, value = spec["text_rows"]
                 ds = ds.filter(lambda batch: [v == value for v in batch[column]], batched=True)
             if split == "train":
-                ds = data_rows.subsample(ds, data_cfg["fraction"], seed)
+                ds = data_rows.subsample(ds, data_cfg.fraction, seed)
             tokens = tokenize(ds, tokenizer, fields["text_field"], num_proc)
             if len(tokens) == 0:
                 raise UserError(f"{wheres[split]} has no text in its {split} split (field '{fields['text_field']}')")
-            out.append(pack(tokens, tokenizer.eos_token_id, data_cfg["max_length"]))
+            out.append(pack(tokens, tokenizer.eos_token_id, data_cfg.max_length))
         return tuple(out)
 
     source = data_rows.turns_source(train, fmt, fields, f"data set '{name}'")
@@ -334,7 +335,7 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
     out = []
     for split, ds in splits.items():
         rows = data_rows.pair_rows(ds, fmt, fields, data_cfg, wheres[split])
-        limit = data_cfg["max_response_chars"]
+        limit = data_cfg.max_response_chars
         rows = rows.filter(
             lambda batch: [bool(r and r.strip()) and (limit is None or len(r) <= limit) for r in batch["response"]],
             batched=True,
@@ -343,30 +344,30 @@ def build(data_cfg: dict, tokenizer, seed: int, task: str = "causal_lm") -> tupl
             shorter = f" of at most data.max_response_chars {limit} characters" if limit else ""
             raise UserError(f"{wheres[split]} has no example with a response{shorter}")
         if split == "train":
-            rows = data_rows.subsample(rows, data_cfg["fraction"], seed)
+            rows = data_rows.subsample(rows, data_cfg.fraction, seed)
         tokens = tokenize_pairs(rows, tokenizer, fields["template"], data_cfg, fmt == "summarization", num_proc)
         if len(tokens) == 0:
             raise UserError(
                 f"{wheres[split]} has no example whose {'summary' if fmt == 'summarization' else 'prompt'} fits "
-                f"data.max_length {data_cfg['max_length']} with room for the response; raise data.max_length"
+                f"data.max_length {data_cfg.max_length} with room for the response; raise data.max_length"
             )
         dropped, cut = len(rows) - len(tokens), sum(tokens["cut"])
         if dropped or cut:
             print(
                 f"data: {name} {split}: of {len(rows):,} examples, {cut:,} cut to fit data.max_length "
-                f"{data_cfg['max_length']} (the {'article' if fmt == 'summarization' else 'response'}), "
+                f"{data_cfg.max_length} (the {'article' if fmt == 'summarization' else 'response'}), "
                 f"{dropped:,} dropped (too long to cut)"
             )
         out.append(_lazy(tokens, packable=True))
     return tuple(out)
 
 
-def conversations(splits: dict, tokenizer, source, fields: dict, data_cfg: dict, wheres: dict, seed: int,
+def conversations(splits: dict, tokenizer, source, fields: dict, data_cfg: DataSettings, wheres: dict, seed: int,
                   num_proc=None) -> tuple:
     """(train Examples, validation Examples) of rows of turns through the chat template."""
     what = f"'{source}'" if isinstance(source, str) else f"'{source[0]}' and '{source[1]}' turns"
     for key in ("template", "max_response_chars"):
-        if data_cfg[key] is not None:
+        if getattr(data_cfg, key) is not None:
             raise UserError(f"recipe key 'data.{key}' does not apply to conversations of turns ({what}): these use the "
                             "model's chat template, or data.chat_template (data.template is for OpenAssistant message "
                             "trees and prompt/completion strings)")
@@ -375,14 +376,14 @@ def conversations(splits: dict, tokenizer, source, fields: dict, data_cfg: dict,
     # to evaluate.py, transformers' pipelines and serving.
     tokenizer.chat_template = template
     print(f"data: conversations ({what}) through {how}; loss on "
-          + ("every token" if data_cfg["train_on_prompt"] else "the assistant turns"))
+          + ("every token" if data_cfg.train_on_prompt else "the assistant turns"))
     out = []
     for split, ds in splits.items():
         if split == "train":
-            ds = data_rows.subsample(ds, data_cfg["fraction"], seed)
+            ds = data_rows.subsample(ds, data_cfg.fraction, seed)
         rows = data_rows.turn_rows(ds, source, wheres[split])
         tokens = tokenize_conversations(rows, tokenizer, template, data_cfg, num_proc)
-        out.append(_lazy(usable_conversations(tokens, wheres[split], data_cfg["max_length"]), packable=True))
+        out.append(_lazy(usable_conversations(tokens, wheres[split], data_cfg.max_length), packable=True))
     return tuple(out)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from tunebench import inputs
 from tunebench.errors import UserError
+from tunebench.recipe import DataSettings
 
 # name -> where it lives on the hub, its splits, and how its rows are read. Fields and templates
 # here are the defaults of the data set's format; recipe keys override them.
@@ -131,15 +132,15 @@ def _load_hub(hub_id: str, config: str, name: str) -> datasets.DatasetDict:
         ) from None
 
 
-def load_raw(data_cfg: dict) -> tuple:
+def load_raw(data_cfg: DataSettings) -> tuple:
     """(DatasetDict of raw rows, the registry spec or {}). A registered name reads the hub, or the
     local files of data.files, which hold the hub's rows: one file is the data set's training
     split, a folder's files are split by name (train, validation, test)."""
-    name = data_cfg["dataset"]
+    name = data_cfg.dataset
     spec = REGISTRY.get(name, {})
     path = Path(name)
-    if data_cfg["files"]:
-        files = Path(data_cfg["files"])
+    if data_cfg.files:
+        files = Path(data_cfg.files)
         if not spec:
             raise UserError(
                 f"data.files reads a registered data set ({', '.join(REGISTRY)}) from local files; "
@@ -152,7 +153,7 @@ def load_raw(data_cfg: dict) -> tuple:
         else:
             raise UserError(f"data.files '{files}' does not exist")
     elif spec:
-        raw = _load_hub(spec["hub"], data_cfg["config"] or spec["config"], name)
+        raw = _load_hub(spec["hub"], data_cfg.config or spec["config"], name)
     elif path.is_file():
         raw = _load_local({"train": [path]})
     elif path.is_dir():
@@ -160,13 +161,13 @@ def load_raw(data_cfg: dict) -> tuple:
     elif name.startswith((".", "/", "~")) or Path(name).suffix.lower() in LOCAL_BUILDERS:
         raise UserError(f"data file '{name}' does not exist")
     elif "/" in name:
-        raw = _load_hub(name, data_cfg["config"], name)
+        raw = _load_hub(name, data_cfg.config, name)
     else:
         raise UserError(
             f"data set '{name}' is neither registered ({', '.join(REGISTRY)}), a hub id (owner/name) nor an existing file"
         )
-    if data_cfg["validation_file"]:
-        vpath = inputs.existing_file(data_cfg["validation_file"], "data.validation_file")
+    if data_cfg.validation_file:
+        vpath = inputs.existing_file(data_cfg.validation_file, "data.validation_file")
         raw["validation"] = _load_local({"train": [vpath]})["train"]
     return raw, spec
 
@@ -191,57 +192,57 @@ def recognise_shape(columns, name: str) -> tuple:
     )
 
 
-def resolve_format(data_cfg: dict, task: str, spec: dict, columns=None) -> tuple:
+def resolve_format(data_cfg: DataSettings, task: str, spec: dict, columns=None) -> tuple:
     """(format, fields, why): the recipe's keys over the registered data set's over the format's
     defaults. A local file (columns: its fields) without a format or fields is read by its shape."""
-    name = data_cfg["dataset"]
+    name = data_cfg.dataset
     why = None
     if task == "classification":
         fmt = "classification"
-    elif data_cfg["format"] or spec:
-        fmt = data_cfg["format"] or spec["format"]
-    elif data_cfg["prompt_field"] or data_cfg["response_field"]:
+    elif data_cfg.format or spec:
+        fmt = data_cfg.format or spec["format"]
+    elif data_cfg.prompt_field or data_cfg.response_field:
         fmt = "instruction"
-    elif data_cfg["text_field"] or columns is None:
+    elif data_cfg.text_field or columns is None:
         fmt = "text"
     else:
         fmt, why = recognise_shape(columns, name)
     for key in sorted(set().union(*FORMAT_KEYS.values()) - FORMAT_KEYS[fmt]):
-        if data_cfg[key] not in (None, False):
+        if getattr(data_cfg, key) not in (None, False):
             raise UserError(
                 f"recipe key 'data.{key}' does not apply to data set '{name}' read as {fmt}; "
                 f"that reads {', '.join('data.' + k for k in sorted(FORMAT_KEYS[fmt]))}"
             )
     fields = {k: v for k, v in FORMAT_DEFAULTS[fmt].items()}
     fields.update({k: v for k, v in spec.items() if k in FIELD_KEYS and k in FORMAT_KEYS[fmt]})
-    fields.update({k: data_cfg[k] for k in FIELD_KEYS if data_cfg[k] is not None})
+    fields.update({k: getattr(data_cfg, k) for k in FIELD_KEYS if getattr(data_cfg, k) is not None})
     return fmt, fields, why
 
 
 # ---- splits ------------------------------------------------------------------------------------------
 
-def split_rows(raw, data_cfg: dict, spec: dict, seed: int) -> tuple:
+def split_rows(raw, data_cfg: DataSettings, spec: dict, seed: int) -> tuple:
     """(train, validation, test) rows. Validation is the data set's own split (or data.validation_file),
     test its "test" split; a part it lacks is held out of train, a data.validation_share of it each,
     validation first, by a shuffle with the seed. The parts are disjoint: validation picks the best
     step and, in a suite's search, the learning rate; test only scores the comparison (evaluate.py)."""
-    train_name = data_cfg["train_split"] if data_cfg["train_split"] != "train" else spec.get("train_split", "train")
+    train_name = data_cfg.train_split if data_cfg.train_split != "train" else spec.get("train_split", "train")
     if train_name not in raw:
-        raise UserError(f"data set '{data_cfg['dataset']}' has no split '{train_name}'; it has {', '.join(raw)}")
+        raise UserError(f"data set '{data_cfg.dataset}' has no split '{train_name}'; it has {', '.join(raw)}")
     train = raw[train_name]
-    val_name = data_cfg["validation_split"] or spec.get("validation_split")
+    val_name = data_cfg.validation_split or spec.get("validation_split")
     if val_name is None and "validation" in raw and train_name != "validation":
         val_name = "validation"
     if val_name is not None and val_name not in raw:
-        raise UserError(f"data set '{data_cfg['dataset']}' has no split '{val_name}'; it has {', '.join(raw)}")
+        raise UserError(f"data set '{data_cfg.dataset}' has no split '{val_name}'; it has {', '.join(raw)}")
     test_name = "test" if "test" in raw and "test" not in (train_name, val_name) else None
     parts = {"validation": raw[val_name] if val_name else None, "test": raw[test_name] if test_name else None}
     missing = [part for part, rows in parts.items() if rows is None]
-    share = data_cfg["validation_share"]
+    share = data_cfg.validation_share
     n_held_out = math.ceil(len(train) * share)
     if missing and (share == 0 or n_held_out * len(missing) >= len(train)):
         raise UserError(
-            f"data set '{data_cfg['dataset']}' has {len(train)} rows and no {' or '.join(missing)} split; give "
+            f"data set '{data_cfg.dataset}' has {len(train)} rows and no {' or '.join(missing)} split; give "
             f"data.validation_file or a data.validation_share between 0 and 1 that leaves rows for training after "
             f"{len(missing)} held-out share(s)"
         )
@@ -329,7 +330,7 @@ def conversation_pairs(ds) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"prompt": [p for p, _ in pairs], "response": [r for _, r in pairs]})
 
 
-def pair_rows(ds, fmt: str, fields: dict, data_cfg: dict, where: str):
+def pair_rows(ds, fmt: str, fields: dict, data_cfg: DataSettings, where: str):
     """The rows as columns prompt, response and, when the data has it, input."""
     if fmt == "conversation":
         return conversation_pairs(ds)
@@ -338,7 +339,7 @@ def pair_rows(ds, fmt: str, fields: dict, data_cfg: dict, where: str):
         field = fields.get(f"{column}_field")
         if field is None:
             continue
-        if field not in ds.column_names and column == "input" and data_cfg["input_field"] is None:
+        if field not in ds.column_names and column == "input" and data_cfg.input_field is None:
             continue  # the default input field is optional: data without it has no inputs
         check_column(ds, field, f"{column}_field", where)
         renames[field] = column

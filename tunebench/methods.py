@@ -603,12 +603,6 @@ METHODS = {
 
 def label(method) -> str:
     """The method and its key settings, as reports show it: "LoRA r16 + DoRA", "IA3 (attn, mlp)"."""
-    if isinstance(method, dict):  # TRANSITIONAL: report.py labels a failed run from its recipe.yaml's method as read
-        if method.get("type") not in METHODS:
-            raise KeyError(method.get("type"))
-        from types import SimpleNamespace
-
-        method = SimpleNamespace(**method)
     return METHODS[method.type].label(method)
 
 

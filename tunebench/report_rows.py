@@ -11,9 +11,8 @@ import re
 import statistics
 from pathlib import Path
 
-import yaml
-
 from tunebench import inputs, rundir, verdict
+from tunebench.errors import UserError
 
 
 # (summary.json key, column header, how to format it)
@@ -44,7 +43,7 @@ def read_optional_json(path: Path, advice: str):
     return inputs.read_json_object(path, advice=advice) if path.is_file() else None
 
 
-def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
+def _error_text(run_dir: Path, log: list, recipe) -> str:
     """Why a run has no summary.json: the last meaningful line of error.txt, else where its log stops."""
     error_file = run_dir / "error.txt"
     if error_file.is_file():
@@ -53,7 +52,7 @@ def _error_text(run_dir: Path, log: list, recipe: dict) -> str:
         if marked or lines:
             return (marked or lines)[-1]
     if log:
-        total = ((recipe or {}).get("train") or {}).get("max_steps")
+        total = recipe.train.max_steps if recipe else None
         of = f" of {total}" if total else ""
         return f"unfinished: its log stops at step {log[-1].get('step')}{of} and no error was recorded (resume it by running it again)"
     return "no summary.json, log or error.txt: the run never started"
@@ -63,12 +62,9 @@ def load_run(run_dir) -> dict:
     run_dir = Path(run_dir)
     summary = read_optional_json(run_dir / "summary.json", "; delete it and run the command that wrote it again")
     evaluation = read_optional_json(run_dir / "eval.json", "; delete it and evaluate the run again") or {}
-    try:
-        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        recipe = None
+    recipe = read_recipe(run_dir)
     log = rundir.read_log(run_dir / "log.jsonl")
-    method = (summary or {}).get("method") or ((recipe or {}).get("method") or {}).get("type") or "—"
+    method = (summary or {}).get("method") or (recipe.method.type if recipe else None) or "—"
     run = {
         "name": run_dir.name,
         "dir": str(run_dir),
@@ -78,7 +74,7 @@ def load_run(run_dir) -> dict:
         "summary": summary or {},
         "eval": evaluation.get("tasks") or {},
         "items": evaluation.get("items") or {},
-        "recipe": recipe or {},
+        "recipe": recipe,
         "log": log,
         "error": None if summary is not None else _error_text(run_dir, log, recipe),
         "generations": rundir.read_generations(run_dir),
@@ -89,6 +85,19 @@ def load_run(run_dir) -> dict:
     return run
 
 
+def read_recipe(run_dir: Path):
+    """The run's recipe.yaml as a Recipe; None when there is none or it no longer loads (damaged, or
+    written by a version with other keys): the report still shows the run, from its other files."""
+    from tunebench.recipe import load_recipe
+
+    if not (run_dir / "recipe.yaml").is_file():
+        return None
+    try:
+        return load_recipe(run_dir / "recipe.yaml")
+    except UserError:
+        return None
+
+
 def method_label(summary, recipe, method: str) -> str:
     """The method and its key settings ("LoRA r16 + DoRA"): summary.json's, else made from the recipe
     (a failed run), else the method type (a run from before labels)."""
@@ -96,10 +105,7 @@ def method_label(summary, recipe, method: str) -> str:
         return summary["method_label"]
     from tunebench.methods import label
 
-    try:
-        return label((recipe or {}).get("method") or {})
-    except (KeyError, TypeError, AttributeError):
-        return method
+    return label(recipe.method) if recipe else method
 
 
 # ---- the rows ----------------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ def eval_columns(runs: list) -> list:
 
 def run_values(run: dict, evals: list, derived: dict = None) -> dict:
     summary = run["summary"]
-    values = {"lr": finite_number((run["recipe"].get("train") or {}).get("lr")) if run["method"] != "baseline" else None}
+    values = {"lr": finite_number(run["recipe"].train.lr) if run["recipe"] and run["method"] != "baseline" else None}
     values.update({key: finite_number(summary.get(key)) for key, _, _ in TRAIN_COLUMNS})
     total = finite_number(summary.get("total_params"))
     values["total_params"] = total
@@ -273,13 +279,13 @@ def setting(runs: list) -> dict:
 
     return {
         "model": _distinct(finished, summary("model")),
-        "data": _distinct(trained, lambda r: r["summary"].get("dataset") or r["recipe"].get("data", {}).get("dataset")),
+        "data": _distinct(trained, lambda r: r["summary"].get("dataset") or (r["recipe"] and r["recipe"].data.dataset)),
         "training tokens": _distinct(trained, summary("train_tokens")),
         "optimizer steps": _distinct(trained, summary("final_step")),
         "sequence length": _distinct(trained, summary("max_length")),
         "global batch (sequences)": _distinct(trained, summary("global_batch")),
         "packing": _distinct(trained, summary("packing")),
-        "seed": _distinct(trained, lambda r: (r["recipe"].get("train") or {}).get("seed")),
+        "seed": _distinct(trained, lambda r: r["recipe"] and r["recipe"].train.seed),
         "hardware": _distinct(trained, lambda r: r["summary"].get("hardware") and _hardware_text(r["summary"]["hardware"])),
         "library versions": _distinct(trained, lambda r: r["summary"].get("versions") and _versions_text(r["summary"]["versions"])),
         "evaluation": {task: _distinct(finished, eval_setting(task)) for task in tasks},
@@ -297,7 +303,7 @@ def grid_series(runs: list, grid: dict, keys: list) -> dict:
         method = grid["methods"].get(run["name"])
         if method is None or not run["finished"]:
             continue
-        flat = flatten(run["recipe"])
+        flat = flatten(run["recipe"]) if run["recipe"] else {}
         for key in keys:
             if key in flat:
                 out[key].setdefault(method, []).append((flat[key], run["name"]))
