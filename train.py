@@ -286,14 +286,7 @@ def batch_tokens(batch: dict):
     return batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def model_inputs(batch: dict) -> dict:
-    """What the model reads of a batch: the tokens, and the attention mask and position ids where the
-    collator made them (padding; packed examples). No key-value cache: training never reads it, and
-    transformers derives packed examples' attention from position ids only without one."""
-    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
-
-
-def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train_cfg: dict, since_log: SinceLastLog,
+def train_step(model, micro_batches: list, optimizer, accelerator, loss_of, train_cfg: dict, since_log: SinceLastLog,
                method, step: int):
     """One optimizer step (number `step`) over grad_accum micro-batches. The loss is the token-weighted
     mean over the whole global batch: each micro-batch's summed NLL is divided by the number of scored
@@ -306,10 +299,7 @@ def train_step(model, micro_batches: list, optimizer, accelerator, nll_of, train
     for batch in micro_batches:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                # The logits, or the last hidden states where the loss is fused (tunebench/fused_loss.py).
-                out = model(**model_inputs(batch)).logits
-                nll, _ = nll_of(out, batch["labels"])
-                del out  # not kept past the loss: at the next forward it would be a second copy
+                nll, _ = loss_of(model, batch)  # the model's output is not kept past it
             loss, term = nll * undo_averaging / scored, method_loss_term(model, method, accelerator)
             accelerator.backward(loss if term is None else loss + term)
             if accelerator.sync_gradients and train_cfg["max_grad_norm"]:
@@ -344,9 +334,12 @@ def stop_requested(step: int, stop_after_steps, signals: list, accelerator) -> b
     return stopping
 
 
-def validation_loss(model, val_loader, accelerator, nll_of, max_batches: int, classify: bool) -> tuple:
-    """(mean validation loss over all processes, accuracy for classification or None)."""
+def validation_loss(model, val_loader, accelerator, loss_of, max_batches: int, classify: bool) -> tuple:
+    """(mean validation loss over all processes, accuracy for classification or None). The loss is
+    computed outside autocast: the prepared model runs its own forward under it in mixed precision."""
     import torch
+
+    from tunebench.metrics import classification_scores
 
     model.eval()
     nll_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -357,13 +350,13 @@ def validation_loss(model, val_loader, accelerator, nll_of, max_batches: int, cl
             if max_batches and i >= max_batches:
                 break
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.autocast():
-                logits = model(**model_inputs(batch)).logits  # hidden states where the loss is fused
-            nll, n = nll_of(logits, batch["labels"])
+            if classify:
+                nll, n, right = classification_scores(model, batch)
+                correct += right
+            else:
+                nll, n = loss_of(model, batch)
             nll_sum += nll.double()
             count += n
-            if classify:
-                correct += (logits.argmax(-1) == batch["labels"]).sum()
     model.train()
     nll_sum, count = accelerator.reduce(nll_sum, "sum"), accelerator.reduce(count, "sum")
     accuracy = (accelerator.reduce(correct, "sum") / count).item() if classify else None
@@ -568,7 +561,7 @@ def main(argv=None):
 
     from tunebench import activations, data, distributed, fused_loss, measure, plan
     from tunebench.methods import METHODS, apply_method, count_params
-    from tunebench.metrics import classification_nll
+    from tunebench.metrics import classification_loss
     from tunebench.models import enable_gradient_checkpointing, load_config, load_model, load_tokenizer
 
     model_cfg, data_cfg, train_cfg = recipe["model"], recipe["data"], recipe["train"]
@@ -600,8 +593,8 @@ def main(argv=None):
     model = apply_method(model, recipe["method"], tokenizer, total_steps)  # AdaLoRA schedules by total_steps
     params = count_params(model)
     # The causal loss is fused with the output layer where it can be (tunebench/fused_loss.py).
-    nll_of, loss_path = ((classification_nll, "classification cross-entropy") if classify
-                         else fused_loss.choose(model, train_cfg["fused_loss"]))
+    loss_of, loss_path = ((classification_loss, "classification cross-entropy") if classify
+                          else fused_loss.choose(model, train_cfg["fused_loss"]))
     accelerator.print(f"loss: {loss_path}")
     if train_cfg["compile"]:
         model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
@@ -621,7 +614,7 @@ def main(argv=None):
         accelerator.init_trackers(recipe["name"], config={k: str(v) for k, v in flatten(recipe).items()})
     signals = stop_on_signals()
 
-    validate = partial(validation_loss, model, val_loader, accelerator, nll_of, train_cfg["eval_max_batches"], classify)
+    validate = partial(validation_loss, model, val_loader, accelerator, loss_of, train_cfg["eval_max_batches"], classify)
     keep_as_final = partial(save_final, model, tokenizer, accelerator, run_dir)
 
     # ---- training loop -----------------------------------------------------------------------------
@@ -651,7 +644,7 @@ def main(argv=None):
             micro_batches = [batch for _, batch in zip(range(train_cfg["grad_accum"]), batches)]
             if len(micro_batches) < train_cfg["grad_accum"]:
                 break  # an incomplete accumulation at the end of an epoch is not trained on
-            train_step(model, micro_batches, optimizer, accelerator, nll_of, train_cfg, since_log, method, progress.step + 1)
+            train_step(model, micro_batches, optimizer, accelerator, loss_of, train_cfg, since_log, method, progress.step + 1)
             scheduler.step()
             progress.step += 1
             progress.batches_in_epoch += train_cfg["grad_accum"]
