@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from conftest import ROOT, assert_same_log, tiny_run, train
 from tunebench import fused_loss
 from tunebench.methods import apply_method
-from tunebench.metrics import causal_nll
+from tunebench.metrics import causal_loss
 from tunebench.models import load_model, load_tokenizer
 from tunebench.recipe import load_recipe
 
@@ -40,26 +40,26 @@ def model_and_batch(assets, recipe_name, model_dir, chunk_tokens=5):
     attention_mask[1, 30:] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[2, :12] = -100  # a prompt that is not scored
-    return models, {"input_ids": input_ids, "attention_mask": attention_mask}, labels
+    return models, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 @pytest.mark.parametrize("model_dir", ["gpt2_nodropout", "llama"])
 @pytest.mark.parametrize("recipe_name", RECIPES)
 def test_fused_loss_equals_plain_loss_and_gradients(assets, recipe_name, model_dir, monkeypatch):
     monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 512 * 7)  # several chunks of 7 tokens
-    (plain, fused), inputs, labels = model_and_batch(assets, recipe_name, model_dir)
-    nll_of, path = fused_loss.choose(fused, wanted=True)
+    (plain, fused), batch = model_and_batch(assets, recipe_name, model_dir)
+    loss, path = fused_loss.choose(fused, wanted=True)
     if recipe_name in ADAPTED_OUTPUT_LAYER:
-        assert nll_of is causal_nll and path.startswith("plain cross-entropy") and "not a torch.nn.Linear" in path
+        assert loss is causal_loss and path.startswith("plain cross-entropy") and "not a torch.nn.Linear" in path
         return
     assert path.startswith("fused linear cross-entropy"), path
+    with torch.no_grad():  # the output layer passes its input through: no logits are made
+        assert fused(input_ids=batch["input_ids"]).logits.shape[-1] == fused.get_output_embeddings().in_features
     torch.manual_seed(3)
-    nll_plain, count_plain = causal_nll(plain(**inputs).logits, labels)
+    nll_plain, count_plain = causal_loss(plain, batch)
     (nll_plain * 0.25).backward()  # train.py scales the summed loss before backward
     torch.manual_seed(3)
-    out = fused(**inputs).logits
-    assert out.shape[-1] == fused.get_output_embeddings().in_features  # hidden states: no logits were made
-    nll_fused, count_fused = nll_of(out, labels)
+    nll_fused, count_fused = loss(fused, batch)
     (nll_fused * 0.25).backward()
     assert count_fused == count_plain
     assert nll_fused.item() == pytest.approx(nll_plain.item(), rel=2e-6)
@@ -71,11 +71,15 @@ def test_fused_loss_equals_plain_loss_and_gradients(assets, recipe_name, model_d
 
 
 def test_bf16_autocast_matches_the_plain_loss(assets):
-    (plain, fused), inputs, labels = model_and_batch(assets, "full", "llama")
-    nll_of, _ = fused_loss.choose(fused, wanted=True)
+    from accelerate.utils import convert_outputs_to_fp32
+
+    (plain, fused), batch = model_and_batch(assets, "full", "llama")
+    loss, _ = fused_loss.choose(fused, wanted=True)
+    for model in (plain, fused):  # as accelerate prepares a model for mixed precision: its outputs in float32
+        model.forward = convert_outputs_to_fp32(model.forward)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        nll_plain, _ = causal_nll(plain(**inputs).logits.float(), labels)
-        nll_fused, _ = nll_of(fused(**inputs).logits.float(), labels)
+        nll_plain, _ = causal_loss(plain, batch)
+        nll_fused, _ = loss(fused, batch)
     nll_plain.backward(), nll_fused.backward()
     assert nll_fused.item() == pytest.approx(nll_plain.item(), rel=1e-3)
     w_plain, w_fused = plain.get_output_embeddings().weight.grad, fused.get_output_embeddings().weight.grad
@@ -90,8 +94,8 @@ def test_a_model_that_changes_its_logits_keeps_the_plain_loss(tmp_path):
     model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                            final_logit_softcapping=5.0))
-    nll_of, path = fused_loss.choose(model, wanted=True)
-    assert nll_of is causal_nll and "soft-capping" in path
+    loss, path = fused_loss.choose(model, wanted=True)
+    assert loss is causal_loss and "soft-capping" in path
     assert model(input_ids=torch.arange(6)[None]).logits.shape[-1] == 64  # the output layer is left as it was
 
 

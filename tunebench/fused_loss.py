@@ -11,19 +11,21 @@ chunk is computed twice and at most one chunk's logits exist at a time. The same
 as torchtune's chunked output loss, Liger Kernel's fused linear cross-entropy and Apple's Cut
 Cross-Entropy; this is a plain PyTorch version that runs on any device.
 
-It is the same math as metrics.causal_nll on the model's logits: equal to float32 rounding, with
+It is the same math as metrics.causal_loss, from the model's logits: equal to float32 rounding, with
 the same gradients. Under autocast the chunk's matrix product runs in the autocast dtype and the
 softmax in float32, as the plain path does (accelerate returns the logits in float32).
 
-choose() applies it only where it is exact: the model's output layer must be a plain torch.nn.Linear
-(not adapted by a method, quantized, wrapped or hooked, which changes its class or adds hooks), and
-the model must return that layer's output as its logits unchanged (no soft-capping or scaling after
-it), checked by running the model once both ways. Anything else keeps the plain loss, and says why.
+choose() gives a run its loss: a function of (model, batch) that runs the model itself, as
+metrics.causal_loss does, so that no caller holds hidden states under the name of logits. It takes the
+fused loss only where it is exact: the model's output layer must be a plain torch.nn.Linear (not
+adapted by a method, quantized, wrapped or hooked, which changes its class or adds hooks), and the
+model must return that layer's output as its logits unchanged (no soft-capping or scaling after it),
+checked by running the model once both ways. Anything else keeps the plain loss, and says why.
 """
 import torch
 import torch.nn.functional as F
 
-from tunebench.metrics import CHUNK_ELEMENTS, IGNORE_INDEX, causal_nll
+from tunebench.metrics import CHUNK_ELEMENTS, IGNORE_INDEX, causal_loss, model_inputs
 
 
 def _pass_through(hidden):
@@ -137,24 +139,28 @@ def _returns_its_logits(model, head) -> bool:
 
 
 def install(model, only_scored=True):
-    """From now on the model's output layer returns its input; returns the nll_of(hidden, labels) for it."""
+    """From now on the model's output layer returns its input, so that what the model returns as
+    `.logits` are its last hidden states; returns the loss for it: fused_causal_loss(model, batch) ->
+    (summed next-token NLL, scored tokens), as metrics.causal_loss gives it. `model` may be this model
+    wrapped (for DDP, by accelerate)."""
     head = model.get_output_embeddings()
     head.forward = _pass_through  # an instance attribute: save_pretrained and the weights are untouched
 
-    def nll_of(hidden, labels):
-        return linear_nll(hidden, labels, head.weight, head.bias, only_scored)
+    def fused_causal_loss(model, batch):
+        last_hidden = model(**model_inputs(batch)).logits  # the output layer passed its input through
+        return linear_nll(last_hidden, batch["labels"], head.weight, head.bias, only_scored)
 
-    return nll_of
+    return fused_causal_loss
 
 
 def choose(model, wanted: bool) -> tuple:
-    """(nll_of(model output, labels), what the run prints about its loss). With the fused loss the
-    model's `.logits` are its last hidden states from then on."""
+    """(the run's loss(model, batch) -> (summed next-token NLL, scored tokens), what the run prints
+    about it): the fused loss where it is wanted and exact, else metrics.causal_loss."""
     reason = "train.fused_loss is false" if not wanted else why_not(model)
     if reason is None and not _returns_its_logits(model, model.get_output_embeddings()):
         reason = "the model changes the output layer's result before returning it (e.g. soft-capping or scaling)"
     if reason is not None:
-        return causal_nll, f"plain cross-entropy on the logits ({reason})"
+        return causal_loss, f"plain cross-entropy on the logits ({reason})"
     vocab = model.get_output_embeddings().out_features
     return install(model), (f"fused linear cross-entropy (no logits tensor; chunks of "
                             f"{max(1, CHUNK_ELEMENTS // vocab)} tokens x {vocab:,} vocabulary)")

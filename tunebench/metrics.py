@@ -27,6 +27,18 @@ def causal_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
     return nll, (targets != IGNORE_INDEX).sum()
 
 
+def model_inputs(batch: dict) -> dict:
+    """What the model reads of a batch: the tokens, and the attention mask and position ids where the
+    collator made them (padding; packed examples). No key-value cache: training never reads it, and
+    transformers derives packed examples' attention from position ids only without one."""
+    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
+
+
+def causal_loss(model, batch: dict) -> tuple:
+    """(summed next-token NLL, scored tokens) of a causal LM on a batch, from its logits."""
+    return causal_nll(model(**model_inputs(batch)).logits, batch["labels"])
+
+
 def scored_targets(labels: torch.Tensor) -> torch.Tensor:
     """How many targets a batch scores: one per row for class labels (batch,); for token labels
     (batch, length) every label after the first that is not -100, as causal_nll counts them."""
@@ -38,6 +50,19 @@ def scored_targets(labels: torch.Tensor) -> torch.Tensor:
 def classification_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
     """(summed cross-entropy, number of rows) for class logits (batch, classes) and labels (batch,)."""
     return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel(), device=labels.device)
+
+
+def classification_loss(model, batch: dict) -> tuple:
+    """(summed cross-entropy, rows) of a sequence classifier on a batch."""
+    return classification_nll(model(**model_inputs(batch)).logits, batch["labels"])
+
+
+def classification_scores(model, batch: dict) -> tuple:
+    """(summed cross-entropy, rows, rows whose most likely class is their label) of a sequence classifier
+    on a batch: its validation."""
+    class_logits = model(**model_inputs(batch)).logits
+    nll, rows = classification_nll(class_logits, batch["labels"])
+    return nll, rows, (class_logits.argmax(-1) == batch["labels"]).sum()
 
 
 # ---- perplexity over a long text ----------------------------------------------------------------

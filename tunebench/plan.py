@@ -381,23 +381,23 @@ class Planner:
         if key not in self._passes:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            from accelerate.utils import convert_outputs_to_fp32
+
             from tunebench import fused_loss
-            from tunebench.metrics import causal_nll
+            from tunebench.metrics import causal_loss
 
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # peft keeps small index tensors on the CPU
             model = _to_fake(_meta_model(self.recipe, self.config, dtype, checkpointing), fake_mode, setup.device)
             model.train()
-            nll_of = fused_loss.install(model, only_scored=False) if loss == "fused" else causal_nll
+            if autocast:
+                model.forward = convert_outputs_to_fp32(model.forward)  # as accelerate returns them in mixed precision
+            loss_of = fused_loss.install(model, only_scored=False) if loss == "fused" else causal_loss  # as train.py's
             seq = self.recipe.data.max_length
             with fake_mode, _LiveBytes(model) as live:
                 ids = torch.zeros((micro_batch, seq), dtype=torch.long, device=setup.device)
                 with torch.autocast(setup.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast),
                                     enabled=autocast is not None):
-                    out = model(input_ids=ids).logits  # the last hidden states where the loss is fused
-                    if autocast:
-                        out = out.float()  # accelerate returns a mixed-precision model's outputs in float32
-                    nll, _ = nll_of(out, ids)
-                    del out  # as train.py's loop: not kept past the loss
+                    nll, _ = loss_of(model, {"input_ids": ids, "labels": ids})
                 nll.backward()
             self._passes[key] = {"gradients": live.peak_gradients, "activations": live.peak_other}
         return self._passes[key]

@@ -33,21 +33,6 @@ def key(default, allowed=None):
 class Settings:
     """A section of a recipe: typed keys, read as attributes (recipe.train.lr)."""
 
-    def __getitem__(self, name):  # TRANSITIONAL: dict-style reads until every reader uses attributes
-        return getattr(self, name)
-
-    def __setitem__(self, name, value):  # TRANSITIONAL
-        setattr(self, name, value)
-
-    def get(self, name, default=None):  # TRANSITIONAL
-        return getattr(self, name, default)
-
-    def __contains__(self, name):  # TRANSITIONAL
-        return name in self.__dataclass_fields__
-
-    def keys(self):  # TRANSITIONAL
-        return list(self.__dataclass_fields__)
-
 
 @dataclass
 class ModelSettings(Settings):
