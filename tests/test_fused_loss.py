@@ -2,7 +2,6 @@
 equal loss and equal gradients of every trained tensor for every method, the plain loss wherever the
 output layer is adapted or post-processed, and train.py says which path it took."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +26,9 @@ def model_and_batch(assets, recipe_name, model_dir, chunk_tokens=5):
                          if "lora" in recipe_name else [f"model.name={assets / model_dir}", "model.dtype=float32"])
     models = []
     for _ in range(2):
-        base = load_model(recipe["model"])
+        base = load_model(recipe.model)
         set_seed(0)
-        model = apply_method(base, recipe["method"], load_tokenizer(recipe["model"]))
+        model = apply_method(base, recipe.method, load_tokenizer(recipe.model))
         for name, p in model.named_parameters():  # LoRA's B starts at zero: give every trained tensor a gradient path
             if p.requires_grad and "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))

@@ -72,8 +72,8 @@ def test_a_soft_prompt_is_not_packed(assets, tmp_path):
     set_seed(0)
     tokenizer = load_tokenizer(recipe.model)
     prompt_tuned = apply_method(load_model(recipe.model), recipe.method, tokenizer)
-    assert not data.packing_is_exact(prompt_tuned, len(tokenizer))
-    assert data.packing_is_exact(load_model(recipe.model), len(tokenizer))
+    assert not packing.packing_is_exact(prompt_tuned, len(tokenizer))
+    assert packing.packing_is_exact(load_model(recipe.model), len(tokenizer))
 
     write_jsonl(tmp_path / "train.jsonl", instruction_rows())
     write_jsonl(tmp_path / "validation.jsonl", instruction_rows(8, seed=1))
@@ -102,8 +102,8 @@ class AttendsAcrossExamples(torch.nn.Module):
 @pytest.mark.parametrize("model_dir", ["gpt2_nodropout", "llama"])
 def test_packing_is_exact_unless_attention_crosses_examples(assets, model_dir):
     model = load_model(ModelSettings(name=str(assets / model_dir), dtype="float32"))
-    assert data.packing_is_exact(model, model.config.vocab_size)
-    assert not data.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
+    assert packing.packing_is_exact(model, model.config.vocab_size)
+    assert not packing.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -111,8 +111,8 @@ def test_packing_is_exact_on_smollm2(smollm2, dtype):
     """SmolLM2-135M's logits reach about 36: float32 rounding makes packed and alone differ by about 4e-5
     there, far below what attending across examples changes (about 30)."""
     model = load_model(ModelSettings(name=str(smollm2), dtype=dtype))
-    assert data.packing_is_exact(model, model.config.vocab_size)
-    assert not data.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
+    assert packing.packing_is_exact(model, model.config.vocab_size)
+    assert not packing.packing_is_exact(AttendsAcrossExamples(model), model.config.vocab_size)
 
 
 def test_train_py_packs_smollm2_when_asked(smollm2, tmp_path):

@@ -18,7 +18,7 @@ from tunebench import data
 from tunebench.methods import apply_method, count_params, quantization_kwargs
 from tunebench.metrics import causal_nll
 from tunebench.models import load_model, load_tokenizer
-from tunebench.recipe import load_recipe
+from tunebench.recipe import METHOD_SETTINGS, load_recipe
 
 
 # (recipe, extra overrides, trainable-parameter formula for the tiny GPT-2: n_layer 2, n_embd 32)
@@ -74,9 +74,9 @@ def end_of_training_model(run, recipe):
 def initial_model(recipe):
     """The model train.py starts from: the base (4-bit for QLoRA), then the method applied right after
     set_seed(train.seed)."""
-    model = load_model(recipe["model"], quantization=quantization_kwargs(recipe["method"], recipe["model"]))
-    set_seed(recipe["train"]["seed"])
-    return apply_method(model, recipe["method"], load_tokenizer(recipe["model"]))
+    model = load_model(recipe.model, quantization=quantization_kwargs(recipe.method, recipe.model))
+    set_seed(recipe.train.seed)
+    return apply_method(model, recipe.method, load_tokenizer(recipe.model))
 
 
 def base_name(name: str) -> str:
@@ -90,9 +90,9 @@ def base_name(name: str) -> str:
 
 def validation_loss(model, recipe) -> float:
     """The mean validation loss over the recipe's validation blocks, computed the plain way."""
-    tokenizer = load_tokenizer(recipe["model"])
-    _, val_set = data.build(recipe["data"], tokenizer, recipe["train"]["seed"], recipe["task"])
-    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe["train"]["micro_batch_size"],
+    tokenizer = load_tokenizer(recipe.model)
+    _, val_set = data.build(recipe.data, tokenizer, recipe.train.seed, recipe.task)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=recipe.train.micro_batch_size,
                                          collate_fn=data.collate(tokenizer.pad_token_id))
     nll_sum, count = 0.0, 0
     with torch.no_grad():
@@ -120,14 +120,14 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
     if formula is not None:
         assert trainable == formula(initial.config if hasattr(initial.config, "n_embd") else initial.base_model.config, total)
     else:  # top block + final layer norm
-        base = load_model(recipe["model"])
+        base = load_model(recipe.model)
         expected = sum(p.numel() for p in base.transformer.h[-1].parameters()) + sum(p.numel() for p in base.transformer.ln_f.parameters())
         assert trainable == expected
 
     # final/ holds the best model by validation loss; here the last step is the best one.
     assert summary["best_step"] == summary["final_step"] == 12
     if (run / "final" / "adapter_config.json").is_file():
-        final = PeftModel.from_pretrained(load_model(recipe["model"]), run / "final").eval()
+        final = PeftModel.from_pretrained(load_model(recipe.model), run / "final").eval()
     else:
         final = AutoModelForCausalLM.from_pretrained(run / "final").eval()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
@@ -170,17 +170,16 @@ def test_method_trains_freezes_counts_and_reloads(assets, tmp_path, recipe_name,
 
 
 def test_gpt2_small_parameter_counts():
-    """The exact figures of the README, on the real GPT-2 small shape (meta device: no weights)."""
-    method = load_recipe(ROOT / "recipes" / "lora_r16.yaml")["method"]
+    """The exact figures of docs/recipe-keys.md, on the real GPT-2 small shape (meta device: no weights)."""
     counts = {}
-    for name, overrides in [
-        ("full", {"type": "full"}),
-        ("lora_r16", {}),
-        ("prompt_tuning", {"type": "prompt_tuning", "num_virtual_tokens": 20, "init_text": None}),
-        ("lm_head_only", {"type": "partial", "top_blocks": 0, "lm_head": True, "layer_norms": False}),
+    for name, method in [
+        ("full", METHOD_SETTINGS["full"]()),
+        ("lora_r16", load_recipe(ROOT / "recipes" / "lora_r16.yaml").method),
+        ("prompt_tuning", METHOD_SETTINGS["prompt_tuning"](num_virtual_tokens=20, init_text=None)),
+        ("lm_head_only", METHOD_SETTINGS["partial"](top_blocks=0, lm_head=True, layer_norms=False)),
     ]:
         with torch.device("meta"):
-            counts[name] = count_params(apply_method(GPT2LMHeadModel(GPT2Config()), {**method, **overrides}))[0]
+            counts[name] = count_params(apply_method(GPT2LMHeadModel(GPT2Config()), method))[0]
     assert counts == {"full": 124_439_808, "lora_r16": 589_824, "prompt_tuning": 15_360, "lm_head_only": 38_597_376}
 
 

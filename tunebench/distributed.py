@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tunebench.errors import UserError
+from tunebench.recipe import TrainSettings
 
 # The accelerate config keys that accelerate refuses beside a deepspeed_config_file (they belong in the JSON).
 _JSON_ONLY_FIELDS = ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
@@ -51,16 +52,16 @@ def _number(value):
     return None if value in (None, "auto") else value
 
 
-def check_deepspeed(ds_config: dict, train: dict, num_processes: int) -> None:
+def check_deepspeed(ds_config: dict, train: TrainSettings, num_processes: int) -> None:
     """Refuse DeepSpeed settings that would silently override the recipe; fill clipping from it.
 
     ds_config is the DeepSpeed plugin's config dict before accelerator.prepare() (changed in place)."""
     wanted = {
-        "train_micro_batch_size_per_gpu": (train["micro_batch_size"], "train.micro_batch_size"),
-        "gradient_accumulation_steps": (train["grad_accum"], "train.grad_accum"),
-        "train_batch_size": (train["micro_batch_size"] * train["grad_accum"] * num_processes,
+        "train_micro_batch_size_per_gpu": (train.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (train.grad_accum, "train.grad_accum"),
+        "train_batch_size": (train.micro_batch_size * train.grad_accum * num_processes,
                              "train.micro_batch_size x train.grad_accum x processes"),
-        "gradient_clipping": (train["max_grad_norm"], "train.max_grad_norm"),
+        "gradient_clipping": (train.max_grad_norm, "train.max_grad_norm"),
     }
     for key, (value, recipe_key) in wanted.items():
         given = _number(ds_config.get(key))
@@ -76,15 +77,15 @@ def check_deepspeed(ds_config: dict, train: dict, num_processes: int) -> None:
                 f"(and its settings) decide, and DeepSpeed wraps the {section} train.py builds"
             )
     offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-    if offload not in (None, "none") and train["optimizer"] in OPTIMIZERS_DEEPSPEED_REPLACES \
+    if offload not in (None, "none") and train.optimizer in OPTIMIZERS_DEEPSPEED_REPLACES \
             and ds_config.get("zero_force_ds_cpu_optimizer", True):
         raise UserError(
-            f"train.optimizer {train['optimizer']} cannot run with DeepSpeed's optimizer offload (offload_optimizer "
+            f"train.optimizer {train.optimizer} cannot run with DeepSpeed's optimizer offload (offload_optimizer "
             f"device {offload}): DeepSpeed would replace it with its own CPU Adam; use train.optimizer=adamw "
             "with this config, or a config without optimizer offload (e.g. accelerate_configs/deepspeed_zero3.yaml)"
         )
     # accelerate fills an "auto" gradient_clipping with 1.0, whatever the recipe says; DeepSpeed clips by it.
-    ds_config["gradient_clipping"] = train["max_grad_norm"]
+    ds_config["gradient_clipping"] = train.max_grad_norm
 
 
 # ---- threads per process ---------------------------------------------------------------------------
