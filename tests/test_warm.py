@@ -12,10 +12,13 @@ from conftest import ROOT, tiny_run
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="warm starts fork: Linux only")
 
-# What compare and search do: launch.run_logged on each command, in one process, one after another.
+# What compare and search do: launch.run_logged on each command, in one process, one after another,
+# after something in it showed a progress bar.
 DRIVER = """
 import json, sys
+from tqdm.auto import tqdm
 from tunebench import launch, warm
+list(tqdm(range(3)))  # a progress bar starts tqdm's monitor thread, as datasets' does in a suite
 results = []
 for command in json.loads(sys.argv[1]):
     env = launch.child_env()

@@ -34,6 +34,7 @@ PRELOADED = ("torch", "transformers", "peft", "accelerate", "datasets", "tqdm.au
              "tunebench.report", "sacrebleu", "rouge_score.rouge_scorer", "nltk.translate.meteor_score")
 SAME_ENV_BUT = {"PYTHONPATH"}  # the project on the path: already imported here
 _default_threads = None  # PyTorch's thread count in a fresh process, restored in each child
+_tqdm_interval = None  # tqdm's monitor interval, restored in each child
 
 
 def can_fork(command: list, env: dict) -> bool:
@@ -42,6 +43,7 @@ def can_fork(command: list, env: dict) -> bool:
         return False
     if len(command) < 2 or command[0] != sys.executable or not command[1].endswith(".py") or not Path(command[1]).is_file():
         return False
+    _stop_tqdm_monitor()
     if threading.active_count() > 1:
         return False
     changed = {k for k in env.keys() | os.environ.keys() if env.get(k) != os.environ.get(k)}
@@ -52,6 +54,23 @@ def can_fork(command: list, env: dict) -> bool:
     except ImportError:
         return False
     return not torch.cuda.is_available()
+
+
+def _stop_tqdm_monitor() -> None:
+    """tqdm starts a thread with the first progress bar (datasets shows one while it loads a file) that
+    only tunes how often bars redraw. Stop it for good in this process: a fork beside a thread is unsafe.
+    Each child starts its own again."""
+    try:
+        from tqdm import TMonitor, tqdm
+    except ImportError:
+        return
+    global _tqdm_interval
+    if _tqdm_interval is None:
+        _tqdm_interval = tqdm.monitor_interval
+    tqdm.monitor_interval = 0  # every tqdm class (datasets', tqdm.auto's) inherits it
+    for thread in threading.enumerate():
+        if isinstance(thread, TMonitor):
+            thread.exit()
 
 
 def _prepare() -> None:
@@ -114,6 +133,10 @@ def _run_in_child(argv: list, env: dict, write_fd: int, parent: int) -> None:
         import torch
 
         torch.set_num_threads(_default_threads)
+        if _tqdm_interval is not None:
+            from tqdm import tqdm
+
+            tqdm.monitor_interval = _tqdm_interval
         sys.argv = list(argv)
         sys.path[0] = str(Path(argv[0]).resolve().parent)
         runpy.run_path(argv[0], run_name="__main__")
