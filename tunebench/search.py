@@ -525,6 +525,8 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
         study.tell(trial.number, value)
     finally:
         stop.set()
+        if beat.is_alive():
+            beat.join()  # gone before the next trial: a warm start forks only a process without other threads
 
 
 def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
