@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from tunebench import launch, warm
 list(tqdm(range(3)))  # a progress bar starts tqdm's monitor thread, as datasets' does in a suite
 results = []
+env = launch.child_env()  # once, before the first child, as compare does
 for command in json.loads(sys.argv[1]):
-    env = launch.child_env()
     forked = warm.can_fork(command, env)
     status, _ = launch.run_logged(command, env)
     results.append({"forked": forked, "status": status})

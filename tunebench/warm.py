@@ -35,6 +35,7 @@ PRELOADED = ("torch", "transformers", "peft", "accelerate", "datasets", "tqdm.au
 SAME_ENV_BUT = {"PYTHONPATH"}  # the project on the path: already imported here
 _default_threads = None  # PyTorch's thread count in a fresh process, restored in each child
 _tqdm_interval = None  # tqdm's monitor interval, restored in each child
+_set_by_imports = set()  # environment variables the preloaded imports set in this process
 
 
 def can_fork(command: list, env: dict) -> bool:
@@ -47,7 +48,7 @@ def can_fork(command: list, env: dict) -> bool:
     if threading.active_count() > 1:
         return False
     changed = {k for k in env.keys() | os.environ.keys() if env.get(k) != os.environ.get(k)}
-    if changed - SAME_ENV_BUT:
+    if changed - SAME_ENV_BUT - _set_by_imports:
         return False
     try:
         import torch
@@ -82,11 +83,14 @@ def _prepare() -> None:
 
     _default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    before = dict(os.environ)
     for name in PRELOADED:
         try:
             importlib.import_module(name)
         except ImportError:
             pass  # an optional library: the child imports it or goes without, as a cold start would
+    # What an import sets for itself (torch's TORCHINDUCTOR_CACHE_DIR) is not a difference: a cold child sets it too.
+    _set_by_imports.update(k for k in os.environ if os.environ.get(k) != before.get(k))
 
 
 class Forked:
