@@ -18,7 +18,7 @@ from conftest import ROOT, assert_same_log, read_log, run_script, tiny_run
 from tunebench.distributed import check_deepspeed
 from tunebench.errors import UserError
 from tunebench.models import load_model
-from tunebench.recipe import ModelSettings
+from tunebench.recipe import ModelSettings, TrainSettings
 
 pytest.importorskip("deepspeed")
 
@@ -130,13 +130,13 @@ def ds_config(**fields):
 ])
 def test_settings_deepspeed_would_override_are_refused(fields, train, words):
     with pytest.raises(UserError) as refused:
-        check_deepspeed(ds_config(**fields), {**TRAIN, **train}, num_processes=2)
+        check_deepspeed(ds_config(**fields), TrainSettings(**{**TRAIN, **train}), num_processes=2)
     assert words in str(refused.value)
 
 
 def test_clipping_follows_the_recipe():
     config = ds_config()
-    check_deepspeed(config, {**TRAIN, "max_grad_norm": 0.3}, num_processes=2)
+    check_deepspeed(config, TrainSettings(**{**TRAIN, "max_grad_norm": 0.3}), num_processes=2)
     assert config["gradient_clipping"] == 0.3  # accelerate would fill "auto" with 1.0
 
 
