@@ -12,7 +12,9 @@ them (train_step is one optimizer step, whole); the end of a run; and main(), th
 which calls these in turn. torch and the Hugging Face libraries are imported inside the functions that
 use them, so that bad input is answered at once.
 """
+import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -45,6 +47,8 @@ def parse_args(argv=None):
 
 # ---- the run's progress: what a checkpoint holds besides the tensors ------------------------------
 
+# The untrained model's validation scores, shared by the runs that start from it (validate_untrained).
+UNTRAINED_CACHE = Path(os.environ.get("TUNEBENCH_CACHE") or Path.home() / ".cache" / "tunebench") / "untrained"
 METHOD_STATE_FILE = "method_state.safetensors"  # a method's own tensors besides the weights (AdaLoRA's)
 
 
@@ -415,7 +419,7 @@ def train_loop(run: Run, stop_after_steps: int | None) -> str | int | None:
                    desc=run.recipe.name)
     if progress.step == 0 and progress.best_val_loss is None:
         record = {"step": 0, "epoch": 0.0, "tokens": 0, "train_loss": None, "lr": run.scheduler.get_last_lr()[0], "time": 0.0}
-        evaluate_and_keep_best(run, record)
+        evaluate_and_keep_best(run, record, validate_untrained(run))
         if run.accelerator.is_main_process:
             rundir.append_log(run.run_dir / "log.jsonl", record)
 
@@ -565,11 +569,11 @@ def log_record(run: Run) -> dict:
     }
 
 
-def evaluate_and_keep_best(run: Run, record: dict) -> None:
-    """Validate, note it in the log record, and save final/ when this is the best model yet: the
-    lowest loss, or the most accurate classifier."""
+def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None:
+    """Validate (or take the scores given), note it in the log record, and save final/ when this is
+    the best model yet: the lowest loss, or the most accurate classifier."""
     progress = run.progress
-    val, acc = validation_loss(run)
+    val, acc = scores or validation_loss(run)
     record["val_loss"] = val
     if acc is not None:
         record["val_acc"] = acc
@@ -596,7 +600,7 @@ def validation_loss(run: Run) -> tuple:
     count = torch.zeros((), device=accelerator.device, dtype=torch.long)
     correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
     run.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), untouched_rng(accelerator.device):
         for i, batch in enumerate(run.val_loader):
             if max_batches and i >= max_batches:
                 break
@@ -612,6 +616,69 @@ def validation_loss(run: Run) -> tuple:
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     accuracy = (accelerator.reduce(correct, "sum") / count).item() if run.classify else None
     return (loss_sum / count).item(), accuracy
+
+
+# Recipe keys that cannot change the model before its first step, nor what validation scores.
+NOT_BEFORE_TRAINING = ("name", "output_dir", "overwrite", "train.lr", "train.optimizer", "train.weight_decay",
+                       "train.adam_beta1", "train.adam_beta2", "train.max_grad_norm", "train.scheduler",
+                       "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
+                       "train.keep_checkpoints", "train.log_every", "train.trackers", "train.exact_cpu_rss")
+
+
+def validate_untrained(run: Run) -> tuple:
+    """validation_loss(run) before the first step, computed once per model, method, data and validation
+    setting on this machine and kept in the cache (untrained_key): every trial of a search starts from
+    the same model and scores the same rows, so each would compute the same figure to the last digit."""
+    if run.accelerator.num_processes > 1:
+        return validation_loss(run)
+    cached = UNTRAINED_CACHE / f"{untrained_key(run)}.json"
+    try:
+        scores = rundir.read_json(cached)
+        return scores["val_loss"], scores["val_acc"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    val, acc = validation_loss(run)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(cached, {"val_loss": val, "val_acc": acc})
+    except OSError:
+        pass  # a cache that cannot be written only costs the next run this validation
+    return val, acc
+
+
+def untrained_key(run: Run) -> str:
+    """What the untrained model's validation depends on: the recipe but its training-only keys, the
+    model's files, the validation rows as batched, and the software and threads that compute it."""
+    import hashlib
+
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    setting = {k: v for k, v in flatten(run.recipe).items() if k not in NOT_BEFORE_TRAINING}
+    model_dir = Path(run.recipe.model.name)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.iterdir() if f.is_file()) \
+        if model_dir.is_dir() else None
+    commit = getattr(run.facts.model_config, "_commit_hash", None)  # a hub model's snapshot
+    runtime = (torch.__version__, transformers.__version__, str(run.accelerator.device), run.accelerator.mixed_precision,
+               torch.get_num_threads(), run.facts.loss, run.facts.packing)
+    digest.update(json.dumps([setting, files, commit, runtime], sort_keys=True, default=str).encode())
+    with untouched_rng(run.accelerator.device):
+        for i, batch in enumerate(run.val_loader):
+            if run.recipe.train.eval_max_batches and i >= run.recipe.train.eval_max_batches:
+                break
+            for name in sorted(batch):
+                digest.update(name.encode())
+                digest.update(batch[name].cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def untouched_rng(device):
+    """Leaves torch's random state as it was: iterating a data loader draws a seed from it, so without this a
+    validation (or one skipped because its scores were cached) would change the next steps' dropout."""
+    import torch
+
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def save_final(run: Run) -> None:

@@ -50,6 +50,7 @@ def smollm2(tmp_path_factory):
 def isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "hf_datasets_cache"
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "tunebench_cache"))
 
 
 def run_script(script: str, *args, cwd=None, env=None, timeout=600):

@@ -24,7 +24,9 @@ RECIPES = [str(ROOT / "recipes" / "full.yaml"), str(ROOT / "recipes" / "lora_r4.
 
 
 def base_suite(assets, **extra):
-    steps = {"train.max_steps": 6, "train.eval_every": 2, "train.save_every": 6, "train.keep_checkpoints": 1}
+    # How often to save and how many checkpoints to keep are the suite's own (the trials save at their rungs
+    # only): keys that cannot change a result, so the winning trial is still the comparison run.
+    steps = {"train.max_steps": 6, "train.eval_every": 2, "train.save_every": 3, "train.keep_checkpoints": 2}
     return tiny_suite(assets, RECIPES, steps, **extra)
 
 
@@ -115,8 +117,10 @@ def test_the_best_rate_trains_the_comparison_run(searched):
         best = found["methods"][name]["best_lr"]
         run = tmp / "runs" / "tiny" / name
         assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["lr"] == best
-        # Same recipe, seed and steps as the winning trial: that trial is the run, not trained twice.
+        # Same recipe, seed and steps as the winning trial (it saved and kept checkpoints otherwise): that
+        # trial is the run, not trained twice.
         assert f"=== {name}: the search's trial at rate {best:g} is this run" in first.stdout
+        assert f"=== {name}: training" not in first.stdout
         trial = trials_dir(tmp / "runs" / "tiny", name) / search.run_name(best)
         assert read_log(run) == read_log(trial) and read(run / "summary.json")["name"] == name
         assert "ppl" in read(run / "eval.json")["tasks"]
@@ -213,8 +217,18 @@ def test_a_killed_worker_loses_nothing(assets, tmp_path):
     while not (first_log() and first_log().read_text().count("\n") >= 2):  # mid-trial: step 1 logged
         assert worker.poll() is None and time.monotonic() < deadline, worker.stdout.read()[-2000:]
         time.sleep(0.2)
-    os.killpg(worker.pid, signal.SIGKILL)
+    os.kill(worker.pid, signal.SIGKILL)  # the worker alone, as kill -9 or the OOM killer would: its trial dies with it
     worker.wait()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(worker.pid, 0)  # a process of the worker's session is left: its trial still training?
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(worker.pid, signal.SIGKILL)
+            raise AssertionError("the killed worker's trial went on training without it")
+        time.sleep(0.1)
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     storage = search.open_storage(f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'search' / 'optuna.db'}")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from accelerate.utils import set_seed
 
-from conftest import ROOT, assert_same_log, read_log, tiny_run, train, train_observed
+from conftest import ROOT, assert_same_log, read_log, run_script, tiny_run, train, train_observed
 from tunebench import data
 from tunebench.methods import apply_method, count_params, quantization_kwargs
 from tunebench.metrics import causal_nll
@@ -213,6 +213,30 @@ def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name, met
     sb = load_file(next((resumed / "final").glob("*.safetensors")))
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_scores_from_the_cache_change_nothing(assets, tmp_path):
+    """The untrained model's validation is computed once per setting and kept: a run that takes it from
+    the cache writes the log, dropout included, of one that computed it; another validation setting is
+    scored afresh."""
+    cache = tmp_path / "cache"
+    env = {"TUNEBENCH_CACHE": str(cache)}
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        result = run_script("train.py", "--recipe", ROOT / "recipes" / "full.yaml",
+                            *tiny_run(assets, out, "train.lr=3e-3", "train.eval_every=2", steps=4), env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if out == first:
+            kept = list(cache.rglob("*.json"))
+            assert len(kept) == 1
+            written = kept[0].stat().st_mtime_ns
+    assert kept[0].stat().st_mtime_ns == written  # read, not computed and written again
+    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in read_log(run)] for run in (first, second)]
+    assert untimed[0] == untimed[1]
+    result = run_script("train.py", "--recipe", ROOT / "recipes" / "full.yaml",
+                        *tiny_run(assets, tmp_path / "third", "train.eval_max_batches=1", steps=2), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(cache.rglob("*.json"))) == 2
 
 
 def test_fast_allocator_trains_as_exact_one(assets, tmp_path):

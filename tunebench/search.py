@@ -60,7 +60,7 @@ from pathlib import Path
 from tunebench import rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive
-from tunebench.launch import INTERRUPTED, ROOT, child_env, gpu_count, launch_prefix, override_text, run_logged
+from tunebench.launch import INTERRUPTED, ROOT, child_env, follow, gpu_count, launch_prefix, override_text, start
 from tunebench.recipe import Recipe, flatten, load_recipe, to_yaml
 
 SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "extend",
@@ -181,12 +181,14 @@ def parse(suite: dict) -> dict:
 
     rungs = rungs_for(n_rates, first_rung, reduction, max_steps)
     trial_settings = [override_text(k, v) for k, v in trial_overrides.items()] + [
-        f"train.max_steps={max_steps}", f"train.seed={seed}", f"train.eval_every={first_rung}",
-        f"train.save_every={max_steps}", "train.keep_checkpoints=1"]
+        f"train.max_steps={max_steps}", f"train.seed={seed}", f"train.save_every={max_steps}", "train.keep_checkpoints=1"]
     planned = []
     for name, path, grid_overrides, recipe in methods:
         rates = lrs.get(Path(path).stem) or log_spaced(recipe.train.lr, n_rates, spacing)
-        shared = overrides + grid_overrides + trial_settings
+        # Every rung's last step validated: at the run's own eval_every where it does (the winner's last
+        # rung is then the comparison run itself), else at every first_rung steps.
+        eval_every = recipe.train.eval_every if recipe.train.eval_every and first_rung % recipe.train.eval_every == 0 else first_rung
+        shared = overrides + grid_overrides + trial_settings + [f"train.eval_every={eval_every}"]
         trial = load_recipe(path, shared + [f"train.lr={rates[0]}", f"output_dir={runs_dir / 'search' / name}"])  # checks the keys
         tag = f"{name}-{setting_hash(trial, rates, rungs, metric)}"
         planned.append({"name": name, "recipe_path": path, "recipe_lr": recipe.train.lr, "rates": rates,
@@ -489,7 +491,6 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
     run_dir = method["dir"] / run_name(lr)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(storage, trial._trial_id, stop), daemon=True)
-    beat.start()
     try:
         value = logged_value(run_dir, steps, plan["metric"])
         if value is None:
@@ -499,7 +500,9 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
                 command += ["--stop-after-steps", str(steps)]
             print(f"\n=== search {method['name']}: rate {lr:g}, rung {rung + 1} of {len(plan['rungs'])} (to step {steps})\n"
                   f"$ {' '.join(command)}", flush=True)
-            status, lines = run_logged(command, env)
+            child = start(command, env)  # before the heartbeat's thread: a warm start forks this process
+            beat.start()
+            status, lines = follow(child)
             if status in INTERRUPTED:
                 study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)  # enqueued again by a rerun
                 print(f"\ninterrupted during the search of {method['name']}; run the same command again to resume", file=sys.stderr)
@@ -522,6 +525,8 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
         study.tell(trial.number, value)
     finally:
         stop.set()
+        if beat.is_alive():
+            beat.join()  # gone before the next trial: a warm start forks only a process without other threads
 
 
 def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
@@ -562,10 +567,17 @@ def work(plan: dict, launcher: list, env: dict) -> None:
 
 # ---- a trial that is the comparison run ------------------------------------------------------------------
 
+# Recipe keys that cannot change what a run trains or measures: names, folders, how often it saves and
+# logs, how many checkpoints it keeps, where its curves are also sent, how many processes tokenize.
+RESULT_NEUTRAL = ("name", "output_dir", "overwrite", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                  "train.trackers", "data.num_proc")
+
+
 def adopt(method: dict, lr: float, recipe: Recipe, run_dir: Path) -> bool:
-    """When the comparison run's recipe is the search's last-rung trial at this rate (same steps, seed, data,
-    settings; only name and folder differ), that finished trial is the run: its files are linked into
-    run_dir (recipe.yaml and summary.json rewritten with the run's name) instead of training it again."""
+    """When the comparison run's recipe is the search's last-rung trial at this rate (every key but the
+    RESULT_NEUTRAL ones the same: model, method, data, seed, steps, batch, rate, validation...), that
+    finished trial is the run: its files are linked into run_dir (recipe.yaml and summary.json rewritten
+    with the run's name) instead of training it again."""
     import shutil
 
     import yaml
@@ -575,8 +587,8 @@ def adopt(method: dict, lr: float, recipe: Recipe, run_dir: Path) -> bool:
     if run_dir.exists() or not (trial_dir / "summary.json").is_file():
         return False
     trial = yaml.safe_load((trial_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    ignored = ("name", "output_dir", "overwrite")
-    if {k: v for k, v in flatten(trial).items() if k not in ignored} != {k: v for k, v in flatten(recipe).items() if k not in ignored}:
+    if {k: v for k, v in flatten(trial).items() if k not in RESULT_NEUTRAL} != \
+            {k: v for k, v in flatten(recipe).items() if k not in RESULT_NEUTRAL}:
         return False
     tmp = rundir.temporary(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
