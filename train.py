@@ -12,9 +12,7 @@ them (train_step is one optimizer step, whole); the end of a run; and main(), th
 which calls these in turn. torch and the Hugging Face libraries are imported inside the functions that
 use them, so that bad input is answered at once.
 """
-import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -23,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunebench import rundir
+from tunebench import cache, rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive, positive_number
 from tunebench.recipe import MethodSettings, Recipe, TrainSettings, flatten, load_recipe
@@ -47,8 +45,6 @@ def parse_args(argv=None):
 
 # ---- the run's progress: what a checkpoint holds besides the tensors ------------------------------
 
-# The untrained model's validation scores, shared by the runs that start from it (validate_untrained).
-UNTRAINED_CACHE = Path(os.environ.get("TUNEBENCH_CACHE") or Path.home() / ".cache" / "tunebench") / "untrained"
 METHOD_STATE_FILE = "method_state.safetensors"  # a method's own tensors besides the weights (AdaLoRA's)
 
 
@@ -627,34 +623,19 @@ NOT_BEFORE_TRAINING = ("name", "output_dir", "overwrite", "train.lr", "train.opt
 
 def validate_untrained(run: Run) -> tuple:
     """validation_loss(run) before the first step, computed once per model, method, data and validation
-    setting on this machine and kept in the cache (untrained_key): every trial of a search starts from
-    the same model and scores the same rows, so each would compute the same figure to the last digit."""
+    setting on this machine and kept (tunebench/cache.py): every trial of a search starts from the same
+    model and scores the same rows, so each would compute the same figure to the last digit."""
     if run.accelerator.num_processes > 1:
         return validation_loss(run)
-    cached = UNTRAINED_CACHE / f"{untrained_key(run)}.json"
-    try:
-        scores = rundir.read_json(cached)
-        return scores["val_loss"], scores["val_acc"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    val, acc = validation_loss(run)
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        rundir.write_json(cached, {"val_loss": val, "val_acc": acc})
-    except OSError:
-        pass  # a cache that cannot be written only costs the next run this validation
-    return val, acc
+    return tuple(cache.remembered("untrained", untrained_key(run), lambda: validation_loss(run)))
 
 
 def untrained_key(run: Run) -> str:
     """What the untrained model's validation depends on: the recipe but its training-only keys, the
     model's files, the validation rows as batched, and the software and threads that compute it."""
-    import hashlib
-
     import torch
     import transformers
 
-    digest = hashlib.sha256()
     setting = {k: v for k, v in flatten(run.recipe).items() if k not in NOT_BEFORE_TRAINING}
     model_dir = Path(run.recipe.model.name)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.iterdir() if f.is_file()) \
@@ -662,7 +643,7 @@ def untrained_key(run: Run) -> str:
     commit = getattr(run.facts.model_config, "_commit_hash", None)  # a hub model's snapshot
     runtime = (torch.__version__, transformers.__version__, str(run.accelerator.device), run.accelerator.mixed_precision,
                torch.get_num_threads(), run.facts.loss, run.facts.packing)
-    digest.update(json.dumps([setting, files, commit, runtime], sort_keys=True, default=str).encode())
+    digest = cache.digest(setting, files, commit, runtime)
     with untouched_rng(run.accelerator.device):
         for i, batch in enumerate(run.val_loader):
             if run.recipe.train.eval_max_batches and i >= run.recipe.train.eval_max_batches:

@@ -215,10 +215,10 @@ def test_resume_mid_epoch_equals_straight_run(assets, tmp_path, recipe_name, met
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
 
 
-def test_untrained_scores_from_the_cache_change_nothing(assets, tmp_path):
-    """The untrained model's validation is computed once per setting and kept: a run that takes it from
-    the cache writes the log, dropout included, of one that computed it; another validation setting is
-    scored afresh."""
+def test_figures_from_the_cache_change_nothing(assets, tmp_path):
+    """The untrained model's validation and the memory prediction are computed once per setting and
+    kept: a run that takes them from the cache writes the log, dropout included, and the prediction of
+    one that computed them; another validation setting is scored afresh."""
     cache = tmp_path / "cache"
     env = {"TUNEBENCH_CACHE": str(cache)}
     first, second = tmp_path / "first", tmp_path / "second"
@@ -227,16 +227,20 @@ def test_untrained_scores_from_the_cache_change_nothing(assets, tmp_path):
                             *tiny_run(assets, out, "train.lr=3e-3", "train.eval_every=2", steps=4), env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         if out == first:
-            kept = list(cache.rglob("*.json"))
-            assert len(kept) == 1
-            written = kept[0].stat().st_mtime_ns
-    assert kept[0].stat().st_mtime_ns == written  # read, not computed and written again
+            kept = sorted(cache.rglob("*.json"))
+            assert [path.parent.name for path in kept] == ["memory_plan", "untrained"]
+            written = [path.stat().st_mtime_ns for path in kept]
+    assert [path.stat().st_mtime_ns for path in kept] == written  # read, not computed and written again
     untimed = [[{k: v for k, v in r.items() if k != "time"} for r in read_log(run)] for run in (first, second)]
     assert untimed[0] == untimed[1]
+    plans = [json.loads((run / "summary.json").read_text())["memory_plan"] for run in (first, second)]
+    process_own = ("runtime_mb", "predicted_peak_mb")  # each process measures its own runtime
+    assert plans[0]["activations_mb"] > 0
+    assert {k: v for k, v in plans[0].items() if k not in process_own} == {k: v for k, v in plans[1].items() if k not in process_own}
     result = run_script("train.py", "--recipe", ROOT / "recipes" / "full.yaml",
                         *tiny_run(assets, tmp_path / "third", "train.eval_max_batches=1", steps=2), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(cache.rglob("*.json"))) == 2
+    assert len(list((cache / "untrained").glob("*.json"))) == 2
 
 
 def test_fast_allocator_trains_as_exact_one(assets, tmp_path):

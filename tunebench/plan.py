@@ -32,7 +32,7 @@ import contextlib
 import itertools
 import math
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,9 +40,9 @@ import torch.utils._pytree as pytree
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tunebench import inputs
+from tunebench import cache, inputs
 from tunebench.errors import UserError
-from tunebench.recipe import MethodSettings, Recipe
+from tunebench.recipe import MethodSettings, Recipe, flatten
 
 MB = 2**20
 GB = 2**30
@@ -450,14 +450,28 @@ class Planner:
         )
 
 
+# Recipe keys that cannot change a run's memory: its rate and schedule, seed, length, and when it logs and saves.
+NOT_IN_MEMORY = ("name", "output_dir", "overwrite", "train.lr", "train.seed", "train.max_steps", "train.epochs",
+                 "train.scheduler", "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
+                 "train.keep_checkpoints", "train.log_every", "train.trackers")
+
+
 def predict_for_summary(recipe: Recipe, config, accelerator) -> dict:
-    """The prediction for summary.json, made before the model loads. A model whose code cannot run on
-    fake tensors gets the reason instead: a prediction must never stop a training run."""
+    """The prediction for summary.json, made before the model loads, and kept (tunebench/cache.py) for
+    the next run of the same setting: a search's trials differ in their rate only. The runtime is this
+    process's own. A model whose code cannot run on fake tensors gets the reason instead: a prediction
+    must never stop a training run."""
+    import transformers
+
     setup = setup_from_accelerator(accelerator)
+    runtime = runtime_bytes(setup)
+    setting = {k: v for k, v in flatten(recipe).items() if k not in NOT_IN_MEMORY}
+    key = cache.digest(setting, config.to_dict(), asdict(setup), torch.__version__, transformers.__version__).hexdigest()
     try:
-        return Planner(recipe, config, setup).predict().as_summary(setup)
+        fields = cache.remembered("memory_plan", key[:32], lambda: asdict(Planner(recipe, config, setup).predict()))
     except Exception as e:  # noqa: BLE001 - any failure of the fake-tensor pass
         return {"predicted_peak_mb": None, "error": f"{type(e).__name__}: {e}"}
+    return Prediction(**dict(fields, runtime=runtime)).as_summary(setup)
 
 
 # ---- printing and the budget search --------------------------------------------------------------
