@@ -190,6 +190,17 @@ def test_two_machines_share_one_study_on_postgresql_and_a_killed_one_loses_nothi
         {(t["rung"], t["lr"]): t["value"] for t in reference["trials"]}
 
 
+def test_workers_starting_together_on_a_new_database_all_get_in(postgres):
+    """Three machines' first workers at once on an empty database: one makes Optuna's tables, the others
+    collide with it (a duplicate key, a table that exists now) and find them made on their next try."""
+    url = new_database(postgres, "fresh")
+    code = f"from tunebench import search; search.open_storage({url!r}); print('connected')"
+    workers = [subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0] and all("connected" in o for o in outputs), outputs
+
+
 @pytest.mark.parametrize("problem,module", [("refused login", "tunebench.compare"), ("server down", "tunebench.search")])
 def test_a_server_that_refuses_the_login_or_is_down_is_one_line(assets, tmp_path, postgres, problem, module):
     url = postgres["url"]("postgres")
@@ -206,7 +217,7 @@ def test_a_server_that_refuses_the_login_or_is_down_is_one_line(assets, tmp_path
 
 
 def get(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=120) as response:  # a loaded machine's first answer can take seconds
         return response.read().decode()
 
 
@@ -220,25 +231,30 @@ def test_the_dashboard_shows_the_study_and_its_trials(sqlite_search):
         deadline = time.monotonic() + 120
         while True:
             try:
-                studies = json.loads(get(f"http://127.0.0.1:{port}/api/studies"))["study_summaries"]
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.communicate()
+                assert server.poll() is None, server.communicate()
+                assert time.monotonic() < deadline, "the dashboard never listened"
                 time.sleep(0.2)
         page = get(f"http://127.0.0.1:{port}/dashboard")
-        found = search_results(path, tmp)["methods"]["lora_r4"]
-        (study,) = studies
+        (study,) = json.loads(get(f"http://127.0.0.1:{port}/api/studies"))["study_summaries"]
         detail = json.loads(get(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}"))
     finally:
-        server.send_signal(signal.SIGINT)
-        out, err = server.communicate(timeout=30)
-    print(f"page: {page.strip()[:300]}\nstudies: {json.dumps(studies)}\ntrials: "
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            out, err = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            out, err = server.communicate()
+    found = search_results(path, tmp)["methods"]["lora_r4"]
+    print(f"page: {page.strip()[:300]}\nstudy: {json.dumps(study)}\ntrials: "
           + json.dumps([{k: t[k] for k in ("number", "state", "values", "params", "user_attrs")} for t in detail["trials"]]))
     assert "<title>Optuna Dashboard</title>" in page
     assert study["study_name"] == detail["name"] == found["study"]
     trials = sorted((t["state"], float(t["params"][0]["param_external_value"]), t["values"][0]) for t in detail["trials"])
     assert trials == sorted(("Complete", t["lr"], t["value"]) for t in found["trials"])
-    assert f"http://127.0.0.1:{port}/" in out and server.returncode == 0
+    assert f"http://127.0.0.1:{port}/" in out and server.returncode == 0, err[-2000:]  # stopped by Ctrl-C
 
 
 @pytest.mark.parametrize("setup,expected", [

@@ -40,9 +40,9 @@ an added rate's rungs (slots low1, high1, ...) are enqueued one at a time, by th
 trial before them complete. A worker claims a trial whose rung below is complete (WAITING -> RUNNING: under
 a file lock for SQLite, a row lock for a server database), so no trial runs twice; a trial whose worker died
 (same worker id, i.e. the same machine: its process is gone; another id: no heartbeat for `grace` seconds)
-is failed and enqueued again, so none is lost. HASH is that of the trial setting (the resolved trial recipe but its rate, the rates,
-rungs and metric): a changed recipe gets a new study, and the old one is left as it was. The trials' runs
-live in runs/SUITE/search/METHOD-HASH/lr-RATE/ and are reused by a rerun.
+is failed and enqueued again, so none is lost. HASH is that of the trial setting (the resolved trial recipe
+but its rate, the rates, rungs and metric): a changed recipe gets a new study, and the old one is left as it
+was. The trials' runs live in runs/SUITE/search/METHOD-HASH/lr-RATE/ and are reused by a rerun.
 """
 import contextlib
 import datetime
@@ -524,6 +524,7 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
     rung = trial.user_attrs["rung"]
     steps = plan["rungs"][rung][0]
     distribution = optuna.distributions.FloatDistribution(min(method["rates"][0], lr), max(method["rates"][-1], lr), log=True)
+    storage.record_heartbeat(trial._trial_id)  # from the claim on: a machine that dies before its training starts loses it too
     storage.set_trial_param(trial._trial_id, "lr", distribution.to_internal_repr(lr), distribution)
     for key, value in {"lr": lr, "steps": steps, "worker": worker, "pid": os.getpid()}.items():
         storage.set_trial_user_attr(trial._trial_id, key, value)
