@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # to keep a torch you already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser test test-latest lock demo compare bench bench-memory clean
+.PHONY: install browser postgres test test-latest lock demo compare dashboard bench bench-memory clean
 
 # make install: the exact tested versions of requirements.lock (made by `make lock`), PyTorch first.
 # DeepSpeed ships as source: it is built against the torch installed first. With build isolation
@@ -28,7 +28,13 @@ browser:
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 
-test: install $(VENV)/.demo-installed browser
+# The search's PostgreSQL test starts a real server, Debian's postgresql (initdb, pg_ctl): installed here
+# when missing on a Debian machine run as root (CI); elsewhere install it yourself or that test is skipped.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
+
+test: install $(VENV)/.demo-installed browser postgres
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15 tests
 
 # make test-latest: the newest versions requirements*.txt allow, in a venv of their own (.venv-latest),
@@ -63,6 +69,11 @@ SUITE ?= recipes/suites/gpt2_wikitext2.yaml
 ACCEL ?=
 compare: install
 	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL))
+
+# make dashboard [SUITE=recipes/suites/X.yaml] [PORT=8080]: optuna-dashboard on the suite's search studies.
+PORT ?= 8080
+dashboard: install
+	$(PY) -m tunebench.dashboard --suite $(SUITE) --port $(PORT)
 
 # Optimizer state per parameter and the memory plan against measured peaks (GPT-2 small and medium
 # shapes, a few steps each; on a GPU also medium with bf16 + checkpointing + 8-bit AdamW).

@@ -371,6 +371,7 @@ def test_an_added_rate_goes_on_from_a_rung_only_as_a_survivor_would():
     ({"search": {"extend": True}}, "search 'extend' must be a whole number of at least 0, got True"),
     ({"search": {"storage": "sqlite:////nonexistent-folder/sub/study.db"}}, "search storage 'sqlite:////nonexistent-folder/sub/study.db' cannot be reached"),
     ({"search": {"storage": "postgresql://user@127.0.0.1:9/study"}}, "search storage 'postgresql://user@127.0.0.1:9/study'"),
+    ({"search": {"heartbeat": 5, "grace": 5}}, "search 'grace' (5 s) must be longer than 'heartbeat' (5 s)"),
     ({"grid": {"train.max_step": [2, 3]}}, "did you mean 'train.max_steps'"),
     ({"grid": {"method.r": []}}, "grid key 'method.r' has an empty range"),
     ({"grid": {"method.num_virtual_tokens": [4, 8]}}, "grid key 'method.num_virtual_tokens' applies to no recipe"),

@@ -2,7 +2,7 @@
 train.py runs, its trials kept in an Optuna study.
 
     python -m tunebench.compare --suite recipes/suites/X.yaml          searches (when the suite asks), then compares
-    python -m tunebench.search --suite recipes/suites/X.yaml [--workers N]   more workers on the same study
+    python -m tunebench.search --suite recipes/suites/X.yaml [--workers N] [--worker-id ID]   more workers on the same study
 
 The suite's `search:` section (all keys optional; see the README):
 
@@ -17,7 +17,9 @@ The suite's `search:` section (all keys optional; see the README):
       seed: 42            # the trials' seed (default: the suite's train.seed)
       overrides: {}       # recipe keys for the trials only, the same for every method
       extend: 2           # rates added past an edge the best rate sits at, per side (0: none)
-      storage: sqlite:///runs/SUITE/search/optuna.db   # default; a database URL shares the study between machines
+      storage: sqlite:///runs/SUITE/search/optuna.db   # default; a postgresql:// URL shares the study between machines
+      heartbeat: 30       # seconds between a running trial's heartbeats
+      grace: 180          # seconds without one after which a worker of another machine is taken for dead
 
 Successive halving, synchronous: every rate trains `first_rung` steps (train.py --stop-after-steps) and is
 scored on the metric; the best 1/reduction resume exactly from their checkpoints to reduction x first_rung
@@ -37,10 +39,10 @@ rung, or "the k-th best rate of the rung below" for the later rungs, all enqueue
 an added rate's rungs (slots low1, high1, ...) are enqueued one at a time, by the worker that finds every
 trial before them complete. A worker claims a trial whose rung below is complete (WAITING -> RUNNING: under
 a file lock for SQLite, a row lock for a server database), so no trial runs twice; a trial whose worker died
-(same machine: its process is gone; elsewhere: no heartbeat for GRACE_S seconds) is failed and enqueued
-again, so none is lost. HASH is that of the trial setting (the resolved trial recipe but its rate, the rates,
-rungs and metric): a changed recipe gets a new study, and the old one is left as it was. The trials' runs
-live in runs/SUITE/search/METHOD-HASH/lr-RATE/ and are reused by a rerun.
+(same worker id, i.e. the same machine: its process is gone; another id: no heartbeat for `grace` seconds)
+is failed and enqueued again, so none is lost. HASH is that of the trial setting (the resolved trial recipe
+but its rate, the rates, rungs and metric): a changed recipe gets a new study, and the old one is left as it
+was. The trials' runs live in runs/SUITE/search/METHOD-HASH/lr-RATE/ and are reused by a rerun.
 """
 import contextlib
 import datetime
@@ -64,7 +66,7 @@ from tunebench.launch import INTERRUPTED, ROOT, child_env, follow, gpu_count, la
 from tunebench.recipe import Recipe, flatten, load_recipe, to_yaml
 
 SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "extend",
-               "storage"}
+               "storage", "heartbeat", "grace"}
 METRICS = {"val_loss": "minimize", "val_acc": "maximize"}
 HASH_CHARS = 12  # of a trial setting's hash in study and folder names
 HEARTBEAT_S, GRACE_S, POLL_S = 30, 180, 2.0
@@ -178,6 +180,11 @@ def parse(suite: dict) -> dict:
     storage = section.get("storage") or default_storage(runs_dir)
     if not isinstance(storage, str):
         raise UserError(f"{where}: search 'storage' must be a database URL, e.g. sqlite:///runs/search.db")
+    heartbeat = _whole(section.get("heartbeat", HEARTBEAT_S), f"{where}: search 'heartbeat'", 1)
+    grace = _whole(section.get("grace", GRACE_S), f"{where}: search 'grace'", 1)
+    if grace <= heartbeat:
+        raise UserError(f"{where}: search 'grace' ({grace} s) must be longer than 'heartbeat' ({heartbeat} s), "
+                        "or a live worker is taken for dead between two heartbeats")
 
     rungs = rungs_for(n_rates, first_rung, reduction, max_steps)
     trial_settings = [override_text(k, v) for k, v in trial_overrides.items()] + [
@@ -196,7 +203,7 @@ def parse(suite: dict) -> dict:
                         "study": f"{runs_dir.name}-{tag}"})
     return {"metric": metric, "direction": METRICS[metric], "rungs": rungs, "n_rates": n_rates, "reduction": reduction,
             "max_steps": max_steps, "first_rung": first_rung, "seed": seed, "extend": extend, "storage": storage,
-            "methods": planned, "dir": runs_dir / "search", "trial_overrides": trial_overrides}
+            "heartbeat": heartbeat, "grace": grace, "methods": planned, "dir": runs_dir / "search", "trial_overrides": trial_overrides}
 
 
 def tuning_steps(plan: dict) -> int:
@@ -222,18 +229,42 @@ def default_storage(runs_dir: Path) -> str:
 
 
 def storage_of(plan: dict):
-    return open_storage(plan["storage"], make_folder=plan["dir"] if plan["storage"] == default_storage(plan["dir"].parent) else None)
+    return open_storage(plan["storage"], make_folder=plan["dir"] if plan["storage"] == default_storage(plan["dir"].parent) else None,
+                        heartbeat=plan["heartbeat"], grace=plan["grace"])
 
 
 def sqlite_path(url: str):
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
-def open_storage(url: str, make_folder: Path = None):
+def driver_url(url: str) -> str:
+    """A postgresql:// URL with the driver the requirements install (psycopg 3): SQLAlchemy 2.0's default
+    for a bare postgresql:// is psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+def shown_url(url: str) -> str:
+    """The URL as printed and kept in search.json: its password, if any, as ***."""
+    if "@" not in url:
+        return url
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(url: str, make_folder: Path = None, heartbeat: int = HEARTBEAT_S, grace: int = GRACE_S):
     """The study storage, or one line saying why it cannot be reached. `make_folder`: the default SQLite
     file's folder, made when missing (a folder named in a URL must exist)."""
     optuna = _optuna()
-    path = sqlite_path(url)
+    import sqlalchemy
+
+    path, shown = sqlite_path(url), shown_url(url)
     if path is not None:
         if make_folder is not None and path.parent == make_folder:
             make_folder.mkdir(parents=True, exist_ok=True)
@@ -243,16 +274,23 @@ def open_storage(url: str, make_folder: Path = None):
         engine = {"connect_args": {"timeout": 120}}
     else:
         engine = {"pool_pre_ping": True}
-    try:
-        # Two workers making a new SQLite file's tables at once would collide: one at a time.
-        with claim_lock(url) if path is not None else contextlib.nullcontext():
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    except ModuleNotFoundError as e:
-        raise UserError(f"search storage '{url}' needs the database driver '{e.name}' (pip install it)") from None
-    except Exception as e:  # sqlalchemy's errors for a bad URL, a host that does not answer, a refused login
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200]
-        raise UserError(f"search storage '{url}' cannot be reached: {reason}; "
-                        "fix the URL or leave search 'storage' out for a SQLite file under the suite's runs folder") from None
+    for attempt in range(3):
+        try:
+            # Two workers making a new SQLite file's tables at once would collide: one at a time.
+            with claim_lock(url) if path is not None else contextlib.nullcontext():
+                return optuna.storages.RDBStorage(driver_url(url), engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                                  grace_period=grace)
+        except ModuleNotFoundError as e:
+            raise UserError(f"search storage '{shown}' needs the database driver '{e.name}' (pip install it)") from None
+        except Exception as e:  # sqlalchemy's errors for a bad URL, a host that does not answer, a refused login
+            # Workers on several machines making a new server database's tables at once: one wins, the others
+            # find them made on the next try.
+            if path is None and attempt < 2 and isinstance(e, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)):
+                time.sleep(1 + attempt)
+                continue
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:200]
+            raise UserError(f"search storage '{shown}' cannot be reached: {reason}; "
+                            "fix the URL or leave search 'storage' out for a SQLite file under the suite's runs folder") from None
 
 
 @contextlib.contextmanager
@@ -400,18 +438,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def requeue_lost(study, retry_failed: bool) -> None:
-    """Fail the trials whose worker is gone (same machine: no such process; elsewhere: no heartbeat) and
-    enqueue each failed piece of work again once. A trial that failed in train.py (it has an error) is
-    retried only when `retry_failed` (a worker starting: a rerun tries again, as compare does)."""
+def requeue_lost(study, plan: dict, worker: str, retry_failed: bool) -> None:
+    """Fail the trials whose worker is gone (the same worker id, i.e. this machine: no such process; another
+    id: no heartbeat for plan["grace"] seconds) and enqueue each failed piece of work again once. A trial that
+    failed in train.py (it has an error) is retried only when `retry_failed` (a worker starting: a rerun
+    tries again, as compare does)."""
     optuna = _optuna()
     from optuna.trial import TrialState
 
-    host, now = socket.gethostname(), datetime.datetime.now()
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        gone = t.user_attrs.get("host") == host and not _alive(t.user_attrs.get("pid", 0))
+        gone = t.user_attrs.get("worker") == worker and not _alive(t.user_attrs.get("pid", 0))
         # A worker that died between claiming and recording itself left no pid and no heartbeat.
-        unowned = "pid" not in t.user_attrs and t.datetime_start and (now - t.datetime_start).total_seconds() > GRACE_S
+        unowned = "pid" not in t.user_attrs and t.datetime_start and (now - t.datetime_start).total_seconds() > plan["grace"]
         if gone or unowned:
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     optuna.storages.fail_stale_trials(study)
@@ -477,7 +516,7 @@ def logged_value(run_dir: Path, step: int, metric: str):
     return None
 
 
-def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launcher: list, env: dict) -> None:
+def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launcher: list, env: dict, worker: str) -> None:
     """Train one rate up to its rung (resuming its run) and tell the study its metric there."""
     from optuna.trial import TrialState
 
@@ -485,12 +524,13 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
     rung = trial.user_attrs["rung"]
     steps = plan["rungs"][rung][0]
     distribution = optuna.distributions.FloatDistribution(min(method["rates"][0], lr), max(method["rates"][-1], lr), log=True)
+    storage.record_heartbeat(trial._trial_id)  # from the claim on: a machine that dies before its training starts loses it too
     storage.set_trial_param(trial._trial_id, "lr", distribution.to_internal_repr(lr), distribution)
-    for key, value in {"lr": lr, "steps": steps, "host": socket.gethostname(), "pid": os.getpid()}.items():
+    for key, value in {"lr": lr, "steps": steps, "worker": worker, "pid": os.getpid()}.items():
         storage.set_trial_user_attr(trial._trial_id, key, value)
     run_dir = method["dir"] / run_name(lr)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(storage, trial._trial_id, stop), daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(storage, trial._trial_id, plan["heartbeat"], stop), daemon=True)
     try:
         value = logged_value(run_dir, steps, plan["metric"])
         if value is None:
@@ -529,22 +569,24 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
             beat.join()  # gone before the next trial: a warm start forks only a process without other threads
 
 
-def _heartbeat(storage, trial_id: int, stop: threading.Event) -> None:
+def _heartbeat(storage, trial_id: int, interval: int, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             storage.record_heartbeat(trial_id)
         except Exception:  # a missed beat only risks a retry
             pass
-        stop.wait(HEARTBEAT_S)
+        stop.wait(interval)
 
 
-def work(plan: dict, launcher: list, env: dict) -> None:
-    """Take trials from every method's study until all are done (or failed)."""
+def work(plan: dict, launcher: list, env: dict, worker: str = None) -> None:
+    """Take trials from every method's study until all are done (or failed). `worker`: this machine's id in
+    the studies (default: its host name)."""
+    worker = worker or socket.gethostname()
     storage = storage_of(plan)
     with claim_lock(plan["storage"]):
         studies = [(method, ensure_study(storage, plan, method)) for method in plan["methods"]]
         for _, study in studies:
-            requeue_lost(study, retry_failed=True)
+            requeue_lost(study, plan, worker, retry_failed=True)
     while True:
         pending, claimed = False, None
         with claim_lock(plan["storage"]):
@@ -552,13 +594,13 @@ def work(plan: dict, launcher: list, env: dict) -> None:
                 if study_status(latest_attempts(study.get_trials(deepcopy=False)), plan, method) != "running":
                     continue
                 pending = True
-                requeue_lost(study, retry_failed=False)
+                requeue_lost(study, plan, worker, retry_failed=False)
                 enqueue_extension(study, plan, method)
                 claimed = claim(study, storage, plan)
                 if claimed:
                     break
         if claimed:
-            run_trial(study, storage, *claimed, plan, method, launcher, env)
+            run_trial(study, storage, *claimed, plan, method, launcher, env, worker)
         elif not pending:
             return
         else:
@@ -622,7 +664,7 @@ def results(plan: dict) -> dict:
     best rate is still the lowest or highest of them after `extend` rates were added on that side."""
     optuna = _optuna()
     storage = storage_of(plan)
-    out = {"metric": plan["metric"], "direction": plan["direction"], "storage": plan["storage"],
+    out = {"metric": plan["metric"], "direction": plan["direction"], "storage": shown_url(plan["storage"]),
            "rungs": [{"steps": s, "rates": a} for s, a in plan["rungs"]], "rates_per_method": plan["n_rates"],
            "reduction": plan["reduction"], "seed": plan["seed"], "tuning_steps_per_method": tuning_steps(plan),
            "extend": plan["extend"], "trial_overrides": plan["trial_overrides"], "methods": {}}
@@ -658,12 +700,16 @@ def results(plan: dict) -> dict:
 
 @command
 def main(argv=None):
-    parser = ArgumentParser(usage_hint="python -m tunebench.search --suite SUITE.yaml [--workers N]",
+    parser = ArgumentParser(usage_hint="python -m tunebench.search --suite SUITE.yaml [--workers N] [--worker-id ID]",
                             description="Work on a suite's learning-rate search (its Optuna study) beside other workers.")
     parser.add_argument("--suite", required=True, help="the suite file, with a search: section")
     parser.add_argument("--workers", type=positive, default=1,
                         help="worker processes on this machine (with GPUs: one per GPU, GPU i for worker i)")
     parser.add_argument("--accel", default=None, help="accelerate config for the trials' training")
+    parser.add_argument("--worker-id", default=socket.gethostname(),
+                        help="this machine's name in the study (default: its host name): a trial of the same id whose "
+                             "process is gone is taken over at once, one of another id after search 'grace' seconds "
+                             "without a heartbeat; give each machine its own")
     args = parser.parse_args(argv)
     from tunebench import suites
 
@@ -676,12 +722,13 @@ def main(argv=None):
     env = child_env()
     launcher = launch_prefix(args.accel)
     if args.workers == 1:
-        work(plan, launcher, env)
+        work(plan, launcher, env, args.worker_id)
     else:
         workers = []
         for i in range(args.workers):
             worker_env = dict(env, **({"CUDA_VISIBLE_DEVICES": str(i)} if gpu_count() > i else {}))
             workers.append(subprocess.Popen([sys.executable, "-m", "tunebench.search", "--suite", args.suite,
+                                             "--worker-id", args.worker_id,
                                              *(["--accel", args.accel] if args.accel else [])], env=worker_env))
         sys.exit(max(w.wait() for w in workers))
     print(json.dumps({name: m.get("best_lr") for name, m in results(plan)["methods"].items()}))
