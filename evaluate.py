@@ -618,6 +618,8 @@ def add_lm_eval_args(parser) -> None:
     group.add_argument("--lm-eval-include", metavar="DIR", help="a folder of your own lm-eval task YAMLs (with local "
                        "data files: offline)")
     group.add_argument("--lm-eval-fewshot", type=int, metavar="N", help="few-shot examples per prompt (default: each task's own)")
+    group.add_argument("--lm-eval-limit", type=positive, metavar="N", help="the first N documents of each task only "
+                       "(default: all)")
     group.add_argument("--forgetting-lm-eval", metavar="TASKS", help="lm-eval tasks that are the forgetting measure "
                        "(a suite's forgetting: {lm_eval: [...]}): run like --lm-eval and marked so in eval.json")
     group.add_argument("--forgetting-metric", default="acc", help="the figure of those tasks that forgetting is "
@@ -632,8 +634,9 @@ def harness_tasks(args, tasks: list) -> tuple:
 
     wanted = [task.removeprefix(lm_eval_tasks.KEY_PREFIX) for task in tasks if task.startswith(lm_eval_tasks.KEY_PREFIX)]
     if not wanted:
-        if args.lm_eval_include or args.lm_eval_fewshot is not None:
-            raise UserError("--lm-eval-include and --lm-eval-fewshot are for lm-eval tasks; name some with --lm-eval NAME")
+        if args.lm_eval_include or args.lm_eval_fewshot is not None or args.lm_eval_limit:
+            raise UserError("--lm-eval-include, --lm-eval-fewshot and --lm-eval-limit are for lm-eval tasks; name some "
+                            "with --lm-eval NAME")
         return None, frozenset()
     if args.lm_eval_fewshot is not None and args.lm_eval_fewshot < 0:
         raise UserError(f"--lm-eval-fewshot {args.lm_eval_fewshot}: give 0 or more examples")
@@ -654,7 +657,7 @@ def harness_results(scorer: Scorer, args, request: Request) -> tuple:
     batch_size = args.batch_size or 8
     lm = lm_eval_tasks.harness_model(scorer.model, scorer.tokenizer, scorer.max_length, scorer.virtual_tokens, batch_size)
     with scorer.autocast():
-        figures, items = lm_eval_tasks.run(lm, request.harness, wanted, args.limit, args.lm_eval_fewshot)
+        figures, items = lm_eval_tasks.run(lm, request.harness, wanted, args.lm_eval_limit, args.lm_eval_fewshot)
     for record in figures.values():
         record.update(batch_size=batch_size, precision=scorer.precision)
     return figures, items
