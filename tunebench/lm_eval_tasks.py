@@ -56,9 +56,9 @@ def task_manager(wanted: list, include=None):
     """The harness's TaskManager that knows every wanted name: the include folder alone when it holds them
     all (indexing the harness's own thousands of tasks takes seconds), else the harness's tasks as well.
     An unknown name is one line with the harness's close matches."""
-    include = str(Path(include).resolve()) if include is not None else None
     if include is not None:
         check_include(include)
+        include = str(Path(include).resolve())
         local = _manager(include, False)
         if all(name in local.all_tasks for name in wanted):
             return local

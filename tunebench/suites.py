@@ -111,7 +111,9 @@ def check_eval_args(suite: dict, tasks: list) -> None:
     said = subprocess.run(command, capture_output=True, text=True, env=child_env())
     if said.returncode != 0:
         lines = said.stderr.strip().splitlines() or [f"exit status {said.returncode}"]
-        raise UserError(f"suite '{suite['name']}': eval_args {suite['eval_args']}: {lines[-1].removeprefix('error: ')}")
+        forgetting = forgetting_eval_args(suite) if (suite["forgetting"] or {}).get("lm_eval") else []
+        given = f"eval_args {suite['eval_args']}" + (f" with the forgetting measure's {forgetting}" if forgetting else "")
+        raise UserError(f"suite '{suite['name']}': {given}: {lines[-1].removeprefix('error: ')}")
 
 
 def grid_points(suite: dict, recipe_path: str) -> list:
