@@ -655,7 +655,7 @@ def harness_results(scorer: Scorer, args, request: Request) -> tuple:
         raise UserError("lm-eval generation tasks do not run on a soft prompt (peft repeats its virtual tokens when "
                         "generating with a cache); its loglikelihood and multiple-choice tasks do")
     batch_size = args.batch_size or 8
-    lm = lm_eval_tasks.harness_model(scorer.model, scorer.tokenizer, scorer.max_length, scorer.virtual_tokens, batch_size)
+    lm = lm_eval_tasks.harness_model(scorer.model, scorer.tokenizer, scorer.max_length, batch_size)
     with scorer.autocast():
         figures, items = lm_eval_tasks.run(lm, request.harness, wanted, args.lm_eval_limit, args.lm_eval_fewshot)
     for record in figures.values():

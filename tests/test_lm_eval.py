@@ -141,3 +141,60 @@ def test_bad_lm_eval_input_is_one_line_and_writes_nothing(assets, tmp_path, caps
     result = run_script("evaluate.py", "--check-args", "--model", "m", "--tasks", "ppl", "--lm-eval", "tb_mc",
                         "--lm-eval-include", tmp_path / "nowhere")
     assert_one_clear_line(result, "--lm-eval-include")
+
+
+def test_soft_prompt_scores_each_continuation_from_the_text_tokens(assets, tmp_path):
+    """A soft prompt's virtual tokens come first in the logits; each continuation is scored from the text's own."""
+    import torch
+
+    from tunebench.methods import apply_method
+    from tunebench.recipe import load_recipe, to_yaml
+
+    tasks = write_tasks(tmp_path / "tasks")
+    run = tmp_path / "prompt"
+    recipe = load_recipe(None, [f"model.name={assets / 'gpt2'}", "data.dataset=unused", "method.type=prompt_tuning",
+                                "method.num_virtual_tokens=8", f"output_dir={run}"])
+    tokenizer = AutoTokenizer.from_pretrained(assets / "gpt2")
+    torch.manual_seed(0)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(assets / "gpt2"), recipe.method, tokenizer).eval()
+    (run / "final").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(to_yaml(recipe), encoding="utf-8")
+    model.save_pretrained(run / "final")
+    tokenizer.save_pretrained(run / "final")
+    evaluate("--run", run, "--lm-eval", "tb_ll", "--lm-eval-include", tasks)
+    figures = read(run / "eval.json")["tasks"]["lm_eval:tb_ll"]
+
+    loglikelihoods = []
+    with torch.no_grad():
+        for context, target in CONTINUATIONS:
+            context_ids, target_ids = tokenizer(context)["input_ids"], tokenizer(target)["input_ids"]
+            ids = torch.tensor([context_ids + target_ids])
+            logits = model(input_ids=ids).logits[0, 8:]  # the soft prompt's 8 positions first
+            logprobs = logits[len(context_ids) - 1:-1].log_softmax(-1)
+            loglikelihoods.append(logprobs.gather(1, torch.tensor(target_ids)[:, None]).sum().item())
+    expected = torch.tensor(loglikelihoods).mean().neg().exp().item()  # the harness's perplexity: exp(-mean loglikelihood)
+    assert figures["perplexity"] == pytest.approx(expected, rel=1e-5)
+    base = read_base_perplexity(assets, tasks, tmp_path)
+    assert abs(figures["perplexity"] - base) > 1e-3 * base  # the soft prompt was applied
+
+
+def read_base_perplexity(assets, tasks, tmp_path):
+    evaluate("--model", assets / "gpt2", "--lm-eval", "tb_ll", "--lm-eval-include", tasks, "--out", tmp_path / "base")
+    return read(tmp_path / "base" / "eval.json")["tasks"]["lm_eval:tb_ll"]["perplexity"]
+
+
+def test_forgetting_on_tasks_of_different_sizes_counts_each_task_once():
+    from tunebench import verdict
+
+    def run(name, method, mc, ll):
+        return {"name": name, "method": method, "finished": True, "summary": {}, "recipe": None,
+                "eval": {"lm_eval:a": {"acc": sum(mc) / len(mc)}, "lm_eval:b": {"acc": sum(ll) / len(ll)}},
+                "items": {"lm_eval:a": {"acc": mc}, "lm_eval:b": {"acc": ll}},
+                "forgetting": {"measure": "lm-eval", "tasks": ["lm_eval:a", "lm_eval:b"], "metric": "acc", "higher_is_better": True}}
+
+    base = run("baseline", "baseline", [1.0, 1.0, 1.0, 1.0], [1.0, 0.0])
+    trained = run("lora", "lora", [1.0, 0.0, 0.0, 1.0], [1.0, 1.0])  # lost 0.5 on a, gained 0.5 on b
+    forgetting, (per_document, weights) = verdict.harness_forgetting(base, trained, base["forgetting"])
+    assert forgetting == pytest.approx(0.0) and per_document.sum() / weights.sum() == pytest.approx(0.0)
+    assert verdict.learning_and_forgetting([base, trained])["lora"]["forgetting"] == pytest.approx(0.0)
+    assert verdict.forgetting_source([base, trained]).startswith("acc on the lm-eval tasks a, b, untrained minus trained")

@@ -101,17 +101,12 @@ def load_tasks(manager, wanted: list) -> dict:
     return tasks
 
 
-def harness_model(model, tokenizer, max_length: int, virtual_tokens: int, batch_size: int):
-    """The harness's HFLM around the model as loaded. A soft prompt's virtual tokens come back as logits in
-    front of the text's: they are dropped, so position i is the text's token i as the harness expects."""
+def harness_model(model, tokenizer, max_length: int, batch_size: int):
+    """The harness's HFLM around the model as loaded (a soft prompt's virtual tokens, whose logits come first,
+    the harness itself skips when it scores a continuation)."""
     from lm_eval.models.huggingface import HFLM
 
-    class LoadedModel(HFLM):
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            logits = super()._model_call(inps, attn_mask, labels)
-            return logits[:, virtual_tokens:] if virtual_tokens else logits
-
-    return LoadedModel(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+    return HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
 
 
 def _metric_name(key: str) -> str:
