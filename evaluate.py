@@ -628,8 +628,8 @@ def add_lm_eval_args(parser) -> None:
 
 def harness_tasks(args, tasks: list) -> tuple:
     """(lm-eval's TaskManager, the tasks' request types) for the lm_eval: tasks asked for ((None, {}) without
-    any): every name checked and, unless only the arguments are checked, every task's data loaded (before a
-    model loads, so a failure writes nothing)."""
+    any): every name checked and every task's data loaded, before a model loads (so a failure writes nothing)
+    and, with --check-args, before a suite trains (a hub task offline fails the suite at once)."""
     from tunebench import lm_eval_tasks
 
     wanted = [task.removeprefix(lm_eval_tasks.KEY_PREFIX) for task in tasks if task.startswith(lm_eval_tasks.KEY_PREFIX)]
@@ -641,8 +641,6 @@ def harness_tasks(args, tasks: list) -> tuple:
     if args.lm_eval_fewshot is not None and args.lm_eval_fewshot < 0:
         raise UserError(f"--lm-eval-fewshot {args.lm_eval_fewshot}: give 0 or more examples")
     manager = lm_eval_tasks.task_manager(wanted, args.lm_eval_include)
-    if args.check_args:
-        return manager, frozenset()
     return manager, frozenset(task.OUTPUT_TYPE for task in lm_eval_tasks.load_tasks(manager, wanted).values())
 
 
