@@ -69,7 +69,8 @@ def parity(model_dir, tmp_path):
     ours = read(tmp_path / "ours" / "eval.json")
     harness = lm_eval_command_line(model_dir, tasks, tmp_path / "harness")
     assert_same(ours["tasks"], harness)
-    assert ours["items"]["lm_eval:tb_mc"]["acc"] and len(ours["items"]["lm_eval:tb_mc"]["acc"]) == 5
+    assert len(ours["items"]["lm_eval:tb_mc"]["acc"]) == 5 and sum(ours["items"]["lm_eval:tb_mc"]["acc"]) / 5 == ours["tasks"]["lm_eval:tb_mc"]["acc"]
+    assert "perplexity" not in ours["items"]["lm_eval:tb_ll"]  # not a mean over documents: nothing to resample
     return ours["tasks"], harness
 
 

@@ -9,7 +9,9 @@ score (for the verdict's paired intervals).
 """
 import difflib
 import functools
+import math
 import os
+import statistics
 from pathlib import Path
 
 from tunebench.errors import UserError
@@ -135,7 +137,10 @@ def run(lm, manager, wanted: list, limit=None, num_fewshot=None) -> tuple:
         figures[KEY_PREFIX + name] = record
     for name, samples in (results.get("samples") or {}).items():
         ordered = sorted(samples, key=lambda s: s["doc_id"])
-        metrics = [m for m in (results.get("higher_is_better", {}).get(name) or {}) if ordered and _number(ordered[0].get(m)) is not None]
-        items[KEY_PREFIX + name] = {"unit": "document", "doc_id": [s["doc_id"] for s in ordered],
-                                    **{m: [float(s[m]) for s in ordered] for m in metrics}}
+        # Only a figure that is the mean of its documents' values (acc, not perplexity: the harness keeps each
+        # document's loglikelihood under that name) is resampled document by document.
+        per_document = {m: [_number(s.get(m)) for s in ordered] for m in figures[KEY_PREFIX + name]["higher_is_better"]}
+        means = {m: values for m, values in per_document.items() if values and None not in values
+                 and math.isclose(statistics.fmean(values), figures[KEY_PREFIX + name].get(m) or 0.0, rel_tol=1e-9, abs_tol=1e-12)}
+        items[KEY_PREFIX + name] = {"unit": "document", "doc_id": [s["doc_id"] for s in ordered], **means}
     return figures, items
