@@ -16,6 +16,8 @@ Tasks (--tasks; a run's default is its recipe's eval.tasks):
   lambada                             last-word accuracy (greedy, whole word) and target-word perplexity.
   continuation, summarization,        batched greedy (or --num-beams) generation, scored with BLEU, sacreBLEU,
   instruction, conversation           ROUGE-1/2/L/Lsum, TER, chrF and METEOR (tunebench.metrics.generation_scores).
+  lm_eval:NAME                        a task of lm-evaluation-harness (or of --lm-eval-include DIR), run through its own
+                                      API on the model as loaded: figures with their standard errors, version, few-shot.
 A run's final/ is a full model, or an adapter / soft prompt loaded on the recipe's base model. Results go to
 eval.json (merged with the other tasks an earlier evaluation of the same model wrote) and print as a table.
 """
@@ -65,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--run", help="a run directory with final/ (its recipe gives the base model and eval.tasks)")
     parser.add_argument("--model", help="hub id, local folder or .gguf file, evaluated as it is")
     parser.add_argument("--out", help="with --model: write DIR/eval.json and a baseline DIR/summary.json")
-    parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--tasks", help=f"comma-separated, from: {', '.join(TASKS)}, or lm_eval:NAME (an lm-eval task)")
     parser.add_argument("--data-file", help=f"local text/jsonl file for the tasks {', '.join(DATA_FILE_TASKS)}")
     parser.add_argument("--assistant-only", action="store_true",
                         help="ppl of a conversation or prompt/completion file: score only the assistant turns (the "
@@ -85,6 +87,7 @@ def parse_args(argv=None):
                         "the test share held out of a data set that has no test split (train.seed's default, 42)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype; auto: bf16 (or fp16) on a GPU, fp32 on a CPU")
+    add_lm_eval_args(parser)
     add_judge_args(parser)
     parser.add_argument("--check-args", action="store_true",
                         help="check these arguments and exit (a suite does so with its eval_args before training)")
@@ -103,6 +106,8 @@ class Request:
     name: str  # whose results eval.json holds
     earlier: dict  # the eval.json an earlier evaluation of the same model wrote
     also: list  # [(NAME, FILE)]: more texts scored like task ppl (--also-ppl)
+    harness: object = None  # lm-eval's TaskManager when lm_eval: tasks are asked for (their data loaded and checked)
+    harness_types: frozenset = frozenset()  # their request types: multiple_choice, loglikelihood, generate_until, ...
 
 
 def check_request(args) -> Request:
@@ -123,6 +128,7 @@ def check_request(args) -> Request:
         raise UserError(f"run '{run_dir}' is a {recipe.task} run: its accuracy is best_val_acc in summary.json; "
                         "evaluate.py scores causal language models")
     tasks = requested_tasks(args, recipe, run_dir)
+    harness, harness_types = harness_tasks(args, tasks)
     if args.data_file:
         inputs.existing_file(args.data_file, "--data-file")
         if not any(t in DATA_FILE_TASKS for t in tasks):
@@ -145,20 +151,27 @@ def check_request(args) -> Request:
     earlier = inputs.read_json_object(out_dir / "eval.json", advice=damaged) if out_dir and (out_dir / "eval.json").is_file() else {}
     if args.out and earlier and earlier.get("model") != name:
         raise UserError(f"'{out_dir / 'eval.json'}' holds results of '{earlier.get('model')}', not '{name}'; give another --out")
-    return Request(run_dir, recipe, tasks, out_dir, name, earlier, also)
+    return Request(run_dir, recipe, tasks, out_dir, name, earlier, also, harness, harness_types)
 
 
 def requested_tasks(args, recipe: Recipe | None, run_dir) -> list:
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     elif recipe and recipe.eval.tasks:
-        tasks = recipe.eval.tasks
+        tasks = list(recipe.eval.tasks)
+    elif args.lm_eval or args.forgetting_lm_eval:
+        tasks = []
     else:
         where = f"the recipe of '{run_dir}' has empty eval.tasks" if recipe else "--model has no default tasks"
         raise UserError(f"no tasks: {where}; give --tasks, e.g. --tasks wikitext2,lambada")
+    from tunebench.lm_eval_tasks import KEY_PREFIX, names
+
+    tasks += [KEY_PREFIX + name for name in names(args.lm_eval) + names(args.forgetting_lm_eval)
+              if KEY_PREFIX + name not in tasks]
     for task in tasks:
-        if task not in TASKS:
-            raise UserError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+        if task not in TASKS and not (task.startswith(KEY_PREFIX) and task != KEY_PREFIX):
+            raise UserError(f"unknown task '{task}'; choose from {', '.join(TASKS)}, or lm_eval:NAME for a task of "
+                            "lm-evaluation-harness (--lm-eval NAME does the same)")
     return tasks
 
 
@@ -596,6 +609,58 @@ def write_generations(out_dir: Path, generations: dict) -> None:
     rundir.write_atomic(out_dir / "generations.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+# ---- lm-evaluation-harness tasks (tunebench/lm_eval_tasks.py) ---------------------------------------
+
+def add_lm_eval_args(parser) -> None:
+    group = parser.add_argument_group("lm-evaluation-harness tasks (tunebench/lm_eval_tasks.py)")
+    group.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks (or groups), e.g. "
+                       "hellaswag,arc_easy; stored in eval.json as lm_eval:NAME (same as --tasks lm_eval:NAME)")
+    group.add_argument("--lm-eval-include", metavar="DIR", help="a folder of your own lm-eval task YAMLs (with local "
+                       "data files: offline)")
+    group.add_argument("--lm-eval-fewshot", type=int, metavar="N", help="few-shot examples per prompt (default: each task's own)")
+    group.add_argument("--lm-eval-limit", type=positive, metavar="N", help="the first N documents of each task only "
+                       "(default: all)")
+    group.add_argument("--forgetting-lm-eval", metavar="TASKS", help="lm-eval tasks that are the forgetting measure "
+                       "(a suite's forgetting: {lm_eval: [...]}): run like --lm-eval and marked so in eval.json")
+    group.add_argument("--forgetting-metric", default="acc", help="the figure of those tasks that forgetting is "
+                       "measured on (default acc)")
+
+
+def harness_tasks(args, tasks: list) -> tuple:
+    """(lm-eval's TaskManager, the tasks' request types) for the lm_eval: tasks asked for ((None, {}) without
+    any): every name checked and every task's data loaded, before a model loads (so a failure writes nothing)
+    and, with --check-args, before a suite trains (a hub task offline fails the suite at once)."""
+    from tunebench import lm_eval_tasks
+
+    wanted = [task.removeprefix(lm_eval_tasks.KEY_PREFIX) for task in tasks if task.startswith(lm_eval_tasks.KEY_PREFIX)]
+    if not wanted:
+        if args.lm_eval_include or args.lm_eval_fewshot is not None or args.lm_eval_limit:
+            raise UserError("--lm-eval-include, --lm-eval-fewshot and --lm-eval-limit are for lm-eval tasks; name some "
+                            "with --lm-eval NAME")
+        return None, frozenset()
+    if args.lm_eval_fewshot is not None and args.lm_eval_fewshot < 0:
+        raise UserError(f"--lm-eval-fewshot {args.lm_eval_fewshot}: give 0 or more examples")
+    manager = lm_eval_tasks.task_manager(wanted, args.lm_eval_include)
+    return manager, frozenset(task.OUTPUT_TYPE for task in lm_eval_tasks.load_tasks(manager, wanted).values())
+
+
+def harness_results(scorer: Scorer, args, request: Request) -> tuple:
+    """({eval.json key: figures}, {key: per-document items}) of every lm_eval: task, in one harness run."""
+    from tunebench import lm_eval_tasks
+
+    wanted = [t.removeprefix(lm_eval_tasks.KEY_PREFIX) for t in request.tasks if t.startswith(lm_eval_tasks.KEY_PREFIX)]
+    if scorer.virtual_tokens and "generate_until" in request.harness_types:
+        raise UserError("lm-eval generation tasks do not run on a soft prompt (peft repeats its virtual tokens when "
+                        "generating with a cache); its loglikelihood and multiple-choice tasks do")
+    batch_size = args.batch_size or 8
+    lm = lm_eval_tasks.harness_model(scorer.model, scorer.tokenizer, scorer.max_length, batch_size)
+    with scorer.autocast():
+        figures, items = lm_eval_tasks.run(lm, request.harness, wanted, args.lm_eval_limit, args.lm_eval_fewshot)
+    for record in figures.values():
+        record.update(batch_size=batch_size, precision=scorer.precision)
+    return figures, items
+
+
 def run_task(task: str, scorer: Scorer, args, recipe: Recipe | None = None) -> dict:
     if task in PERPLEXITY_TASKS:
         return perplexity_task(task, scorer, args)
@@ -692,6 +757,20 @@ def evaluation_record(args, request: Request, scorer: Scorer, results: dict, tim
     }
 
 
+def forgetting_record(args, results: dict) -> dict:
+    """Which lm-eval tasks and figure are the forgetting measure (tunebench/verdict.py reads it)."""
+    from tunebench.lm_eval_tasks import KEY_PREFIX, names
+
+    tasks = [KEY_PREFIX + name for name in names(args.forgetting_lm_eval)]
+    for task in tasks:
+        if args.forgetting_metric not in results[task]:
+            figures = [k for k, v in results[task].items() if isinstance(v, float) and not k.endswith("_stderr")]
+            raise UserError(f"--forgetting-metric {args.forgetting_metric}: lm-eval task '{task.removeprefix(KEY_PREFIX)}' "
+                            f"reports {', '.join(figures)}; pick one of them")
+    higher = {results[t]["higher_is_better"].get(args.forgetting_metric, True) for t in tasks}
+    return {"measure": "lm-eval", "tasks": tasks, "metric": args.forgetting_metric, "higher_is_better": all(higher)}
+
+
 def write_results(evaluation: dict, request: Request, args, model) -> None:
     """eval.json, merged with the tasks an earlier evaluation of the same model wrote; for --model
     also a baseline summary.json."""
@@ -703,6 +782,8 @@ def write_results(evaluation: dict, request: Request, args, model) -> None:
     evaluation["tasks"] = {**request.earlier.get("tasks", {}), **evaluation["tasks"]}
     evaluation["time_s"] = {**request.earlier.get("time_s", {}), **evaluation["time_s"]}
     evaluation["items"] = {**request.earlier.get("items", {}), **evaluation["items"]}
+    if "forgetting" not in evaluation and "forgetting" in request.earlier:
+        evaluation["forgetting"] = request.earlier["forgetting"]
     rundir.write_json(out_dir / "eval.json", evaluation)
     if args.model:
         _, total = count_params(model)
@@ -728,6 +809,8 @@ def main(argv=None):
         return report.main(argv[1:])
     args = parse_args(argv)
     if args.check_args:
+        if args.tasks or args.lm_eval or args.forgetting_lm_eval:  # a suite passes its tasks; --model m loads nothing
+            harness_tasks(args, requested_tasks(args, None, None))
         return
     request = check_request(args)
     the_judge = judge_from_args(args, request)
@@ -742,20 +825,29 @@ def main(argv=None):
     scorer = load_scorer(args, request)
     results, times = {}, {"load_model": round(time.perf_counter() - started, 3)}
     for task in request.tasks:
+        if task in TASKS:
+            started = time.perf_counter()
+            results[task] = run_task(task, scorer, args, request.recipe)
+            times[task] = round(time.perf_counter() - started, 3)
+    harness_items = {}
+    if request.harness is not None:
         started = time.perf_counter()
-        results[task] = run_task(task, scorer, args, request.recipe)
-        times[task] = round(time.perf_counter() - started, 3)
+        figures, harness_items = harness_results(scorer, args, request)
+        results.update(figures)
+        times["lm_eval"] = round(time.perf_counter() - started, 3)
     for name, file in request.also:
         started = time.perf_counter()
         results[name] = perplexity_task("ppl", scorer, args, file)
         times[name] = round(time.perf_counter() - started, 3)
 
     generations = take_generations(results)
-    items = take_items(results)
+    items = {**take_items(results), **harness_items}
     if the_judge is not None:
         judge_generations(the_judge, args, generations, results)
     evaluation = evaluation_record(args, request, scorer, results, times)
     evaluation["items"] = items
+    if args.forgetting_lm_eval:
+        evaluation["forgetting"] = forgetting_record(args, results)
     if the_judge is not None:
         evaluation["judge"] = the_judge.settings(args.judge_against)
     evaluation["hardware"].update(threads)

@@ -376,6 +376,9 @@ def test_an_added_rate_goes_on_from_a_rung_only_as_a_survivor_would():
     ({"grid": {"method.r": []}}, "grid key 'method.r' has an empty range"),
     ({"grid": {"method.num_virtual_tokens": [4, 8]}}, "grid key 'method.num_virtual_tokens' applies to no recipe"),
     ({"forgetting": {"data_file": "nowhere.txt"}}, "forgetting data_file 'nowhere.txt' does not exist"),
+    ({"forgetting": {"data_file": "general.txt", "lm_eval": ["arc_easy"]}}, "or lm_eval, lm-eval tasks"),
+    ({"forgetting": {"lm_eval": ["my_mc"], "include": "nowhere"}}, "--lm-eval-include 'nowhere' is not a folder"),
+    ({"forgetting": {"lm_eval": ["arc_easy"]}}, "lm-eval task 'arc_easy' reads its data from the Hugging Face hub"),
 ])
 def test_bad_search_grid_or_forgetting_is_one_line_and_nothing_starts(assets, tmp_path, extra, expected):
     suite = write(tmp_path / "bad.yaml", base_suite(assets, **extra))

@@ -16,6 +16,7 @@ A suite file (recipes/suites/NAME.yaml):
     search: {rates: 3, ...}       # optional: tune the learning rate of each recipe (and grid point) first (tunebench/search.py)
     grid: {method.r: [4, 16]}     # optional: every recipe once per combination of these recipe keys
     forgetting: {data_file: general.txt}   # optional: also score every model on a general text
+                                           # (or on lm-eval tasks: {lm_eval: [arc_easy], metric: acc})
 
 Every recipe keeps its own method and learning rate; everything in `overrides` is the same for all,
 so all methods see the same tokens in the same order and are evaluated identically. The model as
@@ -144,9 +145,10 @@ def plan(suite: dict, args) -> list:
 def how_steps_run(suite: dict, runs: list, args) -> Steps:
     tasks = runs[0]["recipe"].eval.tasks
     eval_args = ["--tasks", ",".join(tasks), *suite["eval_args"]]
-    if suite["forgetting"] is not None:  # the general text, with the same evaluation settings, in the same process
-        tasks = tasks + [GENERAL]
-        eval_args += ["--also-ppl", f"{GENERAL}={suite['forgetting']['data_file']}"]
+    if suite["forgetting"] is not None:  # the forgetting measure, with the same evaluation settings, in the same process
+        lm_eval = suite["forgetting"].get("lm_eval")
+        tasks = tasks + ([f"lm_eval:{t}" for t in lm_eval] if lm_eval else [GENERAL])
+        eval_args += suites.forgetting_eval_args(suite)
     return Steps(child_env(), launch_prefix(args.accel), tasks, eval_args)
 
 

@@ -61,10 +61,13 @@ def _cell(row: dict, key: str, kind: str) -> str:
     return text
 
 
-def markdown_table(rows: list, evals: list, derived: bool = False) -> str:
-    # The general text's perplexity is its one column here (its other figures are in report.csv).
-    columns = [c for c in report_rows.table_columns(evals, derived)
-               if not c[0].startswith(verdict.GENERAL + ".") or c[0] == f"{verdict.GENERAL}.ppl"]
+def markdown_table(rows: list, evals: list, derived: bool = False, forgetting_unit: str = "nats/token") -> str:
+    # The general text's perplexity is its one column here (its other figures are in report.csv); an lm-eval
+    # figure's standard error shares its cell.
+    keys = {key for key, _, _ in report_rows.table_columns(evals, derived)}
+    columns = [c for c in report_rows.table_columns(evals, derived, forgetting_unit)
+               if (not c[0].startswith(verdict.GENERAL + ".") or c[0] == f"{verdict.GENERAL}.ppl")
+               and not (c[0].endswith("_stderr") and c[0].removesuffix("_stderr") in keys)]
     header = ["method", "name", "status"] + [h for _, h, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
     for row in rows:
@@ -73,6 +76,8 @@ def markdown_table(rows: list, evals: list, derived: bool = False) -> str:
             cell = _cell(row, key, kind)
             if key == "trainable_params" and row.get("trainable_pct") is not None:
                 cell += f" ({_format(row['trainable_pct'], 'pct')})"
+            if row.get(f"{key}_stderr") is not None:
+                cell += f" (se {_format(row[f'{key}_stderr'], kind)})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -160,9 +165,8 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, 
     warnings = verdict.edge_warnings(search)
     md = [f"# Comparison of {len(runs)} runs", "", "## Recommendation", "", *(line for w in warnings for line in (w, "")),
           *verdict.recommendation(rows, derived, search, seeded, memory), "",
-          f"Gain: {verdict.gain_source(runs)}; forgetting: ln(perplexity) on the general text, trained minus untrained "
-          "(positive: worse than before training). Both in nats per token.", "",
-          "## Results", "", markdown_table(rows, evals, has_derived), ""]
+          f"Gain: {verdict.gain_source(runs)}, in nats per token; forgetting: {verdict.forgetting_source(runs)}.", "",
+          "## Results", "", markdown_table(rows, evals, has_derived, verdict.forgetting_unit(runs)), ""]
     md.append("Trainable params in parentheses: share of all parameters (tied weights counted once). "
               "Memory and sizes in MiB; train time excludes validation and start-up. lr: the rate the run trained at. "
               "— : not measured for that row.")
@@ -179,8 +183,9 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, 
                      "circled: the rate chosen, dotted: the recipe's own.")
         md += ["", "## Learning-rate search", "", *search_lines(search)]
     if any(r.get("forgetting") is not None for r in rows):
-        report_plots.plot_learning_forgetting(rows, out / "learning_forgetting.png", verdict.gain_source(runs))
-        plots.append("- `learning_forgetting.png`: gain on the target against the loss on the general text, per method.")
+        report_plots.plot_learning_forgetting(rows, out / "learning_forgetting.png", verdict.gain_source(runs),
+                                              verdict.forgetting_source(runs))
+        plots.append(f"- `learning_forgetting.png`: gain on the target against forgetting ({verdict.forgetting_source(runs)}), per method.")
     grid_data = None
     if grid and grid.get("keys"):
         grid_data = report_rows.grid_points_by_key(rows, runs, grid, q_key)

@@ -149,9 +149,9 @@ def plot_lr_sweep(search: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_learning_forgetting(rows: list, path: Path, gain_label: str) -> None:
-    """Gain on the target against forgetting on the general text, one point per method (error bars: the 95%
-    intervals; a hollow point: a gain not measurably above zero)."""
+def plot_learning_forgetting(rows: list, path: Path, gain_label: str, forgetting_label: str) -> None:
+    """Gain on the target against forgetting (on the general text, or lm-eval tasks), one point per method
+    (error bars: the 95% intervals; a hollow point: a gain not measurably above zero)."""
     import matplotlib.pyplot as plt
 
     def bar(row, key):
@@ -171,7 +171,7 @@ def plot_learning_forgetting(rows: list, path: Path, gain_label: str) -> None:
     ax.axhline(0, color="black", linestyle="--", linewidth=1)
     ax.axvline(0, color="black", linestyle="--", linewidth=1)
     ax.set_xlabel(f"learning: gain on the target (nats/token; {gain_label})")
-    ax.set_ylabel("forgetting: loss on the general text vs untrained (nats/token)")
+    ax.set_ylabel("forgetting: " + forgetting_label.replace(" (positive", "\n(positive"), fontsize=8)
     ax.set_title("Learning against forgetting (right: learns more; down: forgets less)\n"
                  "bars: 95% intervals; hollow: gain not measurably above zero; equal ranks: tied", fontsize=9)
     ax.legend(fontsize=7)

@@ -33,7 +33,7 @@ EVAL_SETTINGS = {"tokens", "words", "bytes", "windows", "stride", "max_length", 
                  "examples", "limit", "num_beams", "max_new_tokens", "prompt_tokens", "seed",
                  "judge_temperature", "judge_examples", "judge_scored", "judge_failed", "judge_pairwise_verdicts",
                  "judge_pairwise_failed", "judge_pairwise_unmatched", "judge_pairwise_scored", "judge_pairwise_inconsistent",
-                 "judge_pairwise_unscored"}
+                 "judge_pairwise_unscored", "version", "num_fewshot", "documents"}
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
@@ -74,6 +74,7 @@ def load_run(run_dir) -> dict:
         "summary": summary or {},
         "eval": evaluation.get("tasks") or {},
         "items": evaluation.get("items") or {},
+        "forgetting": evaluation.get("forgetting"),  # lm-eval tasks as the forgetting measure (else the general text)
         "recipe": recipe,
         "log": log,
         "error": None if summary is not None else _error_text(run_dir, log, recipe),
@@ -189,12 +190,12 @@ def _eval_name(task: str, metric: str) -> str:
     return name if task == "ppl" else f"{task} {name}"  # the task "ppl" scores the user's own text file
 
 
-def table_columns(evals: list, derived: bool = False) -> list:
+def table_columns(evals: list, derived: bool = False, forgetting_unit: str = "nats/token") -> list:
     """(key, header, kind) of every column after name, method and status."""
     columns = [("lr", "lr", "lr")] + TRAIN_COLUMNS + [(f"{task}.{metric}", _eval_name(task, metric), "metric") for task, metric in evals]
     if derived:
         columns += [("gain", "gain (nats/token) [95%]", "nats"), ("rank", "rank", "rank"),
-                    ("forgetting", "forgetting (nats/token) [95%]", "nats")]
+                    ("forgetting", f"forgetting ({forgetting_unit}) [95%]", "nats")]
     return columns
 
 

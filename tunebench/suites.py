@@ -21,7 +21,7 @@ from tunebench.recipe import METHOD_KEYS, ModelSettings, load_recipe
 from tunebench.verdict import GENERAL
 
 SUITE_KEYS = {"name", "recipes", "overrides", "seeds", "eval_args", "runs_dir", "report_dir", "search", "grid", "forgetting"}
-FORGETTING_KEYS = {"data_file"}
+FORGETTING_KEYS = {"data_file", "lm_eval", "metric", "include"}
 
 
 def load(path) -> dict:
@@ -63,11 +63,19 @@ def load(path) -> dict:
             raise UserError(f"suite file '{path}': a grid over train.lr and a search both set the rate; keep one")
     forgetting = suite.get("forgetting")
     if forgetting is not None:
-        if not isinstance(forgetting, dict) or not forgetting.get("data_file"):
-            raise UserError(f"suite file '{path}': 'forgetting' needs data_file, a general-domain text, e.g. {{data_file: general.txt}}")
+        if not isinstance(forgetting, dict) or bool(forgetting.get("data_file")) == bool(forgetting.get("lm_eval")):
+            raise UserError(f"suite file '{path}': 'forgetting' needs data_file, a general-domain text, e.g. {{data_file: "
+                            "general.txt}, or lm_eval, lm-eval tasks, e.g. {lm_eval: [arc_easy], metric: acc}; one of them")
         unknown = sorted(set(forgetting) - FORGETTING_KEYS)
         if unknown:
             raise UserError(f"suite file '{path}': unknown forgetting key '{unknown[0]}'; the keys are {', '.join(sorted(FORGETTING_KEYS))}")
+        if forgetting.get("data_file") and ({"metric", "include"} & set(forgetting)):
+            raise UserError(f"suite file '{path}': forgetting keys metric and include go with lm_eval, not data_file")
+        if forgetting.get("lm_eval"):
+            tasks = forgetting["lm_eval"] if isinstance(forgetting["lm_eval"], list) else [forgetting["lm_eval"]]
+            if not all(isinstance(t, str) and t and "," not in t for t in tasks):
+                raise UserError(f"suite file '{path}': forgetting lm_eval must list lm-eval task names, e.g. [arc_easy, hellaswag]")
+            forgetting = {**forgetting, "lm_eval": tasks, "metric": str(forgetting.get("metric") or "acc")}
     return {
         "name": name,
         "path": path,
@@ -83,15 +91,29 @@ def load(path) -> dict:
     }
 
 
+def forgetting_eval_args(suite: dict) -> list:
+    """The evaluate.py arguments that score a suite's forgetting measure (a general text, or lm-eval tasks)."""
+    forgetting = suite["forgetting"]
+    if forgetting is None:
+        return []
+    if forgetting.get("data_file"):
+        return ["--also-ppl", f"{GENERAL}={forgetting['data_file']}"]
+    return (["--forgetting-lm-eval", ",".join(forgetting["lm_eval"]), "--forgetting-metric", forgetting["metric"]]
+            + (["--lm-eval-include", str(forgetting["include"])] if forgetting.get("include") else []))
+
+
 def check_eval_args(suite: dict, tasks: list) -> None:
     """evaluate.py reads the suite's eval_args now (`evaluate.py --check-args`, as a user could run it),
-    so that a bad number fails the suite before any training instead of every evaluation after it."""
+    so that a bad number, or an lm-eval task it does not know, fails the suite before any training instead
+    of every evaluation after it."""
     command = [sys.executable, str(ROOT / "evaluate.py"), "--check-args", "--model", "m", "--tasks", ",".join(tasks),
-               *suite["eval_args"]]
+               *suite["eval_args"], *forgetting_eval_args(suite)]
     said = subprocess.run(command, capture_output=True, text=True, env=child_env())
     if said.returncode != 0:
         lines = said.stderr.strip().splitlines() or [f"exit status {said.returncode}"]
-        raise UserError(f"suite '{suite['name']}': eval_args {suite['eval_args']}: {lines[-1].removeprefix('error: ')}")
+        forgetting = forgetting_eval_args(suite) if (suite["forgetting"] or {}).get("lm_eval") else []
+        given = f"eval_args {suite['eval_args']}" + (f" with the forgetting measure's {forgetting}" if forgetting else "")
+        raise UserError(f"suite '{suite['name']}': {given}: {lines[-1].removeprefix('error: ')}")
 
 
 def grid_points(suite: dict, recipe_path: str) -> list:
@@ -172,7 +194,7 @@ def plan(suite: dict) -> list:
                         "read the same in a run name); their runs would share a folder")
     if len({tuple(r["recipe"].eval.tasks) for r in runs}) > 1 or not runs[0]["recipe"].eval.tasks:
         raise UserError("every run of a suite is evaluated on the same tasks: set eval.tasks in the suite's overrides")
-    if suite["forgetting"] is not None:
+    if suite["forgetting"] is not None and suite["forgetting"].get("data_file"):
         if GENERAL in runs[0]["recipe"].eval.tasks:
             raise UserError(f"the forgetting text is stored as task '{GENERAL}'; no eval task may have that name")
         if not Path(suite["forgetting"]["data_file"]).is_file():

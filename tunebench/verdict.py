@@ -4,7 +4,9 @@ differences are measured beyond noise, and the recommendation for each budget (t
 - Learning: the gain on the target, in nats per token: ln(ppl untrained) - ln(ppl run) on the suite's
   perplexity task, else (no perplexity task) the run's own validation loss at step 0 minus its best.
 - Forgetting: ln(ppl run) - ln(ppl untrained) on the general text (eval.json task `general`): positive
-  means the run got worse there. Both are differences of mean log-likelihood, so they compare across
+  means the run got worse there. When the suite names lm-eval tasks instead (eval.json `forgetting`), it is
+  the untrained model's figure minus the run's (for a figure where higher is better), averaged over those
+  tasks, with a paired bootstrap over their documents. Both are differences of mean log-likelihood, so they compare across
   texts and models, and "share of full fine-tuning's gain" is gain / gain of the matching full run.
 - Noise: every run is scored on the same test items (the windows of a text, the examples of a file), and
   evaluate.py keeps each item's loss (eval.json "items"). A gain, or the difference of two gains, gets a
@@ -82,12 +84,65 @@ def _paired_items(improved: dict, reference: dict, task: str):
     return b[0] - a[0], a[1]
 
 
+def forgetting_measure(runs: list):
+    """The lm-eval tasks and figure the suite measures forgetting on (eval.json `forgetting`), else None: the
+    general text."""
+    return next((r["forgetting"] for r in runs if r["finished"] and r.get("forgetting")), None)
+
+
+def forgetting_unit(runs: list) -> str:
+    measure = forgetting_measure(runs)
+    return f"{measure['metric']}, lm-eval" if measure else "nats/token"
+
+
+def forgetting_source(runs: list) -> str:
+    measure = forgetting_measure(runs)
+    if measure is None:
+        return "ln(perplexity) on the general text, trained minus untrained (positive: worse than before training), in nats per token"
+    tasks = ", ".join(t.split(":", 1)[1] for t in measure["tasks"])
+    order = "untrained minus trained" if measure["higher_is_better"] else "trained minus untrained"
+    return (f"{measure['metric']} on the lm-eval task{'s' if len(measure['tasks']) > 1 else ''} {tasks}, {order}"
+            + (", averaged over the tasks" if len(measure["tasks"]) > 1 else "") + " (positive: worse than before training)")
+
+
+def _harness_scores(run: dict, task: str, metric: str):
+    """(the task's figure, its per-document values) from eval.json; the values only when their mean is the figure."""
+    value = (run["eval"].get(task) or {}).get(metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None, None
+    per_document = ((run.get("items") or {}).get(task) or {}).get(metric)
+    if not per_document or not math.isclose(statistics.fmean(per_document), value, rel_tol=1e-9, abs_tol=1e-12):
+        per_document = None
+    return value, per_document
+
+
+def harness_forgetting(base: dict, run: dict, measure: dict) -> tuple:
+    """(forgetting, (per-document forgetting, weights)) on lm-eval tasks: each task's figure lost, averaged over
+    the tasks. A document of a task of n documents weighs 1/n, so the weighted per-document values sum to that
+    average (the shape of the per-item losses the bootstrap resamples); None where a figure is missing."""
+    sign = 1.0 if measure["higher_is_better"] else -1.0
+    losses, item_parts, weight_parts = [], [], []
+    for task in measure["tasks"]:
+        before, before_items = _harness_scores(base, task, measure["metric"])
+        after, after_items = _harness_scores(run, task, measure["metric"])
+        if before is None or after is None:
+            return None, None
+        losses.append(sign * (before - after))
+        if before_items is not None and after_items is not None and len(before_items) == len(after_items):
+            n = len(before_items)
+            item_parts.append(sign * (np.asarray(before_items) - np.asarray(after_items)) / n)
+            weight_parts.append(np.full(n, 1.0 / n))
+    items = (np.concatenate(item_parts), np.concatenate(weight_parts)) if len(item_parts) == len(measure["tasks"]) else None
+    return statistics.fmean(losses), items
+
+
 def learning_and_forgetting(runs: list) -> dict:
     """run name -> {gain, forgetting} in nats per token against the untrained model (None where unknown),
     with the per-item gains behind them (gain_items, forgetting_items: (per-item nats, tokens)) and the
     run's setting (to match it with its full fine-tuning run)."""
     baselines = [r for r in runs if r["finished"] and r["method"] == "baseline"]
     task = target_task(runs)
+    measure = forgetting_measure(runs)
     out = {}
     for run in runs:
         if not run["finished"] or run["method"] == "baseline":
@@ -99,13 +154,23 @@ def learning_and_forgetting(runs: list) -> dict:
             gain_items = _paired_items(run, base, task)
         elif task is None and run["summary"].get("initial_val_loss") is not None and run["summary"].get("best_val_loss") is not None:
             gain = run["summary"]["initial_val_loss"] - run["summary"]["best_val_loss"]
-        if base and _ppl(base, GENERAL) and _ppl(run, GENERAL):
+        if base and measure:
+            forgetting, forgetting_items = harness_forgetting(base, run, measure)
+        elif base and _ppl(base, GENERAL) and _ppl(run, GENERAL):
             forgetting = math.log(_ppl(run, GENERAL)) - math.log(_ppl(base, GENERAL))
             forgetting_items = _paired_items(base, run, GENERAL)  # trained minus untrained NLL per item
         setting = {k: v for k, v in flatten(run["recipe"] or {}).items() if not k.startswith(METHOD_SPECIFIC)}
         out[run["name"]] = {"gain": gain, "forgetting": forgetting, "gain_items": gain_items,
-                            "forgetting_items": forgetting_items, "setting": setting}
+                            "forgetting_items": forgetting_items, "setting": setting,
+                            "forgetting_words": forgetting_words(measure)}
     return out
+
+
+def forgetting_words(measure) -> str:
+    """How the recommendation names the forgetting figure's unit and measure."""
+    if measure is None:
+        return "nats/token on the general text"
+    return f"{measure['metric']} on lm-eval {', '.join(t.split(':', 1)[1] for t in measure['tasks'])}"
 
 
 def gain_source(runs: list) -> str:
@@ -281,7 +346,8 @@ def describe(row: dict, rows: list, values: dict) -> str:
             parts.append(f"{full['name']} did not learn measurably here, so no share of its gain")
     if row.get("forgetting") is not None:
         forgetting = estimate(row, values, "forgetting")
-        parts.append(f"forgetting {row['forgetting']:+.3f} {_interval(forgetting)} nats/token on the general text")
+        parts.append(f"forgetting {row['forgetting']:+.3f} {_interval(forgetting)} "
+                     + (values.get(row["runs"][0]) or {}).get("forgetting_words", "nats/token on the general text"))
     return ", ".join(parts)
 
 
