@@ -16,7 +16,8 @@ the values):
   useful tokens/s packed against padded on Alpaca-shaped rows, and whether packing was exact;
 - FSDP2 on one GPU (accelerate_configs/fsdp2.yaml, --num_processes 1): full fine-tuning and LoRA through
   the same train.py, a run stopped and resumed against one uninterrupted, final/ reloaded as a plain
-  Hugging Face folder and as a peft adapter, the plan's prediction against the measured peak.
+  Hugging Face folder and as a peft adapter, the plan's prediction against the measured peak; and
+  QLoRA under FSDP2, which may fail where bitsandbytes' 4-bit weights cannot be sharded (the row says).
 
 A row that fails shows its error and the rest go on; rows not started by the time limit say so.
 Without a CUDA GPU it says so and exits 0. Writes OUT/gpu_check.json beside the printed table.
@@ -43,6 +44,11 @@ SINGLE_GPU = "accelerate_configs/single_gpu.yaml"
 SPEED = SimpleNamespace(warmup=3, steps=5, max_length=512, batch=8)
 
 
+def mb(value) -> str:
+    """A figure in MB, or why there is none (a plan that could not run, no GPU peak)."""
+    return "n/a" if value is None else f"{value:,.0f} MB"
+
+
 def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
@@ -67,14 +73,14 @@ def medium_8bit(work: Path, state: dict) -> tuple:
                        "adamw_8bit", True, micro_batch=4, accelerate_config=SINGLE_GPU)
     state["medium_fused_peak"] = row["measured_peak_mb"]
     verdict = "under" if row["measured_peak_mb"] <= TARGET_MB else "OVER"
-    return (f"peak {row['measured_peak_mb']:,.0f} MB (plan {row['predicted_peak_mb']:,.0f} MB), "
+    return (f"peak {mb(row['measured_peak_mb'])} (plan {mb(row['predicted_peak_mb'])}), "
             f"optimizer {row['optimizer_bytes_per_param']:.2f} B/param", f"{verdict} the 6 GB target", row)
 
 
 def qlora(work: Path, state: dict) -> tuple:
     row = memory.train("medium-qlora-bf16-mb4", "qlora", state["medium"], state["data"], work / "runs", "adamw", False,
                        micro_batch=4, accelerate_config=SINGLE_GPU)
-    return (f"peak {row['measured_peak_mb']:,.0f} MB (plan {row['predicted_peak_mb']:,.0f} MB), "
+    return (f"peak {mb(row['measured_peak_mb'])} (plan {mb(row['predicted_peak_mb'])}), "
             f"{row['trainable_params']:,} trained", "", row)
 
 
@@ -83,9 +89,9 @@ def fused_loss(work: Path, state: dict) -> tuple:
                        "adamw_8bit", True, micro_batch=4, accelerate_config=SINGLE_GPU, fused_loss=False)
     fused = state.get("medium_fused_peak")
     if fused is None:
-        return f"plain loss peak {row['measured_peak_mb']:,.0f} MB (the fused run did not finish)", "", row
+        return f"plain loss peak {mb(row['measured_peak_mb'])} (the fused run did not finish)", "", row
     saved = row["measured_peak_mb"] - fused
-    return (f"plain {row['measured_peak_mb']:,.0f} MB, fused {fused:,.0f} MB", f"saves {saved:,.0f} MB", row)
+    return (f"plain {mb(row['measured_peak_mb'])}, fused {mb(fused)}", f"saves {mb(saved)}", row)
 
 
 def packing(work: Path, state: dict) -> tuple:
@@ -105,20 +111,25 @@ def packing(work: Path, state: dict) -> tuple:
     return "; ".join(parts), verdict, results
 
 
+def fsdp2_launch(work: Path, recipe: str, out: Path, *more) -> list:
+    """train.py under accelerate_configs/fsdp2.yaml on one GPU, GPT-2 small, 6 steps; returns its log.jsonl."""
+    base = [f"model.name={work / 'gpt2'}", f"data.dataset={work / 'train.txt'}", f"data.validation_file={work / 'valid.txt'}",
+            "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=1",
+            "train.eval_every=3", "train.eval_max_batches=2", "train.save_every=3", "train.warmup_ratio=0"]
+    speed.run([*accelerate("accelerate_configs/fsdp2.yaml"), "train.py", "--recipe", f"recipes/{recipe}.yaml", *base,
+               f"output_dir={out}", *more], work / "logs" / f"{out.name}.log", env())
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 def fsdp2(work: Path, state: dict) -> tuple:
     """One GPU under FSDP2: an uninterrupted run, one stopped at step 3 and resumed, and LoRA; final/ reloaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model, runs = work / "gpt2", work / "runs"
-    base = [f"model.name={model}", f"data.dataset={work / 'train.txt'}", f"data.validation_file={work / 'valid.txt'}",
-            "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=1",
-            "train.eval_every=3", "train.eval_max_batches=2", "train.save_every=3", "train.warmup_ratio=0"]
 
     def launch(recipe, out, *more):
-        speed.run([*accelerate("accelerate_configs/fsdp2.yaml"), "train.py", "--recipe", f"recipes/{recipe}.yaml", *base,
-                   f"output_dir={out}", *more], work / "logs" / f"{out.name}.log", env())
-        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return fsdp2_launch(work, recipe, out, *more)
 
     straight = launch("full", runs / "fsdp2-full")
     launch("full", runs / "fsdp2-resumed", "--stop-after-steps", "3")
@@ -134,11 +145,24 @@ def fsdp2(work: Path, state: dict) -> tuple:
     lora_b = [p for n, p in adapter.named_parameters() if "lora_B" in n]
     trained = bool(lora_b) and any(p.abs().sum() > 0 for p in lora_b)
     ok = worst < 1e-3 and not missing and trained and summary["hardware"]["distributed_type"] == "FSDP"
-    return (f"{summary['tokens_per_s']:,.0f} tok/s, peak {summary['peak_gpu_mem_mb']:,.0f} MB (plan "
-            f"{summary['predicted_peak_mb']:,.0f}); resume: worst loss difference {worst:.1e}; final/ reloads "
+    return (f"{summary['tokens_per_s']:,.0f} tok/s, peak {mb(summary['peak_gpu_mem_mb'])} (plan "
+            f"{mb(summary['predicted_peak_mb'])}); resume: worst loss difference {worst:.1e}; final/ reloads "
             f"({len(missing)} missing keys); LoRA adapter reloads {'trained' if trained else 'UNTRAINED'}",
             "ok" if ok else "CHECK", {"worst_relative_loss_difference": worst, "missing_keys": missing,
                                       "lora_trained": trained, "summary": summary})
+
+
+def fsdp2_qlora(work: Path, state: dict) -> tuple:
+    """QLoRA under FSDP2, where bitsandbytes' 4-bit weights and FSDP2 allow it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = work / "runs" / "fsdp2-qlora"
+    log = fsdp2_launch(work, "qlora", out, "method.dropout=0")
+    summary = json.loads((out / "summary.json").read_text())
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "gpt2"), out / "final")
+    return (f"trains: val loss {log[0]['val_loss']:.3f} -> {summary['best_val_loss']:.3f}, peak "
+            f"{mb(summary['peak_gpu_mem_mb'])}; adapter reloads", "ok", summary)
 
 
 def _has(module: str) -> bool:
@@ -154,6 +178,7 @@ ROWS = [
     ("fused loss saving, GPT-2 medium", fused_loss),
     ("packing, GPU attention kernels", packing),
     ("FSDP2 on one GPU", fsdp2),
+    ("QLoRA under FSDP2", fsdp2_qlora),
 ]
 
 
