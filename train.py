@@ -447,8 +447,7 @@ def train_loop(run: Run, stop_after_steps: int | None) -> str | int | None:
     if progress.step == 0 and progress.best_val_loss is None:
         record = {"step": 0, "epoch": 0.0, "tokens": 0, "train_loss": None, "lr": run.scheduler.get_last_lr()[0], "time": 0.0}
         evaluate_and_keep_best(run, record, validate_untrained(run))
-        if run.accelerator.is_main_process:
-            rundir.append_log(run.run_dir / "log.jsonl", record)
+        write_log_line(run, record)
 
     run.model.train()
     stopped_by = None
@@ -741,7 +740,8 @@ def write_log_line(run: Run, record: dict) -> None:
         rundir.append_log(run.run_dir / "log.jsonl", record)
     run.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
     val = {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}
-    run.bar.set_postfix(loss=f"{record['train_loss']:.3f}", **val)
+    if record["train_loss"] is not None:  # the untrained model's line, at step 0, has only its validation
+        run.bar.set_postfix(loss=f"{record['train_loss']:.3f}", **val)
 
 
 def save_checkpoint(run: Run) -> None:
