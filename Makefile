@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # to keep a torch you already have.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser postgres test test-latest lock demo compare dashboard bench bench-memory clean
+.PHONY: install browser postgres test test-latest lock demo compare dashboard bench bench-memory gpu-check clean
 
 # make install: the exact tested versions of requirements.lock (made by `make lock`), PyTorch first.
 # DeepSpeed ships as source: it is built against the torch installed first. With build isolation
@@ -79,6 +79,10 @@ dashboard: install
 # shapes, a few steps each; on a GPU also medium with bf16 + checkpointing + 8-bit AdamW).
 bench-memory: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/memory.py
+
+# What only a GPU shows, one table in at most 8 minutes (bench/gpu_check.py); without a GPU it says so.
+gpu-check: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/gpu_check.py
 
 # Training and evaluation speed against transformers.Trainer -> reports/bench/bench.json and a table.
 # About 2 hours on a 2-core CPU; BENCH_ARGS=--quick is a smoke run of a few minutes.

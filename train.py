@@ -13,6 +13,7 @@ which calls these in turn. torch and the Hugging Face libraries are imported ins
 use them, so that bad input is answered at once.
 """
 import math
+import os
 import shutil
 import signal
 import sys
@@ -46,6 +47,7 @@ def parse_args(argv=None):
 # ---- the run's progress: what a checkpoint holds besides the tensors ------------------------------
 
 METHOD_STATE_FILE = "method_state.safetensors"  # a method's own tensors besides the weights (AdaLoRA's)
+TRACKERS_FILE = "trackers.json"  # the MLflow run a resumed run goes on in
 
 
 @dataclass
@@ -177,7 +179,7 @@ def set_up(recipe: Recipe, run_dir: Path) -> Run:
     params = count_params(model)
     # The loss, chosen once: the causal one fused with the output layer where it can be (tunebench/fused_loss.py).
     loss, loss_note = ((classification_loss, "classification cross-entropy") if recipe.task == "classification"
-                       else fused_loss.choose(model, train_cfg.fused_loss))
+                       else fused_loss.choose(model, train_cfg.fused_loss, distributed.why_no_fused_loss(accelerator)))
     accelerator.print(f"loss: {loss_note}")
     if train_cfg.compile:
         model.compile()  # in place: the same module and state_dict keys, compiled on the first batches
@@ -216,7 +218,7 @@ def load_model_and_data(recipe: Recipe, tokenizer, accelerator) -> tuple:
 
 def make_accelerator(train_cfg: TrainSettings, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
     from tunebench import distributed
 
@@ -224,7 +226,7 @@ def make_accelerator(train_cfg: TrainSettings, run_dir: Path):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=train_cfg.grad_accum, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
         log_with=train_cfg.trackers or None,
-        project_dir=str(run_dir),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,
         **distributed.accelerator_kwargs(),
     )
@@ -338,9 +340,11 @@ def make_scheduler(optimizer, train_cfg: TrainSettings, total_steps: int):
 
 def checkpoint_trained_weights_only(model, accelerator) -> set:
     """A checkpoint holds what training changes: frozen weights are the base model's, loaded again on
-    resume. A LoRA checkpoint of GPT-2 small is then a few MB instead of 500. (DeepSpeed writes its
-    own.) Returns the names of the frozen weights left out."""
-    if accelerator.state.deepspeed_plugin:
+    resume. A LoRA checkpoint of GPT-2 small is then a few MB instead of 500. (DeepSpeed and FSDP write
+    their own shards.) Returns the names of the frozen weights left out."""
+    from tunebench.distributed import under_fsdp
+
+    if accelerator.state.deepspeed_plugin or under_fsdp(accelerator):
         return set()
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     if frozen:
@@ -369,7 +373,31 @@ def start_or_resume(run: Run, resuming: bool) -> None:
         rundir.start(run.run_dir, run.recipe)
     run.accelerator.wait_for_everyone()
     if run.recipe.train.trackers:
-        run.accelerator.init_trackers(run.recipe.name, config={k: str(v) for k, v in flatten(run.recipe).items()})
+        start_trackers(run)
+
+
+def start_trackers(run: Run) -> None:
+    """The recipe's trackers, through accelerate, with the recipe as their configuration. TensorBoard
+    writes under run_dir/tensorboard/; MLflow to MLFLOW_TRACKING_URI, or run_dir/mlflow.db when that
+    is unset. A resumed run goes on in the same MLflow run, and TensorBoard hides what the stopped run
+    logged after its checkpoint (purge_step), so that the curves match log.jsonl."""
+    trackers, run_dir, step = run.recipe.train.trackers, run.run_dir, run.progress.step
+    init = {}
+    if "tensorboard" in trackers and step:
+        init["tensorboard"] = {"purge_step": step + 1}
+    if "mlflow" in trackers:
+        init["mlflow"] = {"run_name": run_dir.name}
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            init["mlflow"]["logging_dir"] = str((run_dir / "mlflow-artifacts").resolve())
+        if step and (run_dir / TRACKERS_FILE).is_file():
+            init["mlflow"]["run_id"] = rundir.read_json(run_dir / TRACKERS_FILE).get("mlflow_run_id")
+    run.accelerator.init_trackers(run.recipe.name, config={k: str(v) for k, v in flatten(run.recipe).items()},
+                                  init_kwargs=init)
+    if "mlflow" in trackers and run.accelerator.is_main_process:
+        mlflow_run = run.accelerator.get_tracker("mlflow", unwrap=True)
+        rundir.write_json(run_dir / TRACKERS_FILE, {"mlflow_run_id": mlflow_run.info.run_id,
+                                                    "mlflow_tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})
 
 
 def resume(run: Run) -> None:
@@ -416,8 +444,7 @@ def train_loop(run: Run, stop_after_steps: int | None) -> str | int | None:
     if progress.step == 0 and progress.best_val_loss is None:
         record = {"step": 0, "epoch": 0.0, "tokens": 0, "train_loss": None, "lr": run.scheduler.get_last_lr()[0], "time": 0.0}
         evaluate_and_keep_best(run, record, validate_untrained(run))
-        if run.accelerator.is_main_process:
-            rundir.append_log(run.run_dir / "log.jsonl", record)
+        write_log_line(run, record)
 
     run.model.train()
     stopped_by = None
@@ -595,19 +622,28 @@ def validation_loss(run: Run) -> tuple:
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.long)
     correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    own = min(len(run.val_loader), max_batches or len(run.val_loader))
+    # A sharded model (FSDP, ZeRO-3) gathers its weights in every forward, with all processes at once: a
+    # process whose share has fewer batches runs its first batch again and leaves the result out.
+    forwards = int(accelerator.gather(torch.tensor([own], device=accelerator.device)).max().item())
     run.model.eval()
     with torch.no_grad(), untouched_rng(accelerator.device):
-        for i, batch in enumerate(run.val_loader):
-            if max_batches and i >= max_batches:
+        batches, first = iter(run.val_loader), None
+        for i in range(forwards):
+            batch = next(batches) if i < own else first
+            if batch is None:  # no share at all (fewer validation rows than processes): nothing to run again
                 break
+            first = first or batch
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if run.classify:
                 summed_loss, n, right = classification_scores(run.model, batch)
-                correct += right
             else:
                 summed_loss, n = run.loss(run.model, batch)
-            loss_sum += summed_loss.double()
-            count += n
+            if i < own:
+                loss_sum += summed_loss.double()
+                count += n
+                if run.classify:
+                    correct += right
     run.model.train()
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     accuracy = (accelerator.reduce(correct, "sum") / count).item() if run.classify else None
@@ -686,7 +722,8 @@ def write_log_line(run: Run, record: dict) -> None:
         rundir.append_log(run.run_dir / "log.jsonl", record)
     run.accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
     val = {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}
-    run.bar.set_postfix(loss=f"{record['train_loss']:.3f}", **val)
+    if record["train_loss"] is not None:  # the untrained model's line, at step 0, has only its validation
+        run.bar.set_postfix(loss=f"{record['train_loss']:.3f}", **val)
 
 
 def save_checkpoint(run: Run) -> None:

@@ -227,18 +227,19 @@ def data_template_head() -> str:
     return TEMPLATES["alpaca"][0].split("{prompt}")[0] + TEMPLATES["alpaca"][0].split("{prompt}")[1].split("{response}")[0]
 
 
-def packing_run(packing: bool, rnd, args, work, env) -> dict:
-    """train.py (full fine-tuning) on the Alpaca-shaped rows, packed or padded: useful (non-pad) tokens/s."""
-    out = work / "runs" / f"packing-{packing}-{rnd}"
+def packing_run(packing: bool, rnd, args, work, env, extra=(), launcher=(sys.executable,)) -> dict:
+    """train.py (full fine-tuning) on the Alpaca-shaped rows, packed or padded: useful (non-pad) tokens/s.
+    extra: more recipe overrides; launcher: what starts train.py (e.g. accelerate launch with a config)."""
+    out = work / "runs" / f"packing-{packing}-{rnd}{'-' + '-'.join(extra).replace('=', '_') if extra else ''}"
     shutil.rmtree(out, ignore_errors=True)
     total = args.warmup + args.steps
     overrides = [
         f"model.name={work / 'gpt2'}", f"data.dataset={work / 'alpaca'}", "data.format=instruction",
         "data.max_length=512", f"data.packing={str(packing).lower()}", f"train.micro_batch_size={args.batch}",
         f"train.max_steps={total}", "train.log_every=1", "train.eval_every=0", "train.eval_max_batches=1",
-        f"train.save_every={total}", f"output_dir={out}",
+        f"train.save_every={total}", f"output_dir={out}", *extra,
     ]
-    load = run([sys.executable, "train.py", "--recipe", "recipes/full.yaml", *overrides], work / "logs" / f"{out.name}.log", env)
+    load = run([*launcher, "train.py", "--recipe", "recipes/full.yaml", *overrides], work / "logs" / f"{out.name}.log", env)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     shutil.rmtree(out)

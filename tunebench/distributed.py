@@ -4,7 +4,9 @@ accelerate decides by itself what kind of run this is, and on a machine without 
 cases wrong silently: processes started by torchrun (or `accelerate launch` with a multi-GPU config)
 each believe they are alone unless told they run on a CPU, and DeepSpeed's CPU accelerator joins a
 gloo process group that accelerate then does not count. Both would train N copies of the same model
-on the same data. accelerator_kwargs() tells accelerate what it cannot see.
+on the same data. accelerator_kwargs() tells accelerate what it cannot see. FSDP it cannot do at all
+without a GPU: accelerate turns an FSDP config on a CPU into plain data parallel (every process holds
+the whole model), silently, so that is refused.
 
 The DeepSpeed JSON files leave batch size, accumulation and clipping "auto", for accelerate to fill
 from the recipe. A number there that disagrees with the recipe would quietly win over it (and an
@@ -30,6 +32,10 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def using_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def accelerator_kwargs() -> dict:
     """Extra Accelerator() arguments so that every process started is counted, with or without a GPU."""
     from accelerate.utils import InitProcessGroupKwargs
@@ -43,9 +49,26 @@ def accelerator_kwargs() -> dict:
             )
     if torch.cuda.is_available():
         return {}
+    if using_fsdp():
+        raise UserError(
+            "FSDP needs GPUs: without one accelerate would train every process on the whole model, unsharded; "
+            "on a CPU shard with accelerate_configs/deepspeed_zero3.yaml (DeepSpeed's CPU accelerator) instead"
+        )
     if using_deepspeed():
         return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     return {"cpu": True}
+
+
+def under_fsdp(accelerator) -> bool:
+    return accelerator.distributed_type.value == "FSDP"
+
+
+def why_no_fused_loss(accelerator) -> str | None:
+    """Why the fused loss cannot run under this setup: FSDP shards the output layer's weight, which the
+    fused loss reads outside the layer's forward (ZeRO-3 is found on the model itself); None if it can."""
+    if under_fsdp(accelerator):
+        return "FSDP shards the output layer's weight across processes"
+    return None
 
 
 def _number(value):

@@ -153,10 +153,11 @@ def install(model, only_scored=True):
     return fused_causal_loss
 
 
-def choose(model, wanted: bool) -> tuple:
+def choose(model, wanted: bool, not_here: str | None = None) -> tuple:
     """(the run's loss(model, batch) -> (summed next-token NLL, scored tokens), what the run prints
-    about it): the fused loss where it is wanted and exact, else metrics.causal_loss."""
-    reason = "train.fused_loss is false" if not wanted else why_not(model)
+    about it): the fused loss where it is wanted and exact, else metrics.causal_loss. not_here: why the
+    hardware setup rules it out before the model is wrapped for it, or None."""
+    reason = "train.fused_loss is false" if not wanted else not_here or why_not(model)
     if reason is None and not _returns_its_logits(model, model.get_output_embeddings()):
         reason = "the model changes the output layer's result before returning it (e.g. soft-capping or scaling)"
     if reason is not None:

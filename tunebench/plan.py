@@ -12,7 +12,12 @@ weights, gradients, optimizer state: exact sizes from that model's parameters (t
   3: and weights); its optimizer updates one flat float32 partition per parameter group, and it
   keeps a float32 master copy of the trained weights, counted with the optimizer state. On a GPU,
   offload moves the optimizer state (and at stage 3 the weights) to CPU memory. DDP (several
-  processes without DeepSpeed) keeps a second copy of the gradients in its buckets.
+  processes without DeepSpeed) keeps a second copy of the gradients in its buckets. FSDP2 (full
+  shard) divides weights, gradients and optimizer state by the number of processes, with no master
+  copy (under mixed precision it keeps the sharded weights in float32), and adds what it gathers:
+  the root module's own weights (embeddings, output layer, final norm: gathered for the whole pass)
+  and the largest transformer block's (one block at a time), in the compute dtype, plus that block's
+  unsharded gradients before they are reduced. With CPU offload, the shards live in CPU memory.
 activations: one forward and backward pass of the real model code as the training loop runs it
   (the loss included, fused or plain as train.py takes it, under autocast with mixed precision) on
   fake tensors, under a dispatch mode that follows every tensor storage created until it is freed:
@@ -25,7 +30,8 @@ runtime: on a CPU the compared measurement is the process's peak resident memory
   Python, PyTorch and the libraries: the process's own resident memory before the model loads is
   measured and added. On a GPU the compared measurement is the allocator's peak: tensors only.
 
-Not modelled: DeepSpeed's communication buckets and ZeRO-3's gathered layers, the CUDA context
+Not modelled: DeepSpeed's communication buckets and ZeRO-3's gathered layers, FSDP's prefetch of the
+next block and its padding of shards to equal size, the CUDA context
 (about 0.5 GB, added only in the budget check), allocator fragmentation.
 """
 import contextlib
@@ -61,9 +67,14 @@ class Setup:
     mixed_precision: str = "no"  # "no", "bf16", "fp16"
     zero_stage: int = 0  # 0: no DeepSpeed
     offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_params: bool = False  # with fsdp: weights, gradients and optimizer state in CPU memory
+    fsdp: bool = False  # FSDP2, full shard
 
     def describe(self) -> str:
+        if self.fsdp:
+            offload = " offloading weights, gradients and optimizer state" if self.offload_params else ""
+            precision = "fp32" if self.mixed_precision == "no" else f"{self.mixed_precision} mixed precision"
+            return f"{self.processes} process{'es' if self.processes > 1 else ''} on {self.device}, {precision}, FSDP2 full shard{offload}"
         zero = f"DeepSpeed ZeRO-{self.zero_stage}" if self.zero_stage else "no DeepSpeed"
         offload = [name for name, on in (("optimizer", self.offload_optimizer), ("weights", self.offload_params)) if on]
         if offload:
@@ -113,6 +124,8 @@ def setup_from_config_file(path) -> Setup:
             fields.update(zero_stage=int(ds.get("zero_stage", 2)),
                           offload_optimizer=ds.get("offload_optimizer_device", "none") != "none",
                           offload_params=ds.get("offload_param_device", "none") != "none")
+    elif cfg.get("distributed_type") == "FSDP":
+        fields.update(fsdp=True, offload_params=bool((cfg.get("fsdp_config") or {}).get("fsdp_offload_params")))
     return Setup(**fields)
 
 
@@ -122,6 +135,10 @@ def setup_from_accelerator(accelerator) -> Setup:
                   mixed_precision=str(accelerator.mixed_precision))
     if accelerator.state.deepspeed_plugin is not None:
         fields.update(_from_deepspeed_json(accelerator.state.deepspeed_plugin.deepspeed_config))
+    if accelerator.distributed_type.value == "FSDP":
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        fields.update(fsdp=True, offload_params=isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy))
     return Setup(**fields)
 
 
@@ -131,6 +148,8 @@ def model_dtype(recipe: Recipe, config, setup: Setup):
 
     if setup.zero_stage and setup.mixed_precision in ("bf16", "fp16"):
         return torch.bfloat16 if setup.mixed_precision == "bf16" else torch.float16  # DeepSpeed casts the model
+    if setup.fsdp and setup.mixed_precision in ("bf16", "fp16"):
+        return torch.float32  # accelerate upcasts the sharded weights; FSDP gathers them in the compute dtype
     dtype = DTYPES[recipe.model.dtype]
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -175,6 +194,20 @@ def _build_meta_model(recipe: Recipe, config, dtype, checkpointing: bool):
         enable_gradient_checkpointing(model)
     method = replace(recipe.method, **METHODS[recipe.method.type].plan_keys)
     return apply_method(model, method, None)  # peft puts the new (small) weights where the base weights are
+
+
+def _fsdp_units(model, params: list) -> tuple:
+    """(elements of the root's own weights, of the largest transformer block's, of its trained ones): what
+    FSDP2 gathers at once when accelerate wraps each block (the model's _no_split_modules) on its own."""
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    root = sum(p.numel() for p in params if id(p) not in in_blocks)
+    largest = max(blocks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+    if largest is None:
+        return root, 0, 0
+    return (root, sum(p.numel() for p in largest.parameters()),
+            sum(p.numel() for p in largest.parameters() if p.requires_grad))
 
 
 def _quantized_weights(model, method: MethodSettings) -> dict:
@@ -343,8 +376,9 @@ class Planner:
         self._layouts, self._passes, self._loss_paths = {}, {}, {}
 
     def _layout(self, setup: Setup):
-        """([(numel, element size)] of all parameters, the same of the trained ones, and the trained
-        elements in train.py's two parameter groups: matrices (weight decay), and the rest)."""
+        """([(numel, element size)] of all parameters, the same of the trained ones, the trained
+        elements in train.py's two parameter groups (matrices, with weight decay, and the rest), and
+        the elements FSDP gathers at once (_fsdp_units))."""
         dtype = model_dtype(self.recipe, self.config, setup)
         if dtype not in self._layouts:
             from tunebench.methods import unique_params
@@ -356,16 +390,18 @@ class Planner:
             self._layouts[dtype] = ([(p.numel(), p.element_size()) if id(p) not in quantized else quantized[id(p)]
                                      for p in params],
                                     [(p.numel(), p.element_size()) for p in trained],
-                                    [sum(p.numel() for p in trained if (p.ndim >= 2) == matrix) for matrix in (True, False)])
+                                    [sum(p.numel() for p in trained if (p.ndim >= 2) == matrix) for matrix in (True, False)],
+                                    _fsdp_units(model, params))
         return self._layouts[dtype]
 
     def loss_path(self, setup: Setup, fused=None) -> str:
-        """"fused" or "plain": the loss train.py takes (fused_loss.choose; ZeRO-3 hooks every layer),
+        """"fused" or "plain": the loss train.py takes (fused_loss.choose; ZeRO-3 hooks every layer, FSDP
+        shards the output layer),
         or the one asked for where it can apply."""
         from tunebench import fused_loss
 
         wanted = self.recipe.train.fused_loss if fused is None else fused
-        if not wanted or setup.zero_stage >= 3:
+        if not wanted or setup.zero_stage >= 3 or setup.fsdp:
             return "plain"
         dtype = model_dtype(self.recipe, self.config, setup)
         if dtype not in self._loss_paths:
@@ -412,7 +448,7 @@ class Planner:
         optimizer, grad_accum, setup = optimizer or train.optimizer, grad_accum or train.grad_accum, setup or self.setup
         n, zero, on_gpu = setup.processes, setup.zero_stage, setup.device == "cuda"
 
-        params, trained, groups = self._layout(setup)
+        params, trained, groups, units = self._layout(setup)
         weights = round(sum(numel * size for numel, size in params))
         gradients = sum(numel * size for numel, size in trained)
         state = optimizer_state_bytes(trained, optimizer)
@@ -429,12 +465,25 @@ class Planner:
                 offloaded, state = offloaded + state, 0
             if on_gpu and setup.offload_params and zero >= 3:
                 offloaded, weights = offloaded + weights, 0
+        elif setup.fsdp:
+            # Each process's shard of every tensor; the optimizer steps the shards in their dtype.
+            trained = [(math.ceil(numel / n), size) for numel, size in trained]
+            weights = round(sum(math.ceil(numel / n) * size for numel, size in params))
+            gradients = sum(numel * size for numel, size in trained)
+            state = optimizer_state_bytes(trained, optimizer)
+            largest = max((numel for numel, _ in trained), default=0)
+            if on_gpu and setup.offload_params:
+                offloaded, weights, gradients, state = weights + gradients + state, 0, 0, 0
+            compute_size = {"bf16": 2, "fp16": 2}.get(setup.mixed_precision, params[0][1] if params else 4)
+            root, block, block_trained = units
+            weights += (root + block) * compute_size
+            gradients += block_trained * (params[0][1] if params else 4)  # one block's, before reduce-scatter
         elif n > 1:
             buckets = gradients
 
         loss = self.loss_path(setup, fused)
         passed = self._pass(setup, micro_batch, checkpointing, loss)
-        computed_grads = gradients if grad_accum > 1 or zero >= 2 else min(gradients, passed["gradients"])
+        computed_grads = gradients if grad_accum > 1 or zero >= 2 or setup.fsdp else min(gradients, passed["gradients"])
         backward = (computed_grads + buckets, passed["activations"])
         # The optimizer updates the trained tensors in their dtype, or under ZeRO its float32 partition.
         size = 4 if zero or not trained else trained[0][1]
@@ -525,7 +574,7 @@ def _candidates(recipe: Recipe, setup: Setup):
     optimizers = [train.optimizer] + (["adamw_8bit"] if train.optimizer == "adamw" else [])
     checkpointing = [model.gradient_checkpointing] + ([True] if not model.gradient_checkpointing else [])
     setups = [setup]
-    for stage, offload in ZERO_CONFIGS:
+    for stage, offload in ZERO_CONFIGS if not setup.fsdp else ():  # FSDP shards already
         more_sharding = setup.processes > 1 and stage > setup.zero_stage and not offload
         more_offload = offload and setup.device == "cuda" and not setup.offload_optimizer
         if more_sharding or more_offload:

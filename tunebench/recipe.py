@@ -8,6 +8,7 @@ would be right; nothing is ever silently ignored.
 """
 import copy
 import difflib
+import importlib.util
 import math
 import re
 import typing
@@ -180,7 +181,8 @@ SCHEMA = {**_spec(Recipe), "method": {**_spec(MethodSettings), **_method_keys()}
 
 METHOD_KEYS = {name: set(method.keys) for name, method in METHODS.items()}
 
-TRACKERS = ("tensorboard", "wandb")
+# Each tracker accelerate can send the curves to, and the package it needs (requirements.txt has the first two).
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}
 
 
 def defaults() -> dict:
@@ -338,6 +340,9 @@ def _check(recipe: dict, explicit: set) -> Recipe:
     for tracker in typed.train.trackers:
         if tracker not in TRACKERS:
             raise UserError(f"recipe key 'train.trackers' names '{tracker}'; choose from {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(tracker) is None:
+            raise UserError(f"recipe key 'train.trackers' names {tracker}, which is not installed; "
+                            f"pip install {TRACKERS[tracker]}, or leave it out of train.trackers")
     if typed.train.warmup_steps and typed.train.warmup_ratio:
         raise UserError("set train.warmup_steps or train.warmup_ratio, not both")
     return typed
