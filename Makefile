@@ -56,13 +56,14 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 
 demo: install $(VENV)/.demo-installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.demo
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.compare --suite recipes/suites/demo.yaml --plan
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.compare --suite recipes/suites/demo.yaml
 
-# make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml]
+# make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml] [PLAN=1] [BUDGET_GB=G]
 SUITE ?= recipes/suites/gpt2_wikitext2.yaml
 ACCEL ?=
 compare: install
-	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL))
+	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL)) $(if $(or $(PLAN),$(BUDGET_GB)),--plan) $(if $(BUDGET_GB),--budget-gb $(BUDGET_GB))
 
 # Optimizer state per parameter and the memory plan against measured peaks (GPT-2 small and medium
 # shapes, a few steps each; on a GPU also medium with bf16 + checkpointing + 8-bit AdamW).
