@@ -90,12 +90,13 @@ def test_the_refusal_names_the_cheapest_change_that_fits(assets, tmp_path):
     from tunebench.models import load_config
     from tunebench.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "full.yaml", tiny_run(assets, tmp_path / "x", "train.micro_batch_size=64"))
-    planner = plan.Planner(recipe, load_config(recipe.model), plan.Setup())
-    as_is = planner.predict().peak
-    (changes, fitting), = plan.cheapest_fits(planner, as_is - 1, how_many=1)
-    budget_gb = (as_is + fitting.peak) / 2 / plan.GB
-    with pytest.raises(UserError, match=r"^big needs .* over the budget .*; the cheapest change that fits: \S"):
+    # 256 x 128 tokens: activations of about 420 MB, so half the micro-batch saves 200 MB.
+    recipe = load_recipe(ROOT / "recipes" / "full.yaml",
+                         tiny_run(assets, tmp_path / "x", "train.micro_batch_size=256", "data.max_length=128"))
+    as_is = plan.Planner(recipe, load_config(recipe.model), plan.Setup()).predict().peak
+    budget_gb = (as_is - 100 * plan.MB) / plan.GB  # this process's memory, in the prediction, may grow a little meanwhile
+    fits = "the cheapest change that fits: train.micro_batch_size=128 train.grad_accum=2"
+    with pytest.raises(UserError, match=rf"^big needs .* over the budget .*; {fits} "):
         forecast.memory_plans([{"row": "big", "cost_key": "k", "recipe": recipe}], plan.Setup(), budget_gb)
     assert forecast.memory_plans([{"row": "big", "cost_key": "k", "recipe": recipe}], plan.Setup(), 100)["k"] > 0
 

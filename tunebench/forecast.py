@@ -310,12 +310,13 @@ def make(suite: dict, runs: list, models: list, baseline_name, steps, accel, bud
     calibration_s = time.perf_counter() - calibration_started + preload_s
     predict(rows, training, evaluation, plan_peaks, setup.processes, preload_s)
     result = {"suite": suite["name"], "setup": setup.describe(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "load_average": os.getloadavg()[0], "calibration_s": calibration_s,
+              "load_average": list(os.getloadavg()), "calibration_s": calibration_s,
               **totals(rows, since_start, preload_s), "calibration": list(training.values()), "evaluation_s": evaluation,
               "rows": as_json(rows)}
     suite["runs_dir"].mkdir(parents=True, exist_ok=True)
     rundir.write_json(suite["runs_dir"] / PLAN_FILE, result)
-    print(f"\nplan of suite {suite['name']} ({setup.describe()}; load average {result['load_average']:.2f}):\n")
+    loads = " / ".join(f"{x:.2f}" for x in result["load_average"])
+    print(f"\nplan of suite {suite['name']} ({setup.describe()}; load averages {loads} over 1 / 5 / 15 min):\n")
     print(table(result))
     print(f"\npredicted total: {duration(result['total_s'])} ({result['total_s']:.0f} s), of which the search "
           f"{duration(result['search_s'])} ({100 * result['search_share']:.0f}%); the suite's own start "

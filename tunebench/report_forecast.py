@@ -28,7 +28,7 @@ def check(runs_dir) -> dict:
         return None
     rows, planned = [], set()
     for row in plan["rows"]:
-        entry = {"step": row["row"], "kind": row["kind"]}
+        entry = {"step": row["row"], "kind": row["kind"], "reused": bool(row.get("adopted"))}
         for what in ("train", "eval"):
             name = row.get(f"{what}_step")
             if name is None:
@@ -44,10 +44,22 @@ def check(runs_dir) -> dict:
             rows.append({"step": f"{name} (not planned)", "kind": "trial" if name.startswith("search ") else "other",
                          "train_predicted_s": 0.0, "train_measured_s": seconds})
     search = [sum(r.get(f"train_{k}_s") or 0 for r in rows if r["kind"] == "trial") for k in ("predicted", "measured")]
+    loads = [r.get("load_average") for r in rundir.read_log(runs_dir / rundir.TIMINGS_FILE) if r.get("step") == rundir.SUITE]
     total = {"predicted_s": plan["total_s"], "measured_s": timings[rundir.SUITE], "search_predicted_s": search[0],
              "search_measured_s": search[1], "calibration_s": plan["calibration_s"],
-             "plan_load_average": plan.get("load_average")}
+             "plan_load_average": plan.get("load_average"), "suite_load_average": loads[-1] if loads else None}
     return {"rows": rows, "total": total}
+
+
+def load_text(total: dict) -> str:
+    """The machine's load when planned and when the suite ended: on shared cores, the first reason for a gap."""
+    if total["plan_load_average"] is None or total["suite_load_average"] is None:
+        return ""
+    def three(loads):
+        return " / ".join(f"{x:.2f}" for x in (loads if isinstance(loads, list) else [loads]))
+
+    return (f"; the load averages (1 / 5 / 15 min) were {three(total['plan_load_average'])} when planned and "
+            f"{three(total['suite_load_average'])} when the suite ended")
 
 
 def ratio(predicted, measured) -> str:
@@ -69,16 +81,16 @@ def lines(runs_dir) -> list:
     out = [f"`compare --plan` predicted {total['predicted_s']:,.0f} s for the suite; it took {total['measured_s']:,.0f} s "
            f"({ratio(total['predicted_s'], total['measured_s'])}), the search {total['search_predicted_s']:,.0f} s "
            f"predicted, {total['search_measured_s']:,.0f} s measured ({ratio(total['search_predicted_s'], total['search_measured_s'])}). "
-           f"The plan's calibration took {total['calibration_s']:,.0f} s. Time is wall time per step of the suite "
+           f"The plan's calibration took {total['calibration_s']:,.0f} s{load_text(total)}. Time is wall time per step of the suite "
            "(start-up, model load, validation and saves included); the suite's total is up to this report. Peak memory "
            "per process in MiB, as the results table measures it. Error: predicted minus measured, over measured.", "",
            "| step | train s predicted | measured | error | eval s predicted | measured | error | peak predicted | measured | error |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in found["rows"]:
-        cells = []
-        for what in ("train", "eval"):
+        cells = ["reused", "reused", "—"] if r.get("reused") else []
+        for what in ("eval",) if r.get("reused") else ("train", "eval"):
             p, m = r.get(f"{what}_predicted_s"), r.get(f"{what}_measured_s")
-            cells += [seconds(p), seconds(m), ratio(p, m) if p else "—"]
+            cells += [seconds(p), seconds(m), ratio(p, m)]
         p, m = r.get("peak_predicted_mb"), r.get("peak_measured_mb")
         cells += [seconds(p), seconds(m), ratio(p, m)]
         out.append(f"| {r['step']} | " + " | ".join(cells) + " |")

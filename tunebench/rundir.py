@@ -265,7 +265,7 @@ def record_time(runs_dir, step: str, seconds: float, status: int = 0) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     record = {"step": step, "seconds": round(seconds, 3), "status": status}
     if step == SUITE:
-        record["load_average"] = os.getloadavg()[0]
+        record["load_average"] = list(os.getloadavg())
     append_log(runs_dir / TIMINGS_FILE, record)
 
 
