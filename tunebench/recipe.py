@@ -365,6 +365,14 @@ def to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
 
+# Recipe keys that cannot change the model before its first step, nor what validation scores: runs that
+# differ only in these share train.py's cached untrained validation (and tunebench/forecast.py predicts that).
+NOT_BEFORE_TRAINING = ("name", "output_dir", "overwrite", "train.lr", "train.optimizer", "train.weight_decay",
+                       "train.adam_beta1", "train.adam_beta2", "train.max_grad_norm", "train.scheduler",
+                       "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
+                       "train.keep_checkpoints", "train.log_every", "train.trackers", "train.exact_cpu_rss")
+
+
 def flatten(recipe, prefix: str = "") -> dict:
     """{dotted key: value} of a Recipe or of nested keys."""
     out = {}

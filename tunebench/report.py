@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from tunebench import inputs, report_generations, report_html, report_plots, report_rows, verdict
+from tunebench import inputs, report_forecast, report_generations, report_html, report_plots, report_rows, verdict
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.rundir import write_atomic, write_json
 
@@ -131,8 +131,9 @@ def search_lines(search: dict) -> list:
     return lines
 
 
-def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, packing: str = None) -> Path:
-    """packing: how a suite made packing the same for every run (tunebench.compare), for the setting."""
+def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, packing: str = None, plan_dir=None) -> Path:
+    """packing: how a suite made packing the same for every run (tunebench.compare), for the setting;
+    plan_dir: a suite's runs folder, whose plan.json (compare --plan) is set beside the time and memory measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,6 +201,9 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, 
                 cells = {json.dumps(v): f"{q:.4g}" for v, q, _ in series}
                 md.append(f"| {method} | " + " | ".join(cells.get(v, "—") for v in values) + " |")
             md.append("")
+    plan_check = report_forecast.lines(plan_dir) if plan_dir else []
+    if plan_check:
+        md += ["", "## Predicted and measured", "", *plan_check]
     failed = [r for r in rows if r["error"]]
     if failed:
         md += ["", "## Failed", ""] + [f"- **{r['name']}**: {r['error']}" for r in failed]
@@ -220,6 +224,7 @@ def write_report(run_dirs: list, out: Path, search_dir=None, grid: dict = None, 
         "search": search,
         "grid": grid_data,
         "generations": view,
+        "plan_check": report_forecast.check(plan_dir) if plan_dir else None,
         "runs": [{k: r[k] for k in ("name", "dir", "method", "finished", "error", "summary", "eval")} for r in runs],
     })
     write_atomic(out / "report.md", "\n".join(md))

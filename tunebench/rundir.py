@@ -251,3 +251,30 @@ def truncate_log(log_path, last_step: int) -> None:
 def append_log(log_path, record: dict) -> None:
     with open(log_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+# A suite's runs folder keeps how long each of its steps took, one line a step (compare.py and search.py
+# write it; the report sets it beside plan.json's predictions), and, last, the suite's own line.
+TIMINGS_FILE = "timings.jsonl"
+SUITE = "suite"
+
+
+def record_time(runs_dir, step: str, seconds: float, status: int = 0) -> None:
+    """Note that `step` of the suite (a step name of tunebench/forecast.py's plan, or SUITE) took `seconds`."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    record = {"step": step, "seconds": round(seconds, 3), "status": status}
+    if step == SUITE:
+        record["load_average"] = list(os.getloadavg())
+    append_log(runs_dir / TIMINGS_FILE, record)
+
+
+def read_timings(runs_dir) -> dict:
+    """{step: seconds} of the suite's steps (a step run again: its last time), and SUITE: the time of every
+    invocation of the suite added up (an interrupted suite and its resumption)."""
+    records = [r for r in read_log(Path(runs_dir) / TIMINGS_FILE) if "seconds" in r]
+    timings = {r["step"]: r["seconds"] for r in records if r["step"] != SUITE}
+    suite = [r["seconds"] for r in records if r["step"] == SUITE]
+    if suite:
+        timings[SUITE] = sum(suite)
+    return timings

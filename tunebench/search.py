@@ -492,6 +492,12 @@ def claim(study, storage, plan: dict):
 
 # ---- running a trial's rung ---------------------------------------------------------------------------
 
+def trial_step(method: str, rung: int, slot) -> str:
+    """A trial's row in the suite's plan and timings: its rung (from 1) and slot (the rate's index at the first
+    rung, the rank it went on with at a later one, low1/high1... for a rate added past an edge)."""
+    return f"search {method} rung {rung + 1} slot {slot}"
+
+
 def run_name(lr: float) -> str:
     return f"lr-{lr:.3g}".replace("e+", "e")  # a name train.py accepts: lr-1e10, not lr-1e+10
 
@@ -540,9 +546,12 @@ def run_trial(study, storage, trial, lr: float, plan: dict, method: dict, launch
                 command += ["--stop-after-steps", str(steps)]
             print(f"\n=== search {method['name']}: rate {lr:g}, rung {rung + 1} of {len(plan['rungs'])} (to step {steps})\n"
                   f"$ {' '.join(command)}", flush=True)
+            started = time.perf_counter()
             child = start(command, env)  # before the heartbeat's thread: a warm start forks this process
             beat.start()
             status, lines = follow(child)
+            rundir.record_time(plan["dir"].parent, trial_step(method["name"], rung, trial.user_attrs["slot"]),
+                               time.perf_counter() - started, status)
             if status in INTERRUPTED:
                 study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)  # enqueued again by a rerun
                 print(f"\ninterrupted during the search of {method['name']}; run the same command again to resume", file=sys.stderr)

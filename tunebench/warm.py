@@ -74,7 +74,7 @@ def _stop_tqdm_monitor() -> None:
             thread.exit()
 
 
-def _prepare() -> None:
+def prepare() -> None:
     """Import what every child needs, once, on one thread."""
     global _default_threads
     if _default_threads is not None:
@@ -107,7 +107,7 @@ class Forked:
 
 def start(command: list, env: dict) -> Forked:
     """Fork a child that runs `python SCRIPT ARGS` (command) with env; its stdout and stderr on one pipe."""
-    _prepare()
+    prepare()
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
