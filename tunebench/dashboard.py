@@ -29,7 +29,13 @@ def main(argv=None):
         raise UserError(f"suite '{suite['name']}' has no search yet ({search.sqlite_path(plan['storage'])} is missing); "
                         f"start it with python -m tunebench.compare --suite {args.suite} (or tunebench.search)")
     storage = search.storage_of(plan)
+    import signal
+
     import optuna_dashboard
+
+    # A job a script starts in the background ignores SIGINT, and Python keeps that: the server would never
+    # stop on Ctrl-C (or on the SIGINT a test sends it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     print(f"optuna-dashboard on {search.shown_url(plan['storage'])}: http://{args.host}:{args.port}/ (Ctrl-C stops it)",
           flush=True)
