@@ -25,7 +25,7 @@ from typing import Any, Callable
 from tunebench import cache, rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive, positive_number
-from tunebench.recipe import NOT_BEFORE_TRAINING, MethodSettings, Recipe, TrainSettings, flatten, load_recipe
+from tunebench.recipe import NOT_BEFORE_TRAINING, MethodSettings, Recipe, TrainSettings, flatten, load_recipe, setting_without
 
 
 def parse_args(argv=None):
@@ -674,7 +674,7 @@ def untrained_key(run: Run) -> str:
     import torch
     import transformers
 
-    setting = {k: v for k, v in flatten(run.recipe).items() if k not in NOT_BEFORE_TRAINING}
+    setting = setting_without(run.recipe, NOT_BEFORE_TRAINING)
     model_dir = Path(run.recipe.model.name)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_dir.iterdir() if f.is_file()) \
         if model_dir.is_dir() else None

@@ -40,7 +40,7 @@ from pathlib import Path
 from tunebench import rundir, search, warm
 from tunebench.errors import UserError
 from tunebench.launch import ROOT, follow, start
-from tunebench.recipe import NOT_BEFORE_TRAINING, flatten, load_recipe
+from tunebench.recipe import NOT_BEFORE_TRAINING, flatten, load_recipe, setting_without
 from tunebench.report_forecast import PLAN_FILE
 
 CALIBRATION_STEPS = 3  # two in the first process (the second at steady pace), one after resuming
@@ -62,7 +62,7 @@ def cost_key(recipe, accel) -> str:
 
 def untrained_key(recipe) -> str:
     """Runs with the same key share train.py's cached untrained validation."""
-    return json.dumps({k: v for k, v in flatten(recipe).items() if k not in NOT_BEFORE_TRAINING}, sort_keys=True, default=str)
+    return json.dumps(setting_without(recipe, NOT_BEFORE_TRAINING), sort_keys=True, default=str)
 
 
 def same_training(trial, run) -> bool:

@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunebench import cache, inputs
 from tunebench.errors import UserError
-from tunebench.recipe import MethodSettings, Recipe, flatten
+from tunebench.recipe import NOT_IN_MEMORY, MethodSettings, Recipe, setting_without
 
 MB = 2**20
 GB = 2**30
@@ -499,12 +499,6 @@ class Planner:
         )
 
 
-# Recipe keys that cannot change a run's memory: its rate and schedule, seed, length, and when it logs and saves.
-NOT_IN_MEMORY = ("name", "output_dir", "overwrite", "train.lr", "train.seed", "train.max_steps", "train.epochs",
-                 "train.scheduler", "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
-                 "train.keep_checkpoints", "train.log_every", "train.trackers")
-
-
 def predict_for_summary(recipe: Recipe, config, accelerator) -> dict:
     """The prediction for summary.json, made before the model loads, and kept (tunebench/cache.py) for
     the next run of the same setting: a search's trials differ in their rate only. The runtime is this
@@ -514,7 +508,7 @@ def predict_for_summary(recipe: Recipe, config, accelerator) -> dict:
 
     setup = setup_from_accelerator(accelerator)
     runtime = runtime_bytes(setup)
-    setting = {k: v for k, v in flatten(recipe).items() if k not in NOT_IN_MEMORY}
+    setting = setting_without(recipe, NOT_IN_MEMORY)
     key = cache.digest(setting, config.to_dict(), asdict(setup), torch.__version__, transformers.__version__).hexdigest()
     try:
         fields = cache.remembered("memory_plan", key[:32], lambda: asdict(Planner(recipe, config, setup).predict()))

@@ -365,12 +365,28 @@ def to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
 
-# Recipe keys that cannot change the model before its first step, nor what validation scores: runs that
-# differ only in these share train.py's cached untrained validation (and tunebench/forecast.py predicts that).
+# Which recipe keys can change what, in one place: settings compared or cached without them (setting_without).
+# Keys that cannot change what a run trains or measures: names, folders, how often it saves and logs, how
+# many checkpoints it keeps, where its curves are also sent, how many processes tokenize. A search's winning
+# trial that differs from the comparison run only in these is that run (tunebench/search.py adopt).
+RESULT_NEUTRAL = ("name", "output_dir", "overwrite", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                  "train.trackers", "data.num_proc")
+# Keys that cannot change a run's memory: its rate and schedule, seed, length, and when it logs and saves
+# (tunebench/plan.py keeps its prediction per setting without them).
+NOT_IN_MEMORY = ("name", "output_dir", "overwrite", "train.lr", "train.seed", "train.max_steps", "train.epochs",
+                 "train.scheduler", "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
+                 "train.keep_checkpoints", "train.log_every", "train.trackers")
+# Keys that cannot change the model before its first step, nor what validation scores: runs that differ
+# only in these share train.py's cached untrained validation (and tunebench/forecast.py predicts that).
 NOT_BEFORE_TRAINING = ("name", "output_dir", "overwrite", "train.lr", "train.optimizer", "train.weight_decay",
                        "train.adam_beta1", "train.adam_beta2", "train.max_grad_norm", "train.scheduler",
                        "train.warmup_steps", "train.warmup_ratio", "train.eval_every", "train.save_every",
                        "train.keep_checkpoints", "train.log_every", "train.trackers", "train.exact_cpu_rss")
+
+
+def setting_without(recipe, keys) -> dict:
+    """{dotted key: value} of the recipe but the given keys."""
+    return {k: v for k, v in flatten(recipe).items() if k not in keys}
 
 
 def flatten(recipe, prefix: str = "") -> dict:

@@ -63,7 +63,7 @@ from tunebench import rundir
 from tunebench.errors import ArgumentParser, UserError, command
 from tunebench.inputs import positive
 from tunebench.launch import INTERRUPTED, ROOT, child_env, follow, gpu_count, launch_prefix, override_text, start
-from tunebench.recipe import Recipe, flatten, load_recipe, to_yaml
+from tunebench.recipe import RESULT_NEUTRAL, Recipe, flatten, load_recipe, setting_without, to_yaml
 
 SEARCH_KEYS = {"rates", "spacing", "lrs", "metric", "max_steps", "first_rung", "reduction", "seed", "overrides", "extend",
                "storage", "heartbeat", "grace"}
@@ -618,12 +618,6 @@ def work(plan: dict, launcher: list, env: dict, worker: str = None) -> None:
 
 # ---- a trial that is the comparison run ------------------------------------------------------------------
 
-# Recipe keys that cannot change what a run trains or measures: names, folders, how often it saves and
-# logs, how many checkpoints it keeps, where its curves are also sent, how many processes tokenize.
-RESULT_NEUTRAL = ("name", "output_dir", "overwrite", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                  "train.trackers", "data.num_proc")
-
-
 def adopt(method: dict, lr: float, recipe: Recipe, run_dir: Path) -> bool:
     """When the comparison run's recipe is the search's last-rung trial at this rate (every key but the
     RESULT_NEUTRAL ones the same: model, method, data, seed, steps, batch, rate, validation...), that
@@ -638,8 +632,7 @@ def adopt(method: dict, lr: float, recipe: Recipe, run_dir: Path) -> bool:
     if run_dir.exists() or not (trial_dir / "summary.json").is_file():
         return False
     trial = yaml.safe_load((trial_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    if {k: v for k, v in flatten(trial).items() if k not in RESULT_NEUTRAL} != \
-            {k: v for k, v in flatten(recipe).items() if k not in RESULT_NEUTRAL}:
+    if setting_without(trial, RESULT_NEUTRAL) != setting_without(recipe, RESULT_NEUTRAL):
         return False
     tmp = rundir.temporary(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
