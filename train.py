@@ -444,7 +444,7 @@ def train_loop(run: Run, stop_after_steps: int | None) -> str | int | None:
     measure.reset_peak_gpu_mem()
     run.bar = tqdm(total=run.total_steps, initial=progress.step, disable=not run.accelerator.is_local_main_process,
                    desc=run.recipe.name)
-    if progress.step == 0 and progress.best_val_loss is None:
+    if progress.step == 0 and progress.initial_val_loss is None:
         record = {"step": 0, "epoch": 0.0, "tokens": 0, "train_loss": None, "lr": run.scheduler.get_last_lr()[0], "time": 0.0}
         evaluate_and_keep_best(run, record, validate_untrained(run))
         write_log_line(run, record)
@@ -583,8 +583,9 @@ def log_record(run: Run) -> dict:
         accelerator.end_training()
         fail(run,
              f"training loss became {mean_loss} by step {progress.step}; stopped. The last checkpoint is "
-             f"{rundir.latest_checkpoint(run.run_dir) or 'none'} (its weights may have diverged already); final/ "
-             "holds the model with the best validation loss. Lower train.lr or set train.max_grad_norm")
+             f"{rundir.latest_checkpoint(run.run_dir) or 'none'} (its weights may have diverged already); "
+             f"{'final/ holds the model with the best validation loss' if progress.best_step else 'no step was validated, so there is no final/'}. "
+             "Lower train.lr or set train.max_grad_norm")
     if progress.best_train_loss is None or mean_loss < progress.best_train_loss:
         progress.best_train_loss = mean_loss
     return {
@@ -599,7 +600,9 @@ def log_record(run: Run) -> dict:
 
 def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None:
     """Validate (or take the scores given), note it in the log record, and save final/ when this is
-    the best model yet: the lowest loss, or the most accurate classifier."""
+    the best trained model yet: the lowest loss, or the most accurate classifier. The untrained model
+    (step 0) is validated for the record but is never final/: a method's result is a model it trained,
+    even one worse than where it started, and a search's trials skip writing a model nobody keeps."""
     progress = run.progress
     started = time.perf_counter()
     val, acc = scores or validation_loss(run)
@@ -609,6 +612,8 @@ def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None
         record["val_acc"] = acc
     if progress.initial_val_loss is None:
         progress.initial_val_loss = val
+    if progress.step == 0:
+        return
     if acc is not None:
         better = progress.best_val_acc is None or acc > progress.best_val_acc
     else:

@@ -157,7 +157,8 @@ def test_divergence_stops_with_a_message_and_keeps_final(assets, tmp_path):
     diverged_at = re.search(r"training loss became (nan|inf) by step (\d+)", said)
     assert diverged_at, said[-2000:]
     assert max(step for step, _, _ in losses(run)) < int(diverged_at[2])  # the diverged step is not logged
-    assert (run / "final").is_dir()  # the best model so far (step 0) stays
+    assert not (run / "final").exists()  # diverged before its first validation: no trained model to keep
+    assert "no step was validated, so there is no final/" in said
     assert not (run / "summary.json").exists()
 
 

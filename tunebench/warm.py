@@ -31,7 +31,8 @@ PRELOADED = ("torch", "transformers", "peft", "accelerate", "datasets", "tqdm.au
              "transformers.models.auto.modeling_auto", "tunebench.data", "tunebench.models", "tunebench.methods",
              "tunebench.plan", "tunebench.fused_loss", "tunebench.activations", "tunebench.distributed",
              "tunebench.measure", "tunebench.packing", "tunebench.metrics", "tunebench.chat", "tunebench.judge",
-             "tunebench.report", "sacrebleu", "rouge_score.rouge_scorer", "nltk.translate.meteor_score")
+             "tunebench.report", "sacrebleu", "rouge_score.rouge_scorer", "nltk.translate.meteor_score",
+             "deepspeed")  # accelerate imports it on the first unwrap_model (every save) where it is installed: 2 s
 SAME_ENV_BUT = {"PYTHONPATH"}  # the project on the path: already imported here
 _default_threads = None  # PyTorch's thread count in a fresh process, restored in each child
 _tqdm_interval = None  # tqdm's monitor interval, restored in each child
@@ -84,6 +85,9 @@ def prepare() -> None:
     _default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     before = dict(os.environ)
+    # deepspeed imports mlflow where it is installed, and mlflow's import starts a thread that asks a server for
+    # its telemetry settings: a thread here would stop every fork, and a suite has no business calling out.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for name in PRELOADED:
         try:
             importlib.import_module(name)
