@@ -48,21 +48,27 @@ def test_plan_prints_every_step_and_writes_plan_json_training_nothing(planned):
     assert rows[TRIALS[2]]["from"] == 2 and rows[TRIALS[2]]["to"] == 4  # resumes from rung 1's checkpoint
     assert rows["lora_r4"]["adopted"] and rows["lora_r4"]["train_s"] == 0 and rows["lora_r4"]["tokens"] == 512
     assert rows["baseline"]["eval_s"] > 0 and rows["lora_r4"]["eval_s"] > 0
-    steps = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in plan["rows"])
+    # The baseline's evaluation is the suite's own first step: run by the plan, kept, and out of what is left.
+    assert rows["baseline"]["done"] and "(done)" in table
+    assert json.loads((tmp / "runs" / "tiny" / "baseline" / "eval.json").read_text())["tasks"]["ppl"]
+    steps = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in plan["rows"] if not r.get("done"))
     assert plan["total_s"] == pytest.approx(plan["suite_start_s"] + steps)
+    assert plan["done_s"] == rows["baseline"]["eval_s"]
     assert plan["search_s"] == pytest.approx(sum(rows[t]["train_s"] for t in TRIALS))
     assert 0 < plan["calibration_s"] and len(plan["calibration"]) == 1  # trials and the run share one setting
-    assert not list((tmp / "runs").rglob("summary.json")) and not (tmp / "runs" / "tiny" / ".calibration").exists()
+    trained = [p.parent.name for p in (tmp / "runs").rglob("summary.json")]
+    assert trained == ["baseline"] and not (tmp / "runs" / "tiny" / ".calibration").exists()  # the baseline: evaluated
 
 
 def test_report_sets_the_plan_beside_what_the_suite_took(planned):
     tmp, path, _ = planned
     result = compare(path, tmp)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "=== baseline: already evaluated" in result.stdout
     report = (tmp / "reports" / "tiny" / "report.md").read_text()
     section = report[report.index("## Predicted and measured"):]
     assert "`compare --plan` predicted" in section
-    for step in ["baseline", *TRIALS, "lora_r4"]:
+    for step in ["baseline (evaluated by the plan)", *TRIALS, "lora_r4"]:
         assert f"\n| {step} |" in section
     check = json.loads((tmp / "reports" / "tiny" / "report.json").read_text())["plan_check"]
     measured = {r["step"]: r for r in check["rows"]}
@@ -71,7 +77,8 @@ def test_report_sets_the_plan_beside_what_the_suite_took(planned):
     summary = json.loads((tmp / "runs" / "tiny" / "lora_r4" / "summary.json").read_text())
     assert measured["lora_r4"]["peak_measured_mb"] == summary["peak_cpu_rss_mb"]
     assert measured["lora_r4"]["train_measured_s"] == 0  # the search's trial, reused
-    assert measured["baseline"]["eval_measured_s"] > 0 and check["total"]["measured_s"] > 0
+    baseline = measured["baseline (evaluated by the plan)"]
+    assert baseline["eval_measured_s"] == baseline["eval_predicted_s"] > 0 and check["total"]["measured_s"] > 0
     assert set(summary["time_split_s"]) == {"steps", "setup", "validation", "checkpoints", "final_saves"}
 
 

@@ -2,7 +2,7 @@
 
     python -m tunebench.compare --suite recipes/suites/gpt2_wikitext2.yaml [--accel accelerate_configs/X.yaml]
     make compare [SUITE=recipes/suites/X.yaml] [ACCEL=accelerate_configs/Y.yaml]
-    python -m tunebench.compare --suite ... --plan [--budget-gb G]   # the bill first: nothing trains (forecast.py)
+    python -m tunebench.compare --suite ... --plan [--budget-gb G]   # the bill first: nothing is trained, the baseline is evaluated (forecast.py)
     make compare PLAN=1 [BUDGET_GB=G]
 
 A suite file (recipes/suites/NAME.yaml):
@@ -251,7 +251,12 @@ def main(argv=None):
     steps = how_steps_run(suite, runs, args)
     models = list(dict.fromkeys(model_source(r["recipe"].model) for r in runs))
     if args.plan:
-        forecast.make(suite, runs, models, baseline_name, steps, args.accel, args.budget_gb, time.perf_counter() - started)
+        def first_step() -> bool:  # the plan runs the baselines' evaluations, the suite's first step, and keeps them
+            evaluate_baselines(suite, models, steps)
+            return not steps.failed
+
+        forecast.make(suite, runs, models, baseline_name, steps, args.accel, args.budget_gb, time.perf_counter() - started,
+                      first_step)
         return
 
     baselines = evaluate_baselines(suite, models, steps)

@@ -17,14 +17,17 @@ children (launch.start: forked warm where it can), so their start-up is measured
   step                    one optimizer step at steady pace (the second); first_step, resumed_first_step:
                           what a process's first step adds
   validation, final_save, checkpoint   one of each (train.py's summary.json time_split_s)
-and one evaluation of each untrained model with the suite's evaluate.py arguments: every evaluation of
-that model is predicted to take as long. A run's time is then start + setup + its steps + its validations
-(each assumed to improve on the best, so to save final/) + its checkpoints, where train.py makes them
-(eval_every, save_every, the end, a search rung's stop). train.py caches the untrained validation for
+The evaluation is not a copy: the plan runs the suite's own first steps, the evaluations of the untrained
+models (the baseline rows), and keeps them, so the suite does not run them again. Every evaluation of that
+model is predicted to take as long as its baseline's did; the calibration's cost is the training copies and
+the preloading only, the same for a suite of minutes or of a night. A run's time is then start + setup + its
+steps + its validations (each after step 0 assumed to improve on the best, so to save final/) + its
+checkpoints, where train.py makes them (eval_every, save_every, the end, a search rung's stop). train.py caches the untrained validation for
 runs that differ only in training keys (recipe.NOT_BEFORE_TRAINING): only the first of them pays it. A
 trial at a later rung resumes from its checkpoint. A comparison run that is the search winner's trial
 (search.adopt) trains nothing. The suite adds its own start (measured: this command's, up to the plan)
-and, once, the warm starts' preloading (measured).
+and, once, the warm starts' preloading (measured), paid by its first step. The total is what the suite has
+left to do: the baselines the plan evaluated are shown with their measured time, outside it.
 
 Not predicted: rates the search adds past an edge (`extend`), failed steps and retries, the report's
 plots, steps an earlier invocation finished (the plan is for the suite run afresh), an untrained
@@ -194,18 +197,18 @@ def calibrate_training(row: dict, launcher: list, env: dict, run_dir: Path) -> d
         "first_step": max(0.0, times[1] - step),
         "resumed_first_step": max(0.0, summary["train_time_s"] - times[2] - step),
         "validation": after["validation"] - before["validation"],
-        "final_save": before["final_saves"],
+        "final_save": after["final_saves"] - before["final_saves"],  # the last step's validation keeps it
         "checkpoint": after["checkpoints"],
         "peak_mb": summary["peak_gpu_mem_mb"] if summary.get("peak_gpu_mem_mb") is not None else summary["peak_cpu_rss_mb"],
         "seconds": first + second,
     }
 
 
-def calibrate(rows: list, models: list, eval_args: list, launcher: list, env: dict, work: Path) -> tuple:
-    """({cost key: training figures}, {model: seconds of one evaluation}), one line printed per calibration."""
+def calibrate(rows: list, launcher: list, env: dict, work: Path) -> dict:
+    """{cost key: training figures}, one line printed per calibration."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    training, evaluation = {}, {}
+    training = {}
     try:
         for row in rows:
             key = row.get("cost_key")
@@ -215,13 +218,26 @@ def calibrate(rows: list, models: list, eval_args: list, launcher: list, env: di
             c = training[key]
             print(f"calibrated {row['row']}: {c['step']:.2f} s a step, start-up {c['start'] + c['setup']:.1f} s, "
                   f"validation {c['validation']:.1f} s ({c['seconds']:.0f} s)", flush=True)
-        for model in models:
-            evaluation[model] = timed([sys.executable, str(ROOT / "evaluate.py"), "--model", model,
-                                       "--out", str(work / f"eval-{len(evaluation)}"), *eval_args], env, f"evaluation of {model}")
-            print(f"calibrated the evaluation of {model}: {evaluation[model]:.1f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return training, evaluation
+    return training
+
+
+def baseline_seconds(rows: list, runs_dir: Path, evaluate_baselines) -> dict:
+    """{model: seconds of its untrained evaluation}: the suite's baseline steps, run now and kept (the suite
+    then finds them done); a baseline evaluated by an earlier invocation keeps the time it took then."""
+    if not evaluate_baselines():
+        raise UserError("the plan's evaluation of the untrained model failed; see error.txt in its run folder")
+    timings = rundir.read_timings(runs_dir)
+    seconds = {}
+    for row in rows:
+        if row["kind"] == "baseline":
+            if row["eval_step"] not in timings:
+                raise UserError(f"{row['row']} was evaluated before its time was recorded ({runs_dir / rundir.TIMINGS_FILE}); "
+                                f"remove {runs_dir / row['row']} and plan again")
+            seconds[row["model"]] = timings[row["eval_step"]]
+            row["done"] = True
+    return seconds
 
 
 # ---- the prediction ---------------------------------------------------------------------------------------
@@ -232,8 +248,8 @@ def training_seconds(row: dict, c: dict, pays_validation: bool) -> float:
     if begin == end:
         return 0.0
     seconds = c["start"] + (end - begin) * c["step"]
-    if begin == 0:  # fresh: the untrained validation (cached after the first run of its key) saves final/
-        seconds += c["setup"] + c["first_step"] + (c["validation"] if pays_validation else 0.0) + c["final_save"]
+    if begin == 0:  # fresh: the untrained validation (cached after the first run of its key); never final/
+        seconds += c["setup"] + c["first_step"] + (c["validation"] if pays_validation else 0.0)
     else:
         seconds += c["setup_resumed"] + c["resumed_first_step"]
     later = range(begin + 1, end + 1)
@@ -243,8 +259,8 @@ def training_seconds(row: dict, c: dict, pays_validation: bool) -> float:
 
 
 def predict(rows: list, training: dict, evaluation: dict, plan_peaks: dict, processes: int, preload_s: float) -> None:
-    """Each row's tokens, peaks and seconds, in place; the first step (a baseline's evaluation) starts the first
-    warm child, so it pays the preloading."""
+    """Each row's tokens, peaks and seconds, in place; the suite's first step still to do starts its first warm
+    child, so it pays the preloading."""
     validated = set()
     for row in rows:
         if "recipe" in row:
@@ -257,11 +273,13 @@ def predict(rows: list, training: dict, evaluation: dict, plan_peaks: dict, proc
                        peak_mb=c["peak_mb"], plan_peak_mb=plan_peaks[row["cost_key"]])
         if "eval_step" in row:
             row["eval_s"] = evaluation[row["model"]]
-    rows[0]["eval_s"] += preload_s
+    first = next((r for r in rows if not r.get("done") and (r.get("train_s") or r.get("eval_s"))), None)
+    if first is not None:
+        first["train_s" if first.get("train_s") else "eval_s"] += preload_s
 
 
 def as_json(rows: list) -> list:
-    keys = ("row", "kind", "tokens", "peak_mb", "plan_peak_mb", "train_s", "eval_s", "adopted", "from", "to",
+    keys = ("row", "kind", "tokens", "peak_mb", "plan_peak_mb", "train_s", "eval_s", "adopted", "done", "from", "to",
             "train_step", "eval_step")
     return [{k: row[k] for k in keys if k in row} for row in rows]
 
@@ -279,21 +297,26 @@ def table(plan: dict) -> str:
     lines = [f"{'step':<{width}}  {'tokens':>8}  {'peak MB':>8}  {'plan.py MB':>10}  {'train s':>8}  {'eval s':>7}"]
     for r in plan["rows"]:
         train = "reused" if r.get("adopted") else cell(r.get("train_s"), 1)
+        evaluation = cell(r.get("eval_s"), 1) + (" (done)" if r.get("done") else "")
         lines.append(f"{r['row']:<{width}}  {cell(r.get('tokens')):>8}  {cell(r.get('peak_mb')):>8}  "
-                     f"{cell(r.get('plan_peak_mb')):>10}  {train:>8}  {cell(r.get('eval_s'), 1):>7}")
+                     f"{cell(r.get('plan_peak_mb')):>10}  {train:>8}  {evaluation:>7}")
     return "\n".join(lines)
 
 
 def totals(rows: list, suite_start_s: float, preload_s: float) -> dict:
+    """The suite's time still to come (the steps the plan did, such as the baselines, apart: done_s)."""
     search_s = sum(r.get("train_s", 0) for r in rows if r["kind"] == "trial")
-    total = suite_start_s + sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in rows)
+    total = suite_start_s + sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in rows if not r.get("done"))
+    done = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in rows if r.get("done"))
     return {"total_s": total, "search_s": search_s, "search_share": search_s / total if total else 0.0,
-            "suite_start_s": suite_start_s, "preload_s": preload_s}
+            "suite_start_s": suite_start_s, "preload_s": preload_s, "done_s": done}
 
 
-def make(suite: dict, runs: list, models: list, baseline_name, steps, accel, budget_gb, since_start: float) -> dict:
-    """The plan: the steps, the budget check, the calibration and the prediction; plan.json written, the table
-    printed. `since_start`: seconds this command took to plan the suite (the suite pays them too)."""
+def make(suite: dict, runs: list, models: list, baseline_name, steps, accel, budget_gb, since_start: float,
+         evaluate_baselines) -> dict:
+    """The plan: the steps, the budget check, the baselines' evaluations (the suite's own, kept), the calibration
+    and the prediction; plan.json written, the table printed. `since_start`: seconds this command took to plan
+    the suite (the suite pays them too); `evaluate_baselines()`: the suite's first step, True when it worked."""
     from tunebench import plan as memory
 
     rows = planned_steps(suite, runs, models, baseline_name, accel)
@@ -304,9 +327,9 @@ def make(suite: dict, runs: list, models: list, baseline_name, steps, accel, bud
         warm.prepare()  # as the suite's first warm start does; plan.py's runtime memory then matches a child's
     preload_s = time.perf_counter() - started if can_fork else 0.0
     plan_peaks = memory_plans(rows, setup, budget_gb)
+    evaluation = baseline_seconds(rows, suite["runs_dir"], evaluate_baselines)
     calibration_started = time.perf_counter()
-    training, evaluation = calibrate(rows, models, steps.eval_args, steps.launcher, steps.env,
-                                     suite["runs_dir"] / ".calibration")
+    training = calibrate(rows, steps.launcher, steps.env, suite["runs_dir"] / ".calibration")
     calibration_s = time.perf_counter() - calibration_started + preload_s
     predict(rows, training, evaluation, plan_peaks, setup.processes, preload_s)
     result = {"suite": suite["name"], "setup": setup.describe(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -320,7 +343,10 @@ def make(suite: dict, runs: list, models: list, baseline_name, steps, accel, bud
     print(table(result))
     print(f"\npredicted total: {duration(result['total_s'])} ({result['total_s']:.0f} s), of which the search "
           f"{duration(result['search_s'])} ({100 * result['search_share']:.0f}%); the suite's own start "
-          f"({since_start:.0f} s) included, and the warm starts' preloading ({preload_s:.0f} s) in the first evaluation")
-    print(f"calibration: {duration(calibration_s)} ({100 * calibration_s / result['total_s']:.0f}% of the predicted total)")
+          f"({since_start:.0f} s) included, and the warm starts' preloading ({preload_s:.0f} s) in its first step")
+    print(f"done while planning, and kept: the evaluation of the untrained model ({duration(result['done_s'])}); "
+          f"the suite will not run it again")
+    print(f"calibration: {duration(calibration_s)} ({100 * calibration_s / result['total_s']:.0f}% of the predicted total), "
+          f"{duration(calibration_s / max(1, len(training)))} for each of its {len(training)} setting(s)")
     print(f"plan: {suite['runs_dir'] / PLAN_FILE}")
     return result

@@ -28,7 +28,8 @@ def check(runs_dir) -> dict:
         return None
     rows, planned = [], set()
     for row in plan["rows"]:
-        entry = {"step": row["row"], "kind": row["kind"], "reused": bool(row.get("adopted"))}
+        entry = {"step": row["row"] + (" (evaluated by the plan)" if row.get("done") else ""), "kind": row["kind"],
+                 "reused": bool(row.get("adopted"))}
         for what in ("train", "eval"):
             name = row.get(f"{what}_step")
             if name is None:
