@@ -714,11 +714,20 @@ def save_final(run: Run) -> None:
         unwrapped = accelerator.unwrap_model(run.model)
         # PiSSA: saved as a plain LoRA (rank 2r) on the unchanged base, from the adapter as initialised.
         initial = getattr(unwrapped, "initial_adapter_dir", None)
-        if initial:  # peft reads both adapters from the model itself (no ZeRO-3 gathering needed for LoRA)
-            unwrapped.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
-        else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
+        try:
+            if initial:  # peft reads both adapters from the model itself (no ZeRO-3 gathering needed for LoRA)
+                unwrapped.save_pretrained(tmp, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            run.tokenizer.save_pretrained(tmp)
+        except Exception as e:  # safetensors reports a full disk as its own error, not an OSError
+            if not (isinstance(e, OSError) or "No space left" in str(e)):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = rundir.latest_checkpoint(run.run_dir)
+            fail(run, f"cannot save final/ of step {run.progress.step} to {run.run_dir} ({str(e).splitlines()[0]}; "
+                      f"{rundir.free_mb(run.run_dir):.0f} MB free); stopped. The last good checkpoint is {last or 'none'}: "
+                      "free disk space and run the same command to resume")
         rundir.publish(tmp, run.run_dir / "final")
     accelerator.wait_for_everyone()
 

@@ -148,6 +148,40 @@ def test_full_disk_stops_with_a_message_and_resumes(assets, tmp_path, straight):
     assert_same_as_straight(run, straight)
 
 
+# train.py on a disk that is full when final/ of step 8 is written: safetensors raises its own error type then.
+FULL_DISK_AT_FINAL_OF_STEP_8 = """
+import sys
+import peft.peft_model
+import safetensors.torch
+import transformers.modeling_utils
+real_save_file = safetensors.torch.save_file
+LOG = sys.argv[-1] + "/log.jsonl"
+def save_file(tensors, filename, *args, **kwargs):
+    if "final" in str(filename) and '"step": 4,' in open(LOG).read():  # step 4's line: written after its final/
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return real_save_file(tensors, filename, *args, **kwargs)
+peft.peft_model.safe_save_file = transformers.modeling_utils.safe_save_file = save_file
+sys.argv = ["train.py"] + sys.argv[1:-1]
+import train
+train.main()
+"""
+
+
+def test_full_disk_while_saving_final_is_one_line_and_resumes(assets, tmp_path, straight):
+    run = tmp_path / "run"
+    full = subprocess.run([sys.executable, "-c", FULL_DISK_AT_FINAL_OF_STEP_8, *args(assets, run), str(run)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot save final/ of step 8 to {run} (Error while serializing: I/O error: No space "), last
+    assert last.endswith(f"The last good checkpoint is {run / 'checkpoints' / 'step-7'}: free disk space and run the "
+                         "same command to resume"), last
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no half-written final/ left behind
+    result = run_script("train.py", *args(assets, run))  # space freed: the same command resumes
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_as_straight(run, straight)
+
+
 def test_divergence_stops_with_a_message_and_keeps_final(assets, tmp_path):
     run = tmp_path / "run"
     result = run_script("train.py", *args(assets, run), "train.lr=1e30", "train.max_grad_norm=0")
