@@ -613,6 +613,12 @@ def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None
     if progress.initial_val_loss is None:
         progress.initial_val_loss = val
     if progress.step == 0:
+        if run.method.base_bits(run.recipe.method) == 4:
+            # Found, not understood: on a bitsandbytes 4-bit base (0.50.2, CPU) the first training forward fails
+            # ("a view of a leaf Variable that requires grad is being used in an in-place operation", in
+            # matmul_4bit's `result += bias`) unless the model's state_dict() was taken once before. When
+            # step 0 still saved final/, that save took it; a QLoRA run now takes it here, writing nothing.
+            run.accelerator.get_state_dict(run.model)
         return
     if acc is not None:
         better = progress.best_val_acc is None or acc > progress.best_val_acc
