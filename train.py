@@ -616,8 +616,9 @@ def evaluate_and_keep_best(run: Run, record: dict, scores: tuple = None) -> None
         if run.method.base_bits(run.recipe.method) == 4:
             # Found, not understood: on a bitsandbytes 4-bit base (0.50.2, CPU) the first training forward fails
             # ("a view of a leaf Variable that requires grad is being used in an in-place operation", in
-            # matmul_4bit's `result += bias`) unless the model's state_dict() was taken once before. When
-            # step 0 still saved final/, that save took it; a QLoRA run now takes it here, writing nothing.
+            # matmul_4bit's `result += bias`) unless the model's state_dict() is taken here, after the untrained
+            # validation; taken right after accelerator.prepare it does not help. The step-0 save of final/ took
+            # it unseen until final/ stopped keeping step 0; this takes it and writes nothing.
             run.accelerator.get_state_dict(run.model)
         return
     if acc is not None:
@@ -726,14 +727,11 @@ def save_final(run: Run) -> None:
             else:
                 unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             run.tokenizer.save_pretrained(tmp)
-        except Exception as e:  # safetensors reports a full disk as its own error, not an OSError
-            if not (isinstance(e, OSError) or "No space left" in str(e)):
+        except Exception as e:
+            if not failed_write(e):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            last = rundir.latest_checkpoint(run.run_dir)
-            fail(run, f"cannot save final/ of step {run.progress.step} to {run.run_dir} ({str(e).splitlines()[0]}; "
-                      f"{rundir.free_mb(run.run_dir):.0f} MB free); stopped. The last good checkpoint is {last or 'none'}: "
-                      "free disk space and run the same command to resume")
+            stop_unsaved(run, f"final/ of step {run.progress.step}",
+                         f"{str(e).splitlines()[0]}; {rundir.free_mb(run.run_dir):.0f} MB free", tmp)
         rundir.publish(tmp, run.run_dir / "final")
     accelerator.wait_for_everyone()
 
@@ -775,14 +773,25 @@ def save_checkpoint(run: Run) -> None:
                 rundir.seal(tmp, state)
                 rundir.publish(tmp, tmp.with_name(f"step-{step}"))
                 rundir.prune(run_dir, run.recipe.train.keep_checkpoints)
-        except OSError as e:
-            problem = str(e)
+        except Exception as e:
+            if not failed_write(e):
+                raise
+            problem = str(e).splitlines()[0]
     accelerator.wait_for_everyone()
     if problem:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(run,
-             f"cannot save the checkpoint of step {step} to {run_dir} ({problem}); stopped. "
-             f"The last good checkpoint is {last or 'none'}: free disk space and run the same command to resume")
+        stop_unsaved(run, f"the checkpoint of step {step}", problem, tmp)
+
+
+def failed_write(error: Exception) -> bool:
+    """A write that failed: an OSError, or safetensors' own error type, which it raises for a full disk."""
+    return isinstance(error, OSError) or "No space left" in str(error)
+
+
+def stop_unsaved(run: Run, what: str, problem: str, tmp: Path) -> None:
+    """One line when `what` could not be written (its half-written folder removed), and how to go on."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    fail(run, f"cannot save {what} to {run.run_dir} ({problem}); stopped. The last good checkpoint is "
+              f"{rundir.latest_checkpoint(run.run_dir) or 'none'}: free disk space and run the same command to resume")
 
 
 # ---- the end of a run ------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from pathlib import Path
 from tunebench import rundir, search, warm
 from tunebench.errors import UserError
 from tunebench.launch import ROOT, follow, start
-from tunebench.recipe import NOT_BEFORE_TRAINING, flatten, load_recipe, setting_without
+from tunebench.recipe import NOT_BEFORE_TRAINING, RESULT_NEUTRAL, flatten, load_recipe, setting_without
 from tunebench.report_forecast import PLAN_FILE
 
 CALIBRATION_STEPS = 3  # two in the first process (the second at steady pace), one after resuming
@@ -70,9 +70,8 @@ def untrained_key(recipe) -> str:
 
 def same_training(trial, run) -> bool:
     """search.adopt's test: the run is the trial (every key but the neutral ones and the rate the same)."""
-    neutral = (*search.RESULT_NEUTRAL, "train.lr")
-    return ({k: v for k, v in flatten(trial).items() if k not in neutral}
-            == {k: v for k, v in flatten(run).items() if k not in neutral})
+    neutral = (*RESULT_NEUTRAL, "train.lr")
+    return setting_without(trial, neutral) == setting_without(run, neutral)
 
 
 # ---- the steps of the suite -------------------------------------------------------------------------------
