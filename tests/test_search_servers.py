@@ -3,6 +3,7 @@ temporary folder, as an unprivileged user when the tests run as root), shared by
 different worker ids as two machines would, one of them killed mid-trial; a server that refuses the login
 or is down; and optuna-dashboard serving a search's study over HTTP. Skipped, saying why, where PostgreSQL
 is not installed (`make test` installs it as root on Debian)."""
+import contextlib
 import datetime
 import glob
 import json
@@ -221,6 +222,12 @@ def get(url: str):
         return response.read().decode()
 
 
+def keep_asking(url, server):
+    while server.poll() is None:
+        with contextlib.suppress(OSError):
+            get(url)
+
+
 def test_the_dashboard_shows_the_study_and_its_trials(sqlite_search):
     tmp, path = sqlite_search
     port = free_port()
@@ -241,7 +248,11 @@ def test_the_dashboard_shows_the_study_and_its_trials(sqlite_search):
         (study,) = json.loads(get(f"http://127.0.0.1:{port}/api/studies"))["study_summaries"]
         detail = json.loads(get(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}"))
     finally:
-        server.send_signal(signal.SIGINT)  # Ctrl-C
+        # Ctrl-C while a browser keeps asking: a signal that lands in the middle of a request stops it too.
+        asking = threading.Thread(target=keep_asking, args=(f"http://127.0.0.1:{port}/api/studies", server), daemon=True)
+        asking.start()
+        time.sleep(0.5)
+        server.send_signal(signal.SIGINT)
         try:
             out, err = server.communicate(timeout=60)
         except subprocess.TimeoutExpired:

@@ -30,19 +30,27 @@ def main(argv=None):
                         f"start it with python -m tunebench.compare --suite {args.suite} (or tunebench.search)")
     storage = search.storage_of(plan)
     import signal
+    import threading
+    from wsgiref.simple_server import make_server
 
     import optuna_dashboard
 
-    # A job a script starts in the background ignores SIGINT, and Python keeps that: the server would never
-    # stop on Ctrl-C (or on the SIGINT a test sends it).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    print(f"optuna-dashboard on {search.shown_url(plan['storage'])}: http://{args.host}:{args.port}/ (Ctrl-C stops it)",
-          flush=True)
     try:
-        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+        server = make_server(args.host, args.port, optuna_dashboard.wsgi(storage))
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another with --port") from None
+
+    # Ctrl-C (or SIGTERM) asks the server to stop after the request in hand. A KeyboardInterrupt would not do:
+    # wsgiref catches every exception a request raises, so one that lands mid-request keeps the server up.
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(f"optuna-dashboard on {search.shown_url(plan['storage'])}: http://{args.host}:{args.port}/ (Ctrl-C stops it)",
+          flush=True)
+    with server:
+        server.serve_forever()
 
 
 if __name__ == "__main__":
