@@ -1,8 +1,11 @@
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,20 +49,92 @@ def smollm2(tmp_path_factory):
     return folder
 
 
+def cache_env(tmp_path_factory) -> dict:
+    """The test session's own caches: Hugging Face datasets' and tunebench's."""
+    base = tmp_path_factory.getbasetemp()
+    return {"HF_DATASETS_CACHE": str(base / "hf_datasets_cache"), "TUNEBENCH_CACHE": str(base / "tunebench_cache")}
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.getbasetemp() / "hf_datasets_cache"
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setenv("TUNEBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "tunebench_cache"))
+    for key, value in cache_env(tmp_path_factory).items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_scripts(tmp_path_factory):
+    """The test process's warm server (warm_server.py), started at its first command, stopped after the session."""
+    global _warm
+    _warm = WarmScripts(tmp_path_factory.getbasetemp(), dict(os.environ, **cache_env(tmp_path_factory)))
+    yield _warm
+    _warm.close()
+
+
+_warm = None
+
+
+class WarmScripts:
+    """Commands run in children forked from a server whose imports are paid: see warm_server.py."""
+
+    def __init__(self, folder: Path, env: dict):
+        self.folder, self.env, self.server, self.ready = folder, dict(env, PYTHONPATH=str(ROOT)), None, None
+
+    def can_run(self, env: dict) -> bool:
+        if os.environ.get("TUNEBENCH_COLD") or sys.platform != "linux":
+            return False
+        if self.server is None:
+            self.server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_server.py")], env=self.env,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                           stderr=(self.folder / "warm_server.err").open("w"))
+            ready = json.loads(self.server.stdout.readline() or "{}")
+            self.ready = ready.get("ready", False)
+            # What the libraries' imports set for themselves (torch's PYTORCH_NVML_BASED_CUDA_CHECK) is set in the
+            # server too; PYTEST_CURRENT_TEST is pytest's note of the test in hand, which nothing reads.
+            self.ignored = {"PYTEST_CURRENT_TEST", *ready.get("set_by_imports", ())}
+        changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
+        return self.ready and not changed - self.ignored
+
+    def run(self, command: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        out, err = self.folder / "warm.out", self.folder / "warm.err"
+        out.write_bytes(b"")
+        err.write_bytes(b"")
+        request = {"command": command, "env": env, "cwd": str(cwd or os.getcwd()), "stdout": str(out), "stderr": str(err)}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        pid = json.loads(self.server.stdout.readline())["pid"]
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        code = json.loads(self.server.stdout.readline())["code"]
+        timer.cancel()
+        if timed_out.is_set():
+            raise subprocess.TimeoutExpired(command, timeout, out.read_bytes(), err.read_bytes())
+        return subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+
+    def close(self):
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
 
 
 def run_script(script: str, *args, cwd=None, env=None, timeout=600):
-    """Run train.py / evaluate.py as a user would; returns the CompletedProcess."""
+    """Run train.py / evaluate.py as a user would (`python SCRIPT ARGS`); returns the CompletedProcess."""
+    return run_command([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env, timeout=timeout)
+
+
+def run_command(command: list, cwd=None, env=None, timeout=600):
+    """`python SCRIPT ARGS` or `python -m MODULE ARGS` with PYTHONPATH on the project: forked from the warm
+    server when its environment is the session's, else a new process. Returns the CompletedProcess."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
+    if _warm is not None and _warm.can_run(full_env):
+        return _warm.run(command, cwd, full_env, timeout)
+    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_run(assets, out, *extra, model="gpt2", steps=12):

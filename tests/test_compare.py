@@ -3,24 +3,19 @@ trains, evaluates, always evaluates the untrained model, and reports; a second r
 done and resumes what was interrupted."""
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_clear_line, read_log, tiny_suite
+from conftest import ROOT, assert_one_clear_line, read_log, run_command, run_script, tiny_suite
 from test_packing import instruction_rows
 from tiny import write_jsonl
 
 
 def compare(suite, cwd, env=None, timeout=1200):
-    return subprocess.run(
-        [sys.executable, "-m", "tunebench.compare", "--suite", str(suite)],
-        cwd=cwd, env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})), capture_output=True, text=True, timeout=timeout,
-    )
+    return run_command([sys.executable, "-m", "tunebench.compare", "--suite", str(suite)], cwd=cwd, env=env, timeout=timeout)
 
 
 def write_suite(tmp_path, assets, recipes):
@@ -42,11 +37,8 @@ def suite_run(assets, tmp_path_factory):
     suite, overrides = write_suite(tmp, assets, [ROOT / "recipes" / "full.yaml", ROOT / "recipes" / "lora_r4.yaml", bad])
     # lora_r4 is interrupted after one step before the suite starts: the suite must resume it.
     args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
-    stopped = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--recipe", str(ROOT / "recipes" / "lora_r4.yaml"), *args,
-         "name=lora_r4", "output_dir=runs/tiny/lora_r4", "--stop-after-steps", "1"],
-        cwd=tmp, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600,
-    )
+    stopped = run_script("train.py", "--recipe", ROOT / "recipes" / "lora_r4.yaml", *args, "name=lora_r4",
+                         "output_dir=runs/tiny/lora_r4", "--stop-after-steps", "1", cwd=tmp)
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     first = compare(suite, tmp)
     return tmp, suite, first

@@ -2,22 +2,18 @@
 plan.json before anything trains; the budget and offline refusals; once the suite has run, the report's
 section that sets the plan beside what the suite took."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_clear_line, tiny_run, tiny_suite
+from conftest import ROOT, assert_one_clear_line, run_command, tiny_run, tiny_suite
 
 TRIALS = ["search lora_r4 rung 1 slot 0", "search lora_r4 rung 1 slot 1", "search lora_r4 rung 2 slot 0"]
 
 
 def compare(suite, cwd, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "tunebench.compare", "--suite", str(suite), *args], cwd=cwd,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})), capture_output=True, text=True,
-                          timeout=600)
+    return run_command([sys.executable, "-m", "tunebench.compare", "--suite", str(suite), *args], cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")

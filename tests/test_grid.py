@@ -1,14 +1,12 @@
 """A grid over recipe keys on a tiny real GPT-2: one run per combination, named by its values (a method
 key only for the recipes of that method), and a report section and plot of the metric against each key."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import run_command
 from test_search import RECIPES, base_suite, read, write
 
 
@@ -18,8 +16,7 @@ def gridded(assets, tmp_path_factory):
     suite = base_suite(assets, grid={"method.r": [2, 4], "train.max_steps": [2, 3]})
     suite["overrides"]["train.eval_every"] = 1
     path = write(tmp / "tiny.yaml", suite)
-    result = subprocess.run([sys.executable, "-m", "tunebench.compare", "--suite", str(path)], cwd=tmp,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=1500)
+    result = run_command([sys.executable, "-m", "tunebench.compare", "--suite", str(path)], cwd=tmp, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp
 
@@ -60,8 +57,7 @@ def test_a_search_tunes_every_grid_point(assets, tmp_path):
     suite["recipes"] = RECIPES[1:]
     suite["overrides"]["train.eval_every"] = 6  # the trials' (one rung: validated at its end)
     path = write(tmp_path / "tiny.yaml", suite)
-    result = subprocess.run([sys.executable, "-m", "tunebench.compare", "--suite", str(path)], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=1500)
+    result = run_command([sys.executable, "-m", "tunebench.compare", "--suite", str(path)], cwd=tmp_path, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = read(tmp_path / "runs" / "tiny" / "search" / "search.json")["methods"]
     assert sorted(found) == ["lora_r4-r2", "lora_r4-r4"]

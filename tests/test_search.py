@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_clear_line, read_log, snapshot, tiny_suite
+from conftest import ROOT, assert_one_clear_line, read_log, run_command, run_script, snapshot, tiny_suite
 from tunebench import demo, search, verdict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,8 +40,7 @@ def write(path, suite):
 
 
 def run_module(module, suite, cwd, timeout=1500):
-    return subprocess.run([sys.executable, "-m", module, "--suite", str(suite)], cwd=cwd,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=timeout)
+    return run_command([sys.executable, "-m", module, "--suite", str(suite)], cwd=cwd, timeout=timeout)
 
 
 def read(path):
@@ -229,7 +228,7 @@ def test_a_killed_worker_loses_nothing(assets, tmp_path):
             os.killpg(worker.pid, signal.SIGKILL)
             raise AssertionError("the killed worker's trial went on training without it")
         time.sleep(0.1)
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    again = run_command(command, cwd=tmp_path, timeout=1500)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     storage = search.open_storage(f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'search' / 'optuna.db'}")
     (study,) = study_names(storage, "lora_r4")
@@ -301,8 +300,7 @@ def test_a_winner_at_the_edge_is_searched_past_it(assets, tmp_path):
     winner is still at the edge and results say so. Two workers share the work; a rerun trains nothing."""
     path = edge_suite(assets, tmp_path)
     command = [sys.executable, "-m", "tunebench.search", "--suite", str(path), "--workers", "2"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    result = run_command(command, cwd=tmp_path, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     started = [line for line in result.stdout.splitlines() if line.startswith("=== search")]
     assert len(started) == 3 + 2 * 2 and len(set(started)) == len(started), started  # each piece once
@@ -393,8 +391,6 @@ def test_bad_search_grid_or_forgetting_is_one_line_and_nothing_starts(assets, tm
     ("general", "give NAME=FILE"),
 ])
 def test_bad_also_ppl_is_one_line(assets, tmp_path, also, expected):
-    from conftest import run_script
-
     also = also.replace("FILE", str(assets / "valid.txt"))
     result = run_script("evaluate.py", "--model", assets / "gpt2", "--tasks", "ppl", "--data-file", assets / "valid.txt",
                         "--also-ppl", also, "--out", tmp_path / "base")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_clear_line, read_log
+from conftest import ROOT, assert_one_clear_line, read_log, run_command
 from test_search import RECIPES, SEARCH, base_suite, search_results, trials_dir, write
 from tunebench import search
 
@@ -124,8 +124,7 @@ def sqlite_search(assets, tmp_path_factory):
     """The same search on the default SQLite storage, one worker: the reference, and a study to show."""
     tmp = tmp_path_factory.mktemp("sqlite-search")
     path = write(tmp / "tiny.yaml", lora_suite(assets))
-    done = subprocess.run([sys.executable, "-m", "tunebench.search", "--suite", str(path)], cwd=tmp,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+    done = run_command([sys.executable, "-m", "tunebench.search", "--suite", str(path)], cwd=tmp, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return tmp, path
 
@@ -210,8 +209,7 @@ def test_a_server_that_refuses_the_login_or_is_down_is_one_line(assets, tmp_path
     else:
         url, expected = url.replace(f":{postgres['port']}/", f":{free_port()}/"), "Connection refused"
     path = write(tmp_path / "tiny.yaml", lora_suite(assets, storage=url))
-    result = subprocess.run([sys.executable, "-m", module, "--suite", str(path)], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    result = run_command([sys.executable, "-m", module, "--suite", str(path)], cwd=tmp_path, timeout=300)
     assert_one_clear_line(result, expected)
     assert "wrong" not in result.stderr and "cannot be reached" in result.stderr  # no password printed
     assert not (tmp_path / "runs").exists() and not (tmp_path / "reports").exists()  # nothing started

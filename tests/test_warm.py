@@ -22,9 +22,9 @@ list(tqdm(range(3)))  # a progress bar starts tqdm's monitor thread, as datasets
 results = []
 env = launch.child_env()  # once, before the first child, as compare does
 for command in json.loads(sys.argv[1]):
-    forked = warm.can_fork(command, env)
+    cold = warm.why_cold(command, env)
     status, _ = launch.run_logged(command, env)
-    results.append({"forked": forked, "status": status})
+    results.append({"forked": cold is None, "why_cold": cold, "status": status})
 print("RESULTS " + json.dumps(results))
 """
 
@@ -68,7 +68,7 @@ def test_a_warm_run_writes_what_a_cold_run_writes(assets, tmp_path, monkeypatch)
     import torch
 
     if not torch.cuda.is_available():  # the case warm starts are made for: every command forked
-        assert all(r["forked"] for r in warm)
+        assert all(r["forked"] for r in warm), [r["why_cold"] for r in warm]
     for run in ("lora", "full"):
         assert untimed(tmp_path / "warm" / run / "log.jsonl") == untimed(tmp_path / "cold" / run / "log.jsonl")
         for name in ("adapter_model.safetensors", "model.safetensors"):

@@ -36,26 +36,35 @@ PRELOADED = ("torch", "transformers", "peft", "accelerate", "datasets", "tqdm.au
 SAME_ENV_BUT = {"PYTHONPATH"}  # the project on the path: already imported here
 _default_threads = None  # PyTorch's thread count in a fresh process, restored in each child
 _tqdm_interval = None  # tqdm's monitor interval, restored in each child
-_set_by_imports = set()  # environment variables the preloaded imports set in this process
+_set_by_imports = set()  # environment variables the preloaded imports set (or removed) in this process
+# The environment before them: torch may already be imported by can_fork, before prepare() runs.
+_environ_before_imports = dict(os.environ)
 
 
 def can_fork(command: list, env: dict) -> bool:
     """Whether `command` may run as a child forked from this process (see the module's docstring)."""
-    if sys.platform != "linux" or os.environ.get("TUNEBENCH_COLD") or env.get("TUNEBENCH_COLD"):
-        return False
+    return why_cold(command, env) is None
+
+
+def why_cold(command: list, env: dict):
+    """Why `command` must start as a new process, or None where it may be forked from this one."""
+    if sys.platform != "linux":
+        return "not Linux"
+    if os.environ.get("TUNEBENCH_COLD") or env.get("TUNEBENCH_COLD"):
+        return "TUNEBENCH_COLD is set"
     if len(command) < 2 or command[0] != sys.executable or not command[1].endswith(".py") or not Path(command[1]).is_file():
-        return False
+        return "not `python SCRIPT.py` with this interpreter"
     _stop_tqdm_monitor()
     if threading.active_count() > 1:
-        return False
+        return f"threads running: {sorted(t.name for t in threading.enumerate())}"
     changed = {k for k in env.keys() | os.environ.keys() if env.get(k) != os.environ.get(k)}
     if changed - SAME_ENV_BUT - _set_by_imports:
-        return False
+        return f"environment differs in {sorted(changed - SAME_ENV_BUT - _set_by_imports)}"
     try:
         import torch
     except ImportError:
-        return False
-    return not torch.cuda.is_available()
+        return "no torch"
+    return "a CUDA device" if torch.cuda.is_available() else None
 
 
 def _stop_tqdm_monitor() -> None:
@@ -78,13 +87,14 @@ def _stop_tqdm_monitor() -> None:
 def prepare() -> None:
     """Import what every child needs, once, on one thread."""
     global _default_threads
-    if _default_threads is not None:
-        return
     import torch
 
-    _default_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    before = dict(os.environ)
+    first = _default_threads is None
+    if first:
+        _default_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # again in a forked child that forks children of its own (a suite started warm)
+    if not first:
+        return
     # deepspeed imports mlflow where it is installed, and mlflow's import starts a thread that asks a server for
     # its telemetry settings: a thread here would stop every fork, and a suite has no business calling out.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -94,7 +104,13 @@ def prepare() -> None:
         except ImportError:
             pass  # an optional library: the child imports it or goes without, as a cold start would
     # What an import sets for itself (torch's TORCHINDUCTOR_CACHE_DIR) is not a difference: a cold child sets it too.
-    _set_by_imports.update(k for k in os.environ if os.environ.get(k) != before.get(k))
+    before = _environ_before_imports
+    _set_by_imports.update(k for k in before.keys() | os.environ.keys() if os.environ.get(k) != before.get(k))
+
+
+def set_by_imports() -> set:
+    """The environment variables the preloaded imports set in this process (they are no difference in a child's)."""
+    return set(_set_by_imports)
 
 
 class Forked:
@@ -111,29 +127,42 @@ class Forked:
 
 def start(command: list, env: dict) -> Forked:
     """Fork a child that runs `python SCRIPT ARGS` (command) with env; its stdout and stderr on one pipe."""
-    prepare()
     read_fd, write_fd = os.pipe()
+    pid = fork(command, env, write_fd, write_fd, close=(read_fd,))
+    os.close(write_fd)
+    return Forked(pid, os.fdopen(read_fd, "rb", buffering=0))
+
+
+def fork(command: list, env: dict, stdout_fd: int, stderr_fd: int, cwd=None, close=()) -> int:
+    """Fork a child that runs `python SCRIPT ARGS` or `python -m MODULE ARGS` (command) with env, in cwd, its
+    stdout and stderr on these descriptors, its stdin empty; the child closes `close`. Returns its pid."""
+    prepare()
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os.close(read_fd)
-        _run_in_child(command[1:], env, write_fd, parent)
-    os.close(write_fd)
-    return Forked(pid, os.fdopen(read_fd, "rb", buffering=0))
+        for fd in close:
+            os.close(fd)
+        _run_in_child(command[1:], env, stdout_fd, stderr_fd, parent, cwd)
+    return pid
 
 
-def _run_in_child(argv: list, env: dict, write_fd: int, parent: int) -> None:
-    """As `python SCRIPT ARGS` would: never returns."""
+def _run_in_child(argv: list, env: dict, stdout_fd: int, stderr_fd: int, parent: int, cwd) -> None:
+    """As `python SCRIPT ARGS` (or `python -m MODULE ARGS`) would: never returns."""
     code = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
         if os.getppid() != parent:
             os._exit(1)  # the parent died before prctl took effect
-        os.dup2(write_fd, 1)
-        os.dup2(write_fd, 2)
-        os.close(write_fd)
+        if cwd is not None:
+            os.chdir(cwd)
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(stdin, 0)
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        for fd in {stdin, stdout_fd, stderr_fd} - {0, 1, 2}:
+            os.close(fd)
         atexit._clear()  # the parent's exit handlers are the parent's: a child runs only its own
         os.environ.clear()
         os.environ.update(env)
@@ -145,9 +174,14 @@ def _run_in_child(argv: list, env: dict, write_fd: int, parent: int) -> None:
             from tqdm import tqdm
 
             tqdm.monitor_interval = _tqdm_interval
-        sys.argv = list(argv)
-        sys.path[0] = str(Path(argv[0]).resolve().parent)
-        runpy.run_path(argv[0], run_name="__main__")
+        if argv[0] == "-m":
+            sys.argv = argv[1:]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = str(Path(argv[0]).resolve().parent)
+            runpy.run_path(argv[0], run_name="__main__")
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
