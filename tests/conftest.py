@@ -77,7 +77,8 @@ class WarmScripts:
     """Commands run in children forked from a server whose imports are paid: see warm_server.py."""
 
     def __init__(self, folder: Path, env: dict):
-        self.folder, self.env, self.server, self.ready = folder, dict(env, PYTHONPATH=str(ROOT)), None, None
+        self.folder, self.env = folder, dict(env, PYTHONPATH=str(ROOT))
+        self.server, self.ready, self.ignored = None, False, set()
 
     def can_run(self, env: dict) -> bool:
         if os.environ.get("TUNEBENCH_COLD") or sys.platform != "linux":
@@ -96,8 +97,6 @@ class WarmScripts:
 
     def run(self, command: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
         out, err = self.folder / "warm.out", self.folder / "warm.err"
-        out.write_bytes(b"")
-        err.write_bytes(b"")
         request = {"command": command, "env": env, "cwd": str(cwd or os.getcwd()), "stdout": str(out), "stderr": str(err)}
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()

@@ -24,8 +24,8 @@ def serve() -> None:
     print(json.dumps({"ready": ready, "set_by_imports": sorted(warm.set_by_imports())}), file=answer, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        stdout = os.open(request["stdout"], os.O_WRONLY | os.O_TRUNC)
-        stderr = os.open(request["stderr"], os.O_WRONLY | os.O_TRUNC)
+        stdout = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        stderr = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         pid = warm.fork(request["command"], request["env"], stdout, stderr, cwd=request["cwd"])
         os.close(stdout)
         os.close(stderr)
